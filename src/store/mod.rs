@@ -1,0 +1,380 @@
+//! Persistence: one trait, a PostgreSQL and a SQLite implementation.
+//!
+//! Every push is a row (`pushes`), written before Umeng is called. Idempotency claims
+//! (`idempotency_keys`, keyed by appkey + out_biz_no) point at the push that owns the key.
+//! Quota counters (`quota_counters`, keyed by appkey + kind + window start) are updated by a
+//! guarded upsert inside the same atomic admission, so the count is exact across replicas.
+//! Nothing here holds a transaction or a pooled connection across an Umeng call.
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
+
+/// Errors from the store. The message never carries a secret (the database URL's password
+/// is not part of any error produced here).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("invalid database url: {0}")]
+    BadUrl(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The life of a push. Stored as the lower-case string of [`PushStatus::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PushStatus {
+    /// Recorded, Umeng call in flight (or the process died during it).
+    Pending,
+    /// Umeng answered SUCCESS with a msg_id or task_id.
+    Accepted,
+    /// Definitely not sent: Umeng answered FAIL, or the request never left.
+    Failed,
+    /// Sent, but no answer (timeout, reset, 5xx): Umeng may or may not have it.
+    Unknown,
+    // Task states, from /api/status (task-class pushes only).
+    /// 0: queued.
+    Queued,
+    /// 1: sending.
+    Sending,
+    /// 2: done.
+    Done,
+    /// 3: Umeng failed to send the task.
+    SendFailed,
+    /// 4: cancelled.
+    Cancelled,
+    /// 5: expired.
+    Expired,
+    /// 6: the filter matched nobody.
+    NoMatch,
+    /// 7: scheduled, start_time not reached yet.
+    Scheduled,
+}
+
+impl PushStatus {
+    pub const ALL: [PushStatus; 12] = [
+        PushStatus::Pending,
+        PushStatus::Accepted,
+        PushStatus::Failed,
+        PushStatus::Unknown,
+        PushStatus::Queued,
+        PushStatus::Sending,
+        PushStatus::Done,
+        PushStatus::SendFailed,
+        PushStatus::Cancelled,
+        PushStatus::Expired,
+        PushStatus::NoMatch,
+        PushStatus::Scheduled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushStatus::Pending => "pending",
+            PushStatus::Accepted => "accepted",
+            PushStatus::Failed => "failed",
+            PushStatus::Unknown => "unknown",
+            PushStatus::Queued => "queued",
+            PushStatus::Sending => "sending",
+            PushStatus::Done => "done",
+            PushStatus::SendFailed => "send_failed",
+            PushStatus::Cancelled => "cancelled",
+            PushStatus::Expired => "expired",
+            PushStatus::NoMatch => "no_match",
+            PushStatus::Scheduled => "scheduled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The status for an Umeng task status code (0-7, `umeng-api.md` section 6).
+    pub fn from_task_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => PushStatus::Queued,
+            1 => PushStatus::Sending,
+            2 => PushStatus::Done,
+            3 => PushStatus::SendFailed,
+            4 => PushStatus::Cancelled,
+            5 => PushStatus::Expired,
+            6 => PushStatus::NoMatch,
+            7 => PushStatus::Scheduled,
+            _ => return None,
+        })
+    }
+
+    /// A task in this state will not change any more.
+    pub fn is_final_task_state(self) -> bool {
+        matches!(
+            self,
+            PushStatus::Done
+                | PushStatus::SendFailed
+                | PushStatus::Cancelled
+                | PushStatus::Expired
+                | PushStatus::NoMatch
+        )
+    }
+}
+
+impl std::fmt::Display for PushStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A push about to be sent: everything known before Umeng is called.
+#[derive(Debug, Clone)]
+pub struct NewPush {
+    /// Chosen by the caller of `admit` (a UUIDv7 string, so ids sort by creation time).
+    pub id: String,
+    /// The configured app name callers use.
+    pub app: String,
+    pub appkey: String,
+    /// "android" or "ios".
+    pub platform: String,
+    /// Umeng cast type: unicast, listcast, broadcast, groupcast, filecast, customizedcast.
+    pub cast_type: String,
+    /// True for task-class sends (broadcast, groupcast, filecast, customizedcast by file):
+    /// those return a task_id and Umeng dedupes them by `policy.out_biz_no`.
+    pub task_class: bool,
+    pub production_mode: bool,
+    /// The calling client's configured name.
+    pub client: String,
+    pub out_biz_no: Option<String>,
+    /// Hex SHA-256 of the canonical request; compared on idempotent repeats.
+    pub fingerprint: String,
+    /// The caller's request as received (JSON).
+    pub request: Value,
+    pub description: Option<String>,
+}
+
+/// A quota slot to take during admission.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaClaim {
+    pub kind: QuotaKind,
+    pub limit: QuotaLimit,
+}
+
+/// The result of [`Store::admit`].
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// The push row is written with status `pending`, the key (if any) is claimed, and the
+    /// quota slot (if any) is taken. Go ahead and call Umeng.
+    Admitted {
+        push_id: String,
+        quota: Option<QuotaState>,
+        /// True when the key was taken over from an earlier push of the same request that
+        /// definitely failed (or, for task-class sends, whose outcome is unknown).
+        reclaimed_from: Option<String>,
+    },
+    /// Nothing was written: the quota window is full.
+    RateLimited { quota: QuotaState },
+    /// Nothing was written: same key, same request, and the owning push is final
+    /// (or unknown for a unicast-class send). Answer with it.
+    Replay { push: Box<PushRecord> },
+    /// Nothing was written: same key, the owning push is still `pending`.
+    InFlight { push_id: String },
+    /// Nothing was written: same key, a different request (fingerprint differs).
+    Mismatch { push_id: String },
+}
+
+/// How a push ended its Umeng call. Applied by [`Store::finish`] only while the push is
+/// still `pending` (a late or duplicate finisher cannot overwrite a final state).
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Accepted, Failed or Unknown.
+    pub status: PushStatus,
+    /// The Umeng body as sent (appkey and timestamp included; never the secret or sign).
+    pub umeng_request: Option<Value>,
+    /// Umeng's answer as received (JSON), if any.
+    pub umeng_response: Option<Value>,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    pub file_id: Option<String>,
+    /// Umeng's error code, or a gateway code such as "not_sent" / "timeout".
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    /// The HTTP status the gateway answered (or will answer) with; replays reuse it.
+    pub http_status: u16,
+    /// Milliseconds spent in the Umeng call(s).
+    pub latency_ms: Option<i64>,
+    pub sent_at: Option<OffsetDateTime>,
+    /// What to do with the quota slot taken at admission.
+    pub quota: QuotaAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaAction {
+    /// Keep the slot (success, or an unknown outcome).
+    Keep,
+    /// Give the slot back to the window it was taken from, exactly once.
+    Refund,
+    /// Umeng said 2050: mark the window it was taken from as full (`used = max(used, limit)`).
+    /// The slot itself is kept.
+    Saturate,
+}
+
+/// A task status read from `/api/status`.
+#[derive(Debug, Clone)]
+pub struct TaskUpdate {
+    pub status: PushStatus,
+    /// The `data` object Umeng returned (counters and all).
+    pub task_status: Value,
+}
+
+/// A stored push, as history shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushRecord {
+    pub id: String,
+    pub app: String,
+    pub appkey: String,
+    pub platform: String,
+    pub cast_type: String,
+    pub task_class: bool,
+    pub production_mode: bool,
+    pub client: String,
+    pub out_biz_no: Option<String>,
+    pub fingerprint: String,
+    pub status: PushStatus,
+    pub description: Option<String>,
+    pub request: Value,
+    pub umeng_request: Option<Value>,
+    pub umeng_response: Option<Value>,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    pub file_id: Option<String>,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    pub http_status: Option<u16>,
+    pub quota_kind: Option<QuotaKind>,
+    /// Start (epoch seconds) of the window the quota slot was taken from.
+    pub quota_window: Option<i64>,
+    pub quota_refunded: bool,
+    /// Last `/api/status` answer (`data` object), for task-class pushes.
+    pub task_status: Option<Value>,
+    pub task_checked_at: Option<OffsetDateTime>,
+    pub latency_ms: Option<i64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub sent_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Filters for [`Store::list_pushes`]. All given filters must match (AND).
+#[derive(Debug, Clone, Default)]
+pub struct PushQuery {
+    pub app: Option<String>,
+    /// Restrict to these apps (a client's allow-list); `None` means all.
+    pub apps_allowed: Option<Vec<String>>,
+    pub cast_type: Option<String>,
+    pub status: Option<PushStatus>,
+    pub client: Option<String>,
+    pub out_biz_no: Option<String>,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    /// created_at >= from
+    pub from: Option<OffsetDateTime>,
+    /// created_at < to
+    pub to: Option<OffsetDateTime>,
+    /// Cursor: only ids strictly smaller than this (the last id of the previous page).
+    pub before_id: Option<String>,
+    /// Page size, 1..=200 (callers clamp).
+    pub limit: u32,
+}
+
+/// The persistence contract. Every method is atomic on its own; none keeps a transaction
+/// open after it returns, and cancelling one of its futures must not leave a pooled
+/// connection inside a transaction (run multi-statement work in a spawned task).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// "postgres" or "sqlite".
+    fn backend(&self) -> &'static str;
+
+    /// Apply pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Reachable, and every migration known to this build is applied.
+    async fn ready(&self) -> StoreResult<()>;
+
+    /// The database clock (all replicas share it).
+    async fn now(&self) -> StoreResult<OffsetDateTime>;
+
+    /// Atomically admit a push: check/claim `(appkey, out_biz_no)` when `out_biz_no` is
+    /// set, take a quota slot when `quota` is set, and insert the push row as `pending`.
+    /// Either all of it happens, or nothing is written.
+    ///
+    /// With an existing key for the same appkey:
+    /// - fingerprint differs -> `Mismatch`;
+    /// - owner `pending` -> `InFlight`;
+    /// - owner `failed`, or `unknown` and `task_class` -> the key moves to the new push
+    ///   (`Admitted` with `reclaimed_from`), quota taken as for a new push;
+    /// - otherwise (accepted, task states, unknown unicast-class) -> `Replay`.
+    ///
+    /// The quota window is the Beijing-time calendar window containing the database's
+    /// `now`; a full window gives `RateLimited` and leaves no trace (the key stays free).
+    async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission>;
+
+    /// Record how the Umeng call ended (only if the push is still `pending`), and apply the
+    /// quota action to the window the slot came from. Returns false when the push was not
+    /// pending (nothing changed).
+    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool>;
+
+    /// Store a task status read from Umeng (also used after a cancel).
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()>;
+
+    async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>>;
+
+    /// Newest first (by id), at most `query.limit` rows.
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>>;
+
+    /// Mark `pending` pushes created more than `older_than_secs` ago as `unknown`
+    /// (quota kept). Returns how many changed.
+    async fn sweep_stale_pending(&self, older_than_secs: i64) -> StoreResult<u64>;
+
+    /// The current window's state of one bucket (used 0 when no row exists).
+    async fn quota_state(
+        &self,
+        appkey: &str,
+        kind: QuotaKind,
+        limit: QuotaLimit,
+    ) -> StoreResult<QuotaState>;
+
+    /// A file_id uploaded earlier for the same appkey and content (hex SHA-256), if it
+    /// was uploaded less than `max_age_secs` ago.
+    async fn find_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        max_age_secs: i64,
+    ) -> StoreResult<Option<String>>;
+
+    /// Remember an uploaded file (replaces an older entry for the same content).
+    async fn save_upload(&self, appkey: &str, content_sha256: &str, file_id: &str)
+        -> StoreResult<()>;
+}
+
+/// Pool settings shared by both backends.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: std::time::Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self { max_connections: 16, acquire_timeout: std::time::Duration::from_secs(3) }
+    }
+}
