@@ -1,1 +1,581 @@
-//! placeholder
+//! Settings: a documented TOML file plus `UMENG_GATEWAY_*` environment overrides,
+//! loaded and validated once. Secrets are read from the environment or files and are
+//! wrapped in [`Secret`] so that `Debug` never shows them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::quota::{QuotaKind, QuotaLimit};
+use crate::secret::Secret;
+use crate::umeng::Platform;
+
+/// Prefix of environment overrides; nested keys are separated by `__`,
+/// e.g. `UMENG_GATEWAY_DATABASE__URL`.
+pub const ENV_PREFIX: &str = "UMENG_GATEWAY_";
+/// Environment variable naming the config file (same as `--config`).
+pub const ENV_CONFIG_FILE: &str = "UMENG_GATEWAY_CONFIG";
+
+/// Everything the gateway can be told, as read from the file and environment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub umeng: UmengSettings,
+    /// Default quota limits for every app (Umeng's documented defaults).
+    pub quotas: QuotaSettings,
+    pub history: HistorySettings,
+    pub log: LogSettings,
+    pub apps: Vec<AppSettings>,
+    pub clients: Vec<ClientSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            umeng: UmengSettings::default(),
+            quotas: QuotaSettings::default(),
+            history: HistorySettings::default(),
+            log: LogSettings::default(),
+            apps: Vec::new(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body (bytes). `file_lines` pushes carry whole token
+    /// files, so this is above Umeng's 10 MiB upload limit.
+    pub body_limit_bytes: usize,
+    /// A request taking longer than this is answered 503; a push already admitted still
+    /// completes and is recorded.
+    pub request_timeout_secs: u64,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 12 * 1024 * 1024,
+            request_timeout_secs: 90,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `postgres://user@host/db` or `sqlite://path/to/file.db`.
+    pub url: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    /// Run migrations at start (otherwise use the `migrate` subcommand).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("sqlite://data/umeng-push-gateway.db"),
+            max_connections: 16,
+            acquire_timeout_ms: 3000,
+            migrate_on_start: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UmengSettings {
+    /// Umeng's API base URL, signed as part of every request.
+    pub base_url: String,
+    pub connect_timeout_ms: u64,
+    /// Whole-request timeout for Umeng calls. Umeng answers in under 2 s normally and
+    /// advises clients to wait up to a minute.
+    pub timeout_ms: u64,
+}
+
+impl Default for UmengSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://msgapi.umeng.com".into(),
+            connect_timeout_ms: 3000,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Limits per quota bucket. Any bucket left out keeps Umeng's default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaSettings {
+    pub broadcast: Option<QuotaLimit>,
+    pub groupcast: Option<QuotaLimit>,
+    pub filecast: Option<QuotaLimit>,
+    pub customizedcast_file: Option<QuotaLimit>,
+}
+
+impl QuotaSettings {
+    fn get(&self, kind: QuotaKind) -> Option<QuotaLimit> {
+        match kind {
+            QuotaKind::Broadcast => self.broadcast,
+            QuotaKind::Groupcast => self.groupcast,
+            QuotaKind::Filecast => self.filecast,
+            QuotaKind::CustomizedcastFile => self.customizedcast_file,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// A push still `pending` this long after it was created is marked `unknown`
+    /// (its process died during the Umeng call). Must exceed the Umeng timeout.
+    pub pending_timeout_secs: u64,
+    /// How often the pending sweeper runs.
+    pub sweep_interval_secs: u64,
+    /// An uploaded token file is reused for identical content for this long
+    /// (Umeng keeps files for two months).
+    pub upload_reuse_days: u64,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self { pending_timeout_secs: 120, sweep_interval_secs: 30, upload_reuse_days: 30 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `info,umeng_push_gateway=debug`.
+    /// `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// One Umeng app as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    /// The name callers put in `app`.
+    pub name: String,
+    pub platform: Platform,
+    pub appkey: String,
+    /// The master secret inline (discouraged outside development).
+    #[serde(default)]
+    pub master_secret: Option<Secret>,
+    /// Environment variable holding the master secret.
+    #[serde(default)]
+    pub master_secret_env: Option<String>,
+    /// File holding the master secret (e.g. a mounted Kubernetes Secret); trailing
+    /// whitespace is trimmed.
+    #[serde(default)]
+    pub master_secret_file: Option<PathBuf>,
+    /// Payload size limit in bytes (default: Android 2048, iOS 2012).
+    #[serde(default)]
+    pub payload_limit_bytes: Option<usize>,
+    /// Raised or lowered limits for this app's account.
+    #[serde(default)]
+    pub quotas: QuotaSettings,
+}
+
+/// What a client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// POST /v1/pushes
+    Send,
+    /// history, task status refresh, quotas
+    Read,
+    /// cancel tasks
+    Cancel,
+    /// everything, on every app
+    Admin,
+}
+
+/// One calling client as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSettings {
+    pub name: String,
+    /// Hex SHA-256 of the bearer token (`umeng-push-gateway token` makes one).
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Environment variable holding the hex SHA-256 instead.
+    #[serde(default)]
+    pub token_sha256_env: Option<String>,
+    pub scopes: Vec<Scope>,
+    /// Apps this client may use; absent means all.
+    #[serde(default)]
+    pub apps: Option<Vec<String>>,
+}
+
+/// A configuration problem, naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// An app ready to use: secret loaded, limits resolved.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub name: String,
+    pub platform: Platform,
+    pub appkey: String,
+    pub master_secret: Secret,
+    pub payload_limit: usize,
+    pub quotas: BTreeMap<QuotaKind, QuotaLimit>,
+}
+
+/// A client ready to authenticate.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+    pub scopes: Vec<Scope>,
+    pub apps: Option<Vec<String>>,
+}
+
+impl Client {
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+
+    pub fn may_use_app(&self, app: &str) -> bool {
+        self.scopes.contains(&Scope::Admin)
+            || self.apps.as_ref().is_none_or(|apps| apps.iter().any(|a| a == app))
+    }
+}
+
+/// Settings resolved into what the running gateway uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub apps: Vec<App>,
+    pub clients: Vec<Client>,
+    /// No app configured: run the built-in simulator with demo apps and the `demo` token.
+    pub demo: bool,
+}
+
+impl Settings {
+    /// Load defaults, then the file (if any), then `UMENG_GATEWAY_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        figment.extract().map_err(|e| ConfigError(format!("invalid configuration: {e}")))
+    }
+
+    /// The config file named by `--config` or `UMENG_GATEWAY_CONFIG`.
+    pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
+        flag.or_else(|| std::env::var_os(ENV_CONFIG_FILE).map(PathBuf::from))
+    }
+}
+
+impl Config {
+    /// Validate settings and load secrets. Every problem names its setting.
+    pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
+        let mut apps = Vec::with_capacity(settings.apps.len());
+        for (i, a) in settings.apps.iter().enumerate() {
+            let at = format!("apps[{i}] ({})", a.name);
+            if a.name.trim().is_empty() {
+                return Err(ConfigError(format!("apps[{i}].name must not be empty")));
+            }
+            if apps.iter().any(|x: &App| x.name == a.name) {
+                return Err(ConfigError(format!("{at}: app name is used twice")));
+            }
+            if a.appkey.trim().is_empty() {
+                return Err(ConfigError(format!("{at}.appkey must not be empty")));
+            }
+            let master_secret = load_secret(
+                &at,
+                "master_secret",
+                a.master_secret.as_ref(),
+                a.master_secret_env.as_deref(),
+                a.master_secret_file.as_deref(),
+            )?;
+            let payload_limit = a.payload_limit_bytes.unwrap_or(match a.platform {
+                Platform::Android => 2048,
+                Platform::Ios => 2012,
+            });
+            let mut quotas = BTreeMap::new();
+            for kind in QuotaKind::ALL {
+                let limit = a
+                    .quotas
+                    .get(kind)
+                    .or(settings.quotas.get(kind))
+                    .unwrap_or(kind.default_limit());
+                if limit.limit == 0 {
+                    return Err(ConfigError(format!("{at}.quotas.{kind}.limit must be at least 1")));
+                }
+                quotas.insert(kind, limit);
+            }
+            apps.push(App {
+                name: a.name.clone(),
+                platform: a.platform,
+                appkey: a.appkey.clone(),
+                master_secret,
+                payload_limit,
+                quotas,
+            });
+        }
+        for kind in QuotaKind::ALL {
+            if settings.quotas.get(kind).is_some_and(|l| l.limit == 0) {
+                return Err(ConfigError(format!("quotas.{kind}.limit must be at least 1")));
+            }
+        }
+
+        let mut clients = Vec::with_capacity(settings.clients.len());
+        for (i, c) in settings.clients.iter().enumerate() {
+            let at = format!("clients[{i}] ({})", c.name);
+            if c.name.trim().is_empty() {
+                return Err(ConfigError(format!("clients[{i}].name must not be empty")));
+            }
+            let hex_hash = match (&c.token_sha256, &c.token_sha256_env) {
+                (Some(h), None) => h.clone(),
+                (None, Some(var)) => std::env::var(var).map_err(|_| {
+                    ConfigError(format!("{at}.token_sha256_env: variable {var} is not set"))
+                })?,
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError(format!(
+                        "{at}: give token_sha256 or token_sha256_env, not both"
+                    )))
+                }
+                (None, None) => {
+                    return Err(ConfigError(format!("{at}: token_sha256 is required")));
+                }
+            };
+            let token_sha256 = parse_sha256(hex_hash.trim()).ok_or_else(|| {
+                ConfigError(format!("{at}.token_sha256 must be 64 hex characters (a SHA-256)"))
+            })?;
+            if clients.iter().any(|x: &Client| x.token_sha256 == token_sha256) {
+                return Err(ConfigError(format!("{at}: the same token is configured twice")));
+            }
+            if c.scopes.is_empty() {
+                return Err(ConfigError(format!("{at}.scopes must not be empty")));
+            }
+            if let Some(list) = &c.apps {
+                for name in list {
+                    if !apps.iter().any(|a| &a.name == name) {
+                        return Err(ConfigError(format!("{at}.apps names unknown app {name:?}")));
+                    }
+                }
+            }
+            clients.push(Client {
+                name: c.name.clone(),
+                token_sha256,
+                scopes: c.scopes.clone(),
+                apps: c.apps.clone(),
+            });
+        }
+
+        let url = settings.database.url.expose();
+        if !(url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return Err(ConfigError(
+                "database.url must start with postgres://, postgresql:// or sqlite:".into(),
+            ));
+        }
+        if url::Url::parse(&settings.umeng.base_url).is_err() {
+            return Err(ConfigError("umeng.base_url is not a valid URL".into()));
+        }
+        if settings.history.pending_timeout_secs * 1000 <= settings.umeng.timeout_ms {
+            return Err(ConfigError(
+                "history.pending_timeout_secs must exceed umeng.timeout_ms".into(),
+            ));
+        }
+
+        let demo = apps.is_empty();
+        if !demo && clients.is_empty() {
+            return Err(ConfigError(
+                "apps are configured but no [[clients]]: nobody could call the gateway".into(),
+            ));
+        }
+        Ok(Config { settings, apps, clients, demo })
+    }
+
+    pub fn app(&self, name: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    pub fn umeng_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.umeng.timeout_ms)
+    }
+}
+
+fn load_secret(
+    at: &str,
+    what: &str,
+    inline: Option<&Secret>,
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Secret, ConfigError> {
+    let given = [inline.is_some(), env.is_some(), file.is_some()].iter().filter(|b| **b).count();
+    if given != 1 {
+        return Err(ConfigError(format!(
+            "{at}: give exactly one of {what}, {what}_env or {what}_file"
+        )));
+    }
+    let value = if let Some(s) = inline {
+        s.expose().to_string()
+    } else if let Some(var) = env {
+        std::env::var(var)
+            .map_err(|_| ConfigError(format!("{at}.{what}_env: variable {var} is not set")))?
+    } else if let Some(path) = file {
+        std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{at}.{what}_file: cannot read {}: {e}", path.display())))?
+            .trim_end()
+            .to_string()
+    } else {
+        unreachable!("exactly one source was checked above")
+    };
+    if value.is_empty() {
+        return Err(ConfigError(format!("{at}: {what} is empty")));
+    }
+    Ok(Secret::new(value))
+}
+
+/// Parse 64 hex characters into a SHA-256 digest.
+pub fn parse_sha256(hex_str: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_str).ok()?;
+    bytes.try_into().ok()
+}
+
+/// Hex SHA-256 of a token, as configured in `token_sha256`.
+pub fn token_sha256_hex(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Settings {
+        Figment::new()
+            .merge(Toml::string(toml))
+            .extract()
+            .expect("valid toml")
+    }
+
+    const ONE_APP: &str = r#"
+        [[apps]]
+        name = "shop-android"
+        platform = "android"
+        appkey = "5f0000000000000000000001"
+        master_secret = "s3cret-value"
+        [apps.quotas]
+        broadcast = { limit = 20, window = "day" }
+        [[clients]]
+        name = "order-service"
+        token_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+        scopes = ["send", "read"]
+        apps = ["shop-android"]
+    "#;
+
+    #[test]
+    fn no_apps_means_demo_mode() {
+        let c = Config::resolve(Settings::default()).unwrap();
+        assert!(c.demo);
+    }
+
+    #[test]
+    fn resolves_apps_clients_and_quota_overrides() {
+        let c = Config::resolve(settings(ONE_APP)).unwrap();
+        assert!(!c.demo);
+        let app = c.app("shop-android").unwrap();
+        assert_eq!(app.payload_limit, 2048);
+        assert_eq!(app.quotas[&QuotaKind::Broadcast].limit, 20);
+        assert_eq!(app.quotas[&QuotaKind::Groupcast].limit, 5);
+        assert_eq!(c.clients[0].token_sha256, parse_sha256(&token_sha256_hex("foo")).unwrap());
+        assert!(c.clients[0].may_use_app("shop-android"));
+        assert!(!c.clients[0].may_use_app("other"));
+        assert!(!c.clients[0].has_scope(Scope::Cancel));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let c = Config::resolve(settings(ONE_APP)).unwrap();
+        let dump = format!("{c:?}");
+        assert!(!dump.contains("s3cret-value"), "{dump}");
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let bad = ONE_APP.replace("master_secret = \"s3cret-value\"", "");
+        let err = Config::resolve(settings(&bad)).unwrap_err().to_string();
+        assert!(err.contains("apps[0] (shop-android)"), "{err}");
+        assert!(err.contains("master_secret"), "{err}");
+
+        let bad = ONE_APP.replace("2c26b46b", "zz");
+        let err = Config::resolve(settings(&bad)).unwrap_err().to_string();
+        assert!(err.contains("token_sha256"), "{err}");
+
+        let bad = ONE_APP.replace("apps = [\"shop-android\"]", "apps = [\"nope\"]");
+        let err = Config::resolve(settings(&bad)).unwrap_err().to_string();
+        assert!(err.contains("unknown app \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn secret_from_env_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let toml = ONE_APP.replace(
+            "master_secret = \"s3cret-value\"",
+            &format!("master_secret_file = {:?}", path.display().to_string()),
+        );
+        let c = Config::resolve(settings(&toml)).unwrap();
+        assert_eq!(c.apps[0].master_secret.expose(), "from-file");
+
+        let toml = ONE_APP.replace(
+            "master_secret = \"s3cret-value\"",
+            "master_secret_env = \"UMGW_TEST_UNSET_VARIABLE_42\"",
+        );
+        let err = Config::resolve(settings(&toml)).unwrap_err().to_string();
+        assert!(err.contains("UMGW_TEST_UNSET_VARIABLE_42 is not set"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let r = Figment::new()
+            .merge(Toml::string("[server]\nlisten_addr = \"1.2.3.4:5\""))
+            .extract::<Settings>();
+        assert!(r.is_err());
+    }
+}

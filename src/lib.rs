@@ -1,10 +1,27 @@
 //! umeng-push-gateway: an HTTP gateway in front of Umeng U-Push.
 #![forbid(unsafe_code)]
 
+/// Settings from file and environment, validated once.
 pub mod config;
+/// The HTTP error type (RFC 9457 problem+json).
+pub mod error;
+/// The send pipeline: admit, upload, send, record.
+pub mod gateway;
+/// The HTTP API routers.
+pub mod http;
+/// The simplified push request callers send, and its translation to Umeng.
 pub mod push;
+/// Quota buckets and calendar windows.
 pub mod quota;
+/// A redacting wrapper for secrets.
 pub mod secret;
+/// The stand-alone Umeng simulator.
 pub mod simulator;
+/// Building and running the gateway.
+pub mod startup;
+/// Persistence: one trait, PostgreSQL and SQLite.
 pub mod store;
+/// Logging setup.
+pub mod telemetry;
+/// Umeng's protocol: request model, validation, signature, client, error codes.
 pub mod umeng;

@@ -1,0 +1,246 @@
+//! The HTTP error type: every failure becomes an RFC 9457 `application/problem+json` body
+//! with a stable `type`, a `title`, the `status`, a `detail`, and extension members where
+//! they help the caller (field errors, Umeng's code, the quota state). 5xx causes are
+//! logged, never sent.
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::quota::QuotaState;
+use crate::umeng::FieldError;
+
+/// Content type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or unknown bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// Authenticated, but not allowed (scope or app).
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The body is not JSON, or not the right JSON shape.
+    #[error("{detail}")]
+    BadRequest { detail: String, field: Option<String> },
+    /// The request is well-formed but breaks a rule; every field error at once.
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+    /// The same out_biz_no was used before with a different request.
+    #[error("out_biz_no {out_biz_no:?} was already used for a different request")]
+    IdempotencyMismatch { out_biz_no: String, push_id: String },
+    /// The same out_biz_no is being sent right now.
+    #[error("a push with out_biz_no {out_biz_no:?} is still in flight")]
+    InFlight { out_biz_no: String, push_id: String },
+    /// The operation does not fit the resource's state (e.g. cancel a unicast).
+    #[error("{detail}")]
+    Conflict { detail: String, umeng: Option<UmengDetail> },
+    /// The quota window is full (locally, or Umeng said 2050).
+    #[error("quota exceeded")]
+    RateLimited { quota: Option<QuotaState>, app: String, from_umeng: bool, retry_after: i64 },
+    /// Umeng answered FAIL, or could not be reached.
+    #[error("{detail}")]
+    Upstream { detail: String, umeng: UmengDetail, push_id: Option<String> },
+    /// Umeng did not answer in time: outcome unknown.
+    #[error("{detail}")]
+    UpstreamTimeout { detail: String, push_id: Option<String> },
+    /// The database is unreachable: nothing was sent.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: logged with its cause, answered without it.
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// Umeng's error as echoed to callers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UmengDetail {
+    pub error_code: String,
+    pub error_msg: String,
+    /// Whether the same request may succeed later.
+    pub retryable: bool,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) | ApiError::IdempotencyMismatch { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::InFlight { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug_and_title(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::Unauthorized => ("unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => ("forbidden", "Forbidden"),
+            ApiError::NotFound(_) => ("not-found", "Not found"),
+            ApiError::BadRequest { .. } => ("bad-request", "Malformed request"),
+            ApiError::Validation(_) => ("validation", "Invalid push request"),
+            ApiError::IdempotencyMismatch { .. } => {
+                ("idempotency-mismatch", "out_biz_no reused with a different request")
+            }
+            ApiError::InFlight { .. } => ("in-flight", "Request with this out_biz_no in flight"),
+            ApiError::Conflict { .. } => ("conflict", "Not possible in this state"),
+            ApiError::RateLimited { .. } => ("quota-exceeded", "Quota exceeded"),
+            ApiError::Upstream { .. } => ("umeng-error", "Umeng rejected the request"),
+            ApiError::UpstreamTimeout { .. } => ("umeng-timeout", "Umeng did not answer in time"),
+            ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
+            ApiError::Internal(_) => ("internal", "Internal error"),
+        }
+    }
+
+    /// The problem body (without headers).
+    pub fn body(&self) -> Value {
+        let status = self.status();
+        let (slug, title) = self.slug_and_title();
+        let detail = match self {
+            ApiError::Internal(_) => "an internal error occurred; it has been logged".to_string(),
+            ApiError::Validation(errors) => match errors.as_slice() {
+                [one] => format!("{}: {}", one.field, one.message),
+                many => format!("{} fields are invalid", many.len()),
+            },
+            ApiError::RateLimited { quota: Some(q), from_umeng, .. } => format!(
+                "{} quota ({} per {}) for this app is used up{}",
+                q.kind,
+                q.limit,
+                q.window.as_str(),
+                if *from_umeng { " (Umeng answered 2050)" } else { "" }
+            ),
+            ApiError::RateLimited { quota: None, .. } => {
+                "Umeng answered 2050: send frequency limit exceeded".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut body = Map::new();
+        body.insert("type".into(), json!(format!("urn:umeng-push-gateway:problem:{slug}")));
+        body.insert("title".into(), json!(title));
+        body.insert("status".into(), json!(status.as_u16()));
+        body.insert("detail".into(), json!(detail));
+        match self {
+            ApiError::BadRequest { field: Some(f), .. } => {
+                body.insert("errors".into(), json!([{ "field": f, "message": detail }]));
+            }
+            ApiError::Validation(errors) => {
+                body.insert("errors".into(), json!(errors));
+            }
+            ApiError::IdempotencyMismatch { push_id, out_biz_no }
+            | ApiError::InFlight { push_id, out_biz_no } => {
+                body.insert("push_id".into(), json!(push_id));
+                body.insert("out_biz_no".into(), json!(out_biz_no));
+            }
+            ApiError::Conflict { umeng: Some(u), .. } => {
+                body.insert("umeng".into(), json!(u));
+            }
+            ApiError::RateLimited { quota, app, retry_after, from_umeng } => {
+                body.insert("app".into(), json!(app));
+                if let Some(q) = quota {
+                    body.insert("policy".into(), json!(q.kind));
+                    body.insert("limit".into(), json!(q.limit));
+                    body.insert("window".into(), json!(q.window));
+                }
+                body.insert("retry_after".into(), json!(retry_after));
+                body.insert("from_umeng".into(), json!(from_umeng));
+            }
+            ApiError::Upstream { umeng, push_id, .. } => {
+                body.insert("umeng".into(), json!(umeng));
+                if let Some(id) = push_id {
+                    body.insert("push_id".into(), json!(id));
+                }
+            }
+            ApiError::UpstreamTimeout { push_id: Some(id), .. } => {
+                body.insert("push_id".into(), json!(id));
+                body.insert("push_status".into(), json!("unknown"));
+            }
+            _ => {}
+        }
+        Value::Object(body)
+    }
+
+    /// Headers that go with this error (Retry-After, rate limits, WWW-Authenticate).
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        match self {
+            ApiError::Unauthorized => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::Forbidden(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+                );
+            }
+            ApiError::InFlight { .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RateLimited { quota, retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                if let Some(q) = quota {
+                    let mut q = *q;
+                    q.used = q.used.max(q.limit);
+                    q.reset_after_secs = *retry_after;
+                    rate_limit_headers(&mut h, &q);
+                }
+            }
+            ApiError::Unavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        h
+    }
+}
+
+/// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (seconds) and a
+/// `RateLimit-Policy` naming the bucket and window.
+pub fn rate_limit_headers(h: &mut HeaderMap, q: &QuotaState) {
+    h.insert("ratelimit-limit", HeaderValue::from(q.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(q.remaining()));
+    h.insert("ratelimit-reset", HeaderValue::from(q.reset_after_secs.max(1)));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "\"{}\";q={};w={}",
+        q.kind,
+        q.limit,
+        q.window.seconds()
+    )) {
+        h.insert("ratelimit-policy", v);
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let ApiError::Internal(cause) = &self {
+            tracing::error!(error.cause = %cause, "internal error");
+        } else if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let mut headers = self.headers();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        (status, headers, self.body().to_string()).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::Unavailable(m) => {
+                ApiError::Unavailable(format!("database unavailable: {m}"))
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The HTTP API: one router per resource, merged here, plus the shared middleware.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Request};
+use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::gateway::Gateway;
+
+pub mod auth;
+pub mod health;
+pub mod pushes;
+pub mod quotas;
+
+/// The request id header, taken from the caller or made, and returned.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Build the whole API router around a running gateway.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let settings = &gateway.config.settings.server;
+    let body_limit = settings.body_limit_bytes;
+    let timeout = Duration::from_secs(settings.request_timeout_secs);
+    Router::new()
+        .merge(pushes::router())
+        .merge(quotas::router())
+        .merge(health::router())
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::new(timeout))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", http.method = %req.method(), http.path = %req.uri().path(), request.id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
+        .with_state(gateway)
+}

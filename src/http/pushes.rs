@@ -1,0 +1,322 @@
+//! `/v1/pushes`: send a push, read history, refresh a task's status, cancel a task.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::config::Scope;
+use crate::error::{rate_limit_headers, ApiError, UmengDetail};
+use crate::gateway::{Gateway, PushAnswer};
+use crate::http::auth::Caller;
+use crate::push::PushRequest;
+use crate::store::{PushQuery, PushRecord, PushStatus, TaskUpdate};
+use crate::umeng::UmengError;
+
+pub fn router() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route("/v1/pushes", post(create_push).get(list_pushes))
+        .route("/v1/pushes/{id}", get(get_push))
+        .route("/v1/pushes/{id}/refresh", post(refresh_push))
+        .route("/v1/pushes/{id}/cancel", post(cancel_push))
+}
+
+/// The largest page of history.
+pub const MAX_PAGE: u32 = 200;
+
+async fn create_push(
+    State(gateway): State<Arc<Gateway>>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Send)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BadRequest {
+                detail: format!(
+                    "the request body is larger than the limit of {} bytes",
+                    gateway.config.settings.server.body_limit_bytes
+                ),
+                field: None,
+            }
+        } else {
+            ApiError::BadRequest { detail: e.body_text(), field: None }
+        }
+    })?;
+    let raw: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+        detail: format!("the body is not valid JSON: {e}"),
+        field: None,
+    })?;
+    if !raw.is_object() {
+        return Err(ApiError::BadRequest {
+            detail: "the body must be a JSON object".into(),
+            field: None,
+        });
+    }
+    let req: PushRequest = serde_path_to_error::deserialize(&raw).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::Validation(vec![crate::umeng::FieldError {
+            field: if path == "." { "(body)".into() } else { path },
+            message: e.into_inner().to_string(),
+        }])
+    })?;
+    let app = gateway.app(&req.app).ok_or_else(|| {
+        ApiError::Validation(vec![crate::umeng::FieldError {
+            field: "app".into(),
+            message: format!("no app named {:?} is configured", req.app),
+        }])
+    })?;
+    caller.require_app(&app.app.name)?;
+    let answer = gateway.create_push(caller.name(), app, req, raw).await?;
+    Ok(push_answer(answer))
+}
+
+fn push_answer(answer: PushAnswer) -> Response {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/pushes/{}", answer.push.id)) {
+        headers.insert(header::LOCATION, v);
+    }
+    if answer.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if let Some(q) = &answer.quota {
+        rate_limit_headers(&mut headers, q);
+    }
+    (answer.status, headers, Json(answer.push)).into_response()
+}
+
+/// Query string of `GET /v1/pushes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub app: Option<String>,
+    #[serde(rename = "type")]
+    pub cast_type: Option<String>,
+    pub status: Option<String>,
+    pub client: Option<String>,
+    pub out_biz_no: Option<String>,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    /// RFC 3339; created at or after.
+    pub from: Option<String>,
+    /// RFC 3339; created before.
+    pub to: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1..=200, default 50.
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PushPage {
+    pub items: Vec<PushRecord>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+fn field_error(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::Validation(vec![crate::umeng::FieldError {
+        field: field.into(),
+        message: message.into(),
+    }])
+}
+
+fn parse_time(field: &str, v: &Option<String>) -> Result<Option<OffsetDateTime>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| field_error(field, "must be an RFC 3339 time, e.g. 2026-12-01T09:00:00+08:00"))
+        })
+        .transpose()
+}
+
+async fn list_pushes(
+    State(gateway): State<Arc<Gateway>>,
+    caller: Caller,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PushPage>, ApiError> {
+    caller.require(Scope::Read)?;
+    let Query(p) = params.map_err(|e| ApiError::BadRequest { detail: e.body_text(), field: None })?;
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(field_error("limit", format!("must be between 1 and {MAX_PAGE}")));
+    }
+    let status = p
+        .status
+        .as_deref()
+        .map(|s| {
+            PushStatus::parse(s).ok_or_else(|| {
+                field_error(
+                    "status",
+                    format!(
+                        "unknown status {s:?}; one of {}",
+                        PushStatus::ALL.map(|s| s.as_str()).join(", ")
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    if let Some(app) = &p.app {
+        caller.require_app(app)?;
+    }
+    let apps_allowed = caller.0.apps.clone().filter(|_| !caller.0.has_scope(Scope::Admin));
+    let query = PushQuery {
+        app: p.app,
+        apps_allowed,
+        cast_type: p.cast_type,
+        status,
+        client: p.client,
+        out_biz_no: p.out_biz_no,
+        msg_id: p.msg_id,
+        task_id: p.task_id,
+        from: parse_time("from", &p.from)?,
+        to: parse_time("to", &p.to)?,
+        before_id: p.cursor,
+        limit: limit + 1,
+    };
+    let mut items = gateway.store.list_pushes(&query).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(PushPage { items, next_cursor }))
+}
+
+/// Load a push the caller may see (404 otherwise, so ids of other apps are not confirmed).
+async fn visible_push(
+    gateway: &Gateway,
+    caller: &Caller,
+    id: &str,
+) -> Result<PushRecord, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no push with id {id:?}"));
+    let push = gateway.store.get_push(id).await?.ok_or_else(not_found)?;
+    if !caller.0.may_use_app(&push.app) {
+        return Err(not_found());
+    }
+    Ok(push)
+}
+
+async fn get_push(
+    State(gateway): State<Arc<Gateway>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PushRecord>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(visible_push(&gateway, &caller, &id).await?))
+}
+
+/// The task_id of a task-class push, or 409.
+fn task_of(push: &PushRecord, action: &str) -> Result<String, ApiError> {
+    if !push.task_class {
+        return Err(ApiError::Conflict {
+            detail: format!(
+                "{action} works only for task-class pushes (broadcast, groupcast, filecast, customizedcast by file); this is a {}",
+                push.cast_type
+            ),
+            umeng: None,
+        });
+    }
+    push.task_id.clone().ok_or_else(|| ApiError::Conflict {
+        detail: format!("push {} has no task_id (status {})", push.id, push.status),
+        umeng: None,
+    })
+}
+
+fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
+    match e {
+        UmengError::Unknown { reason } => ApiError::UpstreamTimeout {
+            detail: format!("Umeng did not answer: {reason}"),
+            push_id: Some(push_id.to_string()),
+        },
+        UmengError::NotSent { reason } => ApiError::Upstream {
+            detail: format!("Umeng could not be reached: {reason}"),
+            umeng: UmengDetail { error_code: "not_sent".into(), error_msg: reason, retryable: true },
+            push_id: Some(push_id.to_string()),
+        },
+        UmengError::Fail { code, message, class, .. } => {
+            let retryable = matches!(class, crate::umeng::ErrorClass::Retryable);
+            let umeng = UmengDetail { error_code: code.clone(), error_msg: message.clone(), retryable };
+            if code == "1028" {
+                ApiError::Conflict { detail: format!("Umeng cannot cancel this task: {message}"), umeng: Some(umeng) }
+            } else {
+                ApiError::Upstream {
+                    detail: format!("Umeng answered FAIL {code}: {message}"),
+                    umeng,
+                    push_id: Some(push_id.to_string()),
+                }
+            }
+        }
+    }
+}
+
+async fn refresh_push(
+    State(gateway): State<Arc<Gateway>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PushRecord>, ApiError> {
+    caller.require(Scope::Read)?;
+    let push = visible_push(&gateway, &caller, &id).await?;
+    let task_id = task_of(&push, "refresh")?;
+    let app = gateway
+        .app(&push.app)
+        .ok_or_else(|| ApiError::Conflict { detail: format!("app {:?} is no longer configured", push.app), umeng: None })?;
+    let status = gateway
+        .umeng
+        .status(&app.credentials, &task_id)
+        .await
+        .map_err(|e| umeng_failure(e, &push.id))?;
+    let new_status = PushStatus::from_task_code(status.status).ok_or_else(|| {
+        ApiError::Internal(format!("Umeng returned unknown task status {}", status.status))
+    })?;
+    gateway
+        .store
+        .update_task(&push.id, TaskUpdate { status: new_status, task_status: status.raw })
+        .await?;
+    let push = visible_push(&gateway, &caller, &id).await?;
+    Ok(Json(push))
+}
+
+async fn cancel_push(
+    State(gateway): State<Arc<Gateway>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<PushRecord>, ApiError> {
+    caller.require(Scope::Cancel)?;
+    let push = visible_push(&gateway, &caller, &id).await?;
+    let task_id = task_of(&push, "cancel")?;
+    if push.status == PushStatus::Cancelled {
+        return Ok(Json(push));
+    }
+    let app = gateway
+        .app(&push.app)
+        .ok_or_else(|| ApiError::Conflict { detail: format!("app {:?} is no longer configured", push.app), umeng: None })?;
+    gateway
+        .umeng
+        .cancel(&app.credentials, &task_id)
+        .await
+        .map_err(|e| umeng_failure(e, &push.id))?;
+    tracing::info!(push.id = %push.id, client = %caller.name(), "task cancelled");
+    let mut task_status = push.task_status.clone().unwrap_or_else(|| serde_json::json!({}));
+    if let Some(obj) = task_status.as_object_mut() {
+        obj.insert("task_id".into(), Value::String(task_id));
+        obj.insert("status".into(), Value::from(4));
+        obj.insert("cancelled_by".into(), Value::String(caller.name().to_string()));
+    }
+    gateway
+        .store
+        .update_task(&push.id, TaskUpdate { status: PushStatus::Cancelled, task_status })
+        .await?;
+    let push = visible_push(&gateway, &caller, &id).await?;
+    Ok(Json(push))
+}
