@@ -1,0 +1,261 @@
+//! Spawning whole gateways for tests: a simulator, a fresh database (SQLite file or a new
+//! PostgreSQL database), and one or more gateway instances on port 0 sharing both.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use reqwest::Response;
+use serde_json::{json, Value};
+use umeng_push_gateway::config::{AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings};
+use umeng_push_gateway::secret::Secret;
+use umeng_push_gateway::simulator::{self, SimApp, SimPlatform, SimulatorConfig, SimulatorHandle};
+use umeng_push_gateway::startup::Application;
+use umeng_push_gateway::umeng::Platform;
+
+use crate::helpers::TestDatabase;
+
+pub const ANDROID_APP: &str = "test-android";
+pub const IOS_APP: &str = "test-ios";
+pub const ANDROID_KEY: &str = "5f00000000000000000a0001";
+pub const IOS_KEY: &str = "5f00000000000000000a0002";
+pub const ANDROID_SECRET: &str = "androidsecret0123456789abcdefghi";
+pub const IOS_SECRET: &str = "iossecret0123456789abcdefghijklm";
+
+/// Bearer tokens of the configured test clients.
+pub const TOKEN_SENDER: &str = "token-sender"; // send, read, cancel on every app
+pub const TOKEN_READER: &str = "token-reader"; // read only
+pub const TOKEN_ANDROID_ONLY: &str = "token-android-only"; // send, read on test-android
+
+pub const ANDROID_TOKEN: &str = "AaBbCcDdEeFfGgHhIiJjKkLlMmNnOoPpQqRrSsTtUuVv"; // 44 chars
+pub const IOS_TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"; // 64
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A simulator and a database that gateway instances share.
+pub struct TestEnv {
+    pub sim: Arc<SimulatorHandle>,
+    pub db: TestDatabase,
+}
+
+impl TestEnv {
+    pub async fn new(backend: Backend) -> TestEnv {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = simulator::start(
+            listener,
+            SimulatorConfig {
+                apps: vec![
+                    SimApp { appkey: ANDROID_KEY.into(), secret: ANDROID_SECRET.into(), platform: SimPlatform::Android },
+                    SimApp { appkey: IOS_KEY.into(), secret: IOS_SECRET.into(), platform: SimPlatform::Ios },
+                ],
+                task_step: std::time::Duration::from_millis(200),
+                ..SimulatorConfig::default()
+            },
+        )
+        .await
+        .expect("simulator starts");
+        let db = match backend {
+            Backend::Sqlite => TestDatabase::sqlite().await,
+            Backend::Postgres => TestDatabase::postgres().await,
+        };
+        TestEnv { sim: Arc::new(sim), db }
+    }
+
+    /// Default test settings: both apps, three clients, this env's simulator and database.
+    pub fn settings(&self) -> Settings {
+        let hash = umeng_push_gateway::config::token_sha256_hex;
+        let mut s = Settings::default();
+        s.database.url = Secret::new(self.db.url());
+        s.database.max_connections = 8;
+        s.umeng.base_url = self.sim.base_url();
+        s.umeng.timeout_ms = 1500;
+        s.umeng.connect_timeout_ms = 500;
+        s.history.pending_timeout_secs = 5;
+        s.apps = vec![
+            app_settings(ANDROID_APP, Platform::Android, ANDROID_KEY, ANDROID_SECRET),
+            app_settings(IOS_APP, Platform::Ios, IOS_KEY, IOS_SECRET),
+        ];
+        s.clients = vec![
+            ClientSettings {
+                name: "sender".into(),
+                token_sha256: Some(hash(TOKEN_SENDER)),
+                token_sha256_env: None,
+                scopes: vec![Scope::Send, Scope::Read, Scope::Cancel],
+                apps: None,
+            },
+            ClientSettings {
+                name: "reader".into(),
+                token_sha256: Some(hash(TOKEN_READER)),
+                token_sha256_env: None,
+                scopes: vec![Scope::Read],
+                apps: None,
+            },
+            ClientSettings {
+                name: "android-only".into(),
+                token_sha256: Some(hash(TOKEN_ANDROID_ONLY)),
+                token_sha256_env: None,
+                scopes: vec![Scope::Send, Scope::Read],
+                apps: Some(vec![ANDROID_APP.into()]),
+            },
+        ];
+        s
+    }
+
+    pub async fn spawn_app(&self) -> TestApp {
+        self.spawn_app_with(self.settings()).await
+    }
+
+    pub async fn spawn_app_with(&self, settings: Settings) -> TestApp {
+        let config = Config::resolve(settings).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = Application::build(config, Some(listener)).await.expect("gateway builds");
+        let addr = app.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            sim: Arc::clone(&self.sim),
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Send-path requests the simulator received (`/api/send`).
+    pub fn sends(&self) -> Vec<simulator::RecordedRequest> {
+        self.sim.requests().into_iter().filter(|r| r.path == "/api/send").collect()
+    }
+}
+
+pub fn app_settings(name: &str, platform: Platform, appkey: &str, secret: &str) -> AppSettings {
+    AppSettings {
+        name: name.into(),
+        platform,
+        appkey: appkey.into(),
+        master_secret: Some(Secret::new(secret)),
+        master_secret_env: None,
+        master_secret_file: None,
+        payload_limit_bytes: None,
+        quotas: QuotaSettings::default(),
+    }
+}
+
+/// One running gateway instance.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub sim: Arc<SimulatorHandle>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub async fn post_push(&self, body: &Value) -> Response {
+        self.post_push_as(TOKEN_SENDER, body).await
+    }
+
+    pub async fn post_push_as(&self, token: &str, body: &Value) -> Response {
+        self.http
+            .post(format!("{}/v1/pushes", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> Response {
+        self.http
+            .post(format!("{}/v1/pushes", self.base))
+            .bearer_auth(TOKEN_SENDER)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.get_as(TOKEN_SENDER, path).await
+    }
+
+    pub async fn get_as(&self, token: &str, path: &str) -> Response {
+        self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.expect("gateway answers")
+    }
+
+    pub async fn post_as(&self, token: &str, path: &str) -> Response {
+        self.http.post(format!("{}{path}", self.base)).bearer_auth(token).send().await.expect("gateway answers")
+    }
+
+    /// `GET path` as the sender, asserting 200, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path).await;
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    /// Used slots of one app's quota bucket, from `GET /v1/quotas`.
+    pub async fn quota_used(&self, app: &str, kind: &str) -> u64 {
+        let q = self.get_json(&format!("/v1/quotas?app={app}")).await;
+        q["quotas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} bucket in {q}"))["used"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Stop serving and wait for the instance to exit.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("gateway task").expect("gateway exits cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A minimal valid notification push of `cast` for `app`, in test mode unless changed.
+pub fn push_body(app: &str, cast: &str) -> Value {
+    let android = app == ANDROID_APP;
+    let mut body = json!({
+        "app": app,
+        "type": cast,
+        "notification": {"title": "Hello", "text": "World"},
+        "production_mode": false,
+    });
+    let token = if android { ANDROID_TOKEN } else { IOS_TOKEN };
+    match cast {
+        "unicast" => body["device_tokens"] = json!([token]),
+        "listcast" => body["device_tokens"] = json!([token, token]),
+        "groupcast" => body["filter"] = json!({"where": {"and": [{"tag": "vip"}]}}),
+        "filecast" => body["file_lines"] = json!([token, token]),
+        "customizedcast" => {
+            body["alias_type"] = json!("user_id");
+            body["aliases"] = json!(["u1", "u2"]);
+        }
+        _ => {}
+    }
+    body
+}
