@@ -25,6 +25,10 @@
 //! | `policy.out_biz_no` not a string, `policy.apns_collapse_id` not a string or > 64 bytes | 1027 |
 //! | upload `content` larger than `upload_limit_bytes` (old 2038 "upload failed") | 2038 |
 //!
+//! Task statuses (§6): 7 until `policy.start_time`, then 0 (queued) for one `task_step`,
+//! 1 (sending, counters growing) for one more, then 2 (done); 4 once cancelled; 5 if
+//! `policy.expire_time` passes before the task is done.
+//!
 //! Test hooks: a groupcast whose filter is exactly `{"where":{"and":[{"tag":"nobody"}]}}`
 //! ends in status 6 ("filter matched nobody") instead of 2.
 
@@ -241,6 +245,8 @@ pub enum FaultKind {
 }
 
 /// A running simulator. Clones share the same server; serving stops on [`shutdown`].
+/// Dropping every handle without calling it leaves the server running until the Tokio
+/// runtime ends.
 ///
 /// [`shutdown`]: SimulatorHandle::shutdown
 #[derive(Clone)]

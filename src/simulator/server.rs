@@ -37,6 +37,8 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    // Dropping every handle without calling shutdown leaves the simulator serving.
+    let mut handles_gone = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -50,7 +52,11 @@ pub(crate) async fn serve(
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = shutdown.changed() => break,
+            changed = shutdown.changed(), if !handles_gone => match changed {
+                Ok(()) if *shutdown.borrow() => break,
+                Ok(()) => {}
+                Err(_) => handles_gone = true,
+            },
         }
     }
     conns.abort_all();
@@ -168,6 +174,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, drop_now: Arc<Notify>
 
     match process(&state, &path, sign.as_deref(), &raw) {
         Ok((data, id)) => {
+            tracing::debug!(simulator.seq = seq, simulator.path = %path, simulator.result_id = %id, "umeng SUCCESS");
             state.record_outcome(seq, |r| {
                 r.http_status = 200;
                 r.ret = Some("SUCCESS".to_owned());
@@ -180,6 +187,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, drop_now: Arc<Notify>
 }
 
 fn fail_response(state: &State, seq: u64, error: ApiError) -> Resp {
+    tracing::debug!(simulator.seq = seq, simulator.error_code = %error.code, "umeng FAIL");
     let body = json!({
         "ret": "FAIL",
         "data": { "error_code": error.code, "error_msg": error.msg },

@@ -52,6 +52,7 @@ struct Task {
     platform: SimPlatform,
     created: OffsetDateTime,
     start_at: Option<OffsetDateTime>,
+    expire_at: Option<OffsetDateTime>,
     audience: u64,
     nobody: bool,
     cancelled_at: Option<OffsetDateTime>,
@@ -66,6 +67,18 @@ struct Snapshot {
 
 impl Task {
     fn snapshot_at(&self, at: OffsetDateTime, step: Duration) -> Snapshot {
+        let snap = self.progress_at(at, step);
+        match self.expire_at {
+            // §6 status 5: the message expired before it was fully sent.
+            Some(expire) if at >= expire && matches!(snap.status, 0 | 1 | 7) => Snapshot {
+                status: 5,
+                reached: self.progress_at(expire, step).reached,
+            },
+            _ => snap,
+        }
+    }
+
+    fn progress_at(&self, at: OffsetDateTime, step: Duration) -> Snapshot {
         let begin = self.start_at.unwrap_or(self.created);
         if at < begin {
             return Snapshot {
@@ -307,6 +320,7 @@ impl State {
                 platform,
                 created: now,
                 start_at: plan.start_at,
+                expire_at: plan.expire_at,
                 audience: plan.audience,
                 nobody: plan.nobody,
                 cancelled_at: None,
@@ -440,6 +454,7 @@ mod tests {
             platform: SimPlatform::Android,
             created,
             start_at: Some(created + time::Duration::seconds(5)),
+            expire_at: Some(created + time::Duration::seconds(100)),
             audience: 100,
             nobody: false,
             cancelled_at: None,
@@ -451,5 +466,13 @@ mod tests {
         assert_eq!((mid.status, mid.reached), (1, 50));
         let done = at(26);
         assert_eq!((done.status, done.reached), (2, 100));
+        assert_eq!(at(200).status, 2);
+        let late = Task {
+            start_at: None,
+            expire_at: Some(created + time::Duration::seconds(15)),
+            ..task
+        };
+        let expired = late.snapshot(created + time::Duration::seconds(19), step);
+        assert_eq!((expired.status, expired.reached), (5, 50));
     }
 }

@@ -138,6 +138,8 @@ pub(crate) struct SendPlan {
     pub production: bool,
     pub out_biz_no: Option<String>,
     pub start_at: Option<OffsetDateTime>,
+    /// `policy.expire_time`: a task not finished by then ends in status 5.
+    pub expire_at: Option<OffsetDateTime>,
     /// Devices targeted, for plausible counters.
     pub audience: u64,
     /// The documented test hook: the filter matches nobody, the task ends in status 6.
@@ -226,6 +228,7 @@ pub(crate) fn validate_send(
         production,
         out_biz_no: if target.task { policy.out_biz_no } else { None },
         start_at: if target.task { policy.start_at } else { None },
+        expire_at: policy.expire_at,
         audience: target.audience,
         nobody: target.nobody,
     })
@@ -486,10 +489,8 @@ fn check_android_payload(p: &Map<String, Value>) -> Result<(), ApiError> {
                 return fail("1007", "body.url must start with http:// or https://");
             }
         }
-        "go_activity" => {
-            if non_empty_str(body, "activity").is_none() {
-                return fail("1024", "go_activity needs body.activity");
-            }
+        "go_activity" if non_empty_str(body, "activity").is_none() => {
+            return fail("1024", "go_activity needs body.activity");
         }
         "go_custom" if !has_custom => return fail("1003", "go_custom needs body.custom"),
         _ => {}
@@ -554,6 +555,7 @@ fn check_ios_payload(p: &Map<String, Value>) -> Result<(), ApiError> {
 
 struct Policy {
     start_at: Option<OffsetDateTime>,
+    expire_at: Option<OffsetDateTime>,
     out_biz_no: Option<String>,
 }
 
@@ -568,6 +570,7 @@ fn check_policy(
         None => {
             return Ok(Policy {
                 start_at: None,
+                expire_at: None,
                 out_biz_no: None,
             })
         }
@@ -595,7 +598,8 @@ fn check_policy(
         }
     }
     let start_at = if task { start_at } else { None };
-    if let Some(expire) = time_field("expire_time")? {
+    let expire_at = time_field("expire_time")?;
+    if let Some(expire) = expire_at {
         if expire <= now || start_at.is_some_and(|s| expire <= s) {
             return fail("2003", "expire_time must be later than start_time and now");
         }
@@ -610,7 +614,7 @@ fn check_policy(
             Value::String(s) => s.parse::<u64>().ok(),
             _ => None,
         };
-        if !n.is_some_and(|n| n >= 1000) {
+        if n.is_none_or(|n| n < 1000) {
             return fail(
                 "2024",
                 "policy.max_send_num must be an integer of at least 1000",
@@ -637,6 +641,7 @@ fn check_policy(
     };
     Ok(Policy {
         start_at,
+        expire_at,
         out_biz_no,
     })
 }
