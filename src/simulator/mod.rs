@@ -195,7 +195,8 @@ pub struct RecordedRequest {
     pub cast_type: Option<String>,
     /// `policy.out_biz_no`.
     pub out_biz_no: Option<String>,
-    /// `production_mode` as sent: the string itself, or the JSON text of a non-string value.
+    /// `production_mode` as sent: the string itself (`"true"`), or `json:` + the JSON text
+    /// of a non-string value (`json:true` for a JSON boolean), so the two stay apart.
     pub production_mode: Option<String>,
     /// HTTP status answered; 0 if the connection was dropped or the request hangs.
     pub http_status: u16,

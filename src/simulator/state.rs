@@ -186,7 +186,7 @@ impl State {
                     .and_then(|p| obj_str(p, "out_biz_no")),
                 o.get("production_mode").map(|v| match v {
                     Value::String(s) => s.clone(),
-                    other => other.to_string(),
+                    other => format!("json:{other}"),
                 }),
             ),
             None => (None, None, None, None),

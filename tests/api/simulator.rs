@@ -501,7 +501,7 @@ async fn production_mode_must_be_a_string() {
     sim.send(&body).await.assert_fail("1017");
     assert_eq!(
         sim.handle.requests()[0].production_mode.as_deref(),
-        Some("true")
+        Some("json:true")
     );
     body["production_mode"] = json!("true");
     sim.send(&body).await.assert_success();
@@ -813,7 +813,8 @@ async fn out_biz_no_repeat_returns_the_same_task_id_and_takes_no_quota() {
 
 #[tokio::test]
 async fn task_status_moves_from_queued_to_done() {
-    let sim = spawn_sim().await;
+    // A step long enough that the first status query surely lands while queued.
+    let sim = spawn_sim_with(Duration::from_millis(250), true).await;
     let reply = sim.send(&send_body(ANDROID_KEY, "broadcast", false)).await;
     let task_id = reply.data("task_id");
 
@@ -823,7 +824,7 @@ async fn task_status_moves_from_queued_to_done() {
     assert_eq!(queued.data("task_id"), task_id);
     assert_eq!(queued.json["data"]["sent_count"], json!(0));
 
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(550)).await;
     let done = sim.status(ANDROID_KEY, &task_id).await;
     assert_eq!(done.json["data"]["status"], json!(2));
     assert!(done.json["data"]["sent_count"].as_u64().unwrap_or(0) > 0);
@@ -832,7 +833,7 @@ async fn task_status_moves_from_queued_to_done() {
 
     // iOS counters.
     let ios = sim.send(&send_body(IOS_KEY, "broadcast", false)).await;
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(550)).await;
     let status = sim.status(IOS_KEY, &ios.data("task_id")).await;
     assert_eq!(status.json["data"]["status"], json!(2));
     assert!(status.json["data"]["total_count"].as_u64().unwrap_or(0) > 0);
