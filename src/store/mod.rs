@@ -362,8 +362,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<String>>;
 
     /// Remember an uploaded file (replaces an older entry for the same content).
-    async fn save_upload(&self, appkey: &str, content_sha256: &str, file_id: &str)
-        -> StoreResult<()>;
+    async fn save_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()>;
 }
 
 /// Pool settings shared by both backends.
@@ -375,6 +379,9 @@ pub struct PoolOptions {
 
 impl Default for PoolOptions {
     fn default() -> Self {
-        Self { max_connections: 16, acquire_timeout: std::time::Duration::from_secs(3) }
+        Self {
+            max_connections: 16,
+            acquire_timeout: std::time::Duration::from_secs(3),
+        }
     }
 }

@@ -1,0 +1,3 @@
+//! The API integration tests: one binary, one module per area.
+
+mod simulator;
