@@ -24,6 +24,8 @@ pub const MAX_APNS_COLLAPSE_ID_BYTES: usize = 64;
 pub const MAX_SCHEDULE_AHEAD: Duration = Duration::days(7);
 /// Android `body.big_body` is at most this many characters.
 pub const MAX_BIG_BODY_CHARS: usize = 120;
+/// At most this many per-item errors are listed for one list; the rest are summarised.
+pub const MAX_ITEM_ERRORS: usize = 20;
 /// `receipt_url` is at most this many bytes.
 pub const MAX_RECEIPT_URL_BYTES: usize = 256;
 /// Deepest filter nesting accepted (Umeng states no limit; this guards recursion).
@@ -318,8 +320,20 @@ impl Validator {
                         ),
                     );
                 }
+                let mut bad = 0usize;
                 for (i, t) in list.iter().enumerate() {
-                    self.token(&format!("device_tokens[{i}]"), t);
+                    if let Some(problem) = self.token_problem(t) {
+                        bad += 1;
+                        if bad <= MAX_ITEM_ERRORS {
+                            self.err(format!("device_tokens[{i}]"), problem);
+                        }
+                    }
+                }
+                if bad > MAX_ITEM_ERRORS {
+                    self.err(
+                        "device_tokens",
+                        format!("{} more invalid tokens not listed", bad - MAX_ITEM_ERRORS),
+                    );
                 }
             }
             CastType::Customizedcast => {
@@ -340,10 +354,20 @@ impl Validator {
                             ),
                         );
                     }
-                    for (i, a) in list.iter().enumerate() {
-                        if a.trim().is_empty() {
-                            self.err(format!("alias[{i}]"), "must not be empty");
-                        }
+                    let empty: Vec<usize> = (0..list.len())
+                        .filter(|i| list[*i].trim().is_empty())
+                        .collect();
+                    for i in empty.iter().take(MAX_ITEM_ERRORS) {
+                        self.err(format!("alias[{i}]"), "must not be empty");
+                    }
+                    if empty.len() > MAX_ITEM_ERRORS {
+                        self.err(
+                            "alias",
+                            format!(
+                                "{} more empty aliases not listed",
+                                empty.len() - MAX_ITEM_ERRORS
+                            ),
+                        );
                     }
                 }
                 if uses("file_id") {
@@ -368,21 +392,20 @@ impl Validator {
         }
     }
 
-    fn token(&mut self, path: &str, t: &str) {
+    fn token_problem(&self, t: &str) -> Option<String> {
         let want = self.platform.token_len();
         if t.is_empty() {
-            self.err(path, "must not be empty");
+            Some("must not be empty".into())
         } else if !t.bytes().all(|b| b.is_ascii_graphic()) {
-            self.err(path, "must be printable ASCII without spaces or commas");
+            Some("must be printable ASCII without spaces or commas".into())
         } else if t.len() != want {
-            self.err(
-                path,
-                format!(
-                    "must be {want} characters ({} device token), got {}",
-                    self.platform,
-                    t.len()
-                ),
-            );
+            Some(format!(
+                "must be {want} characters ({} device token), got {}",
+                self.platform,
+                t.len()
+            ))
+        } else {
+            None
         }
     }
 
@@ -1176,5 +1199,26 @@ mod tests {
             Platform::Android,
         );
         assert_eq!(fields(&errs), ["appkey", "timestamp"]);
+    }
+}
+
+#[cfg(test)]
+mod item_error_cap_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn many_bad_tokens_are_summarised() {
+        let list = vec!["short"; 30].join(",");
+        let body = json!({"type": "listcast", "device_tokens": list,
+                          "payload": {"display_type": "message", "body": {"custom": "c"}}});
+        let errs = validate_value(
+            body.as_object().expect("object"),
+            Platform::Android,
+            2048,
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        assert_eq!(errs.len(), MAX_ITEM_ERRORS + 1);
+        assert_eq!(errs[MAX_ITEM_ERRORS].field, "device_tokens");
     }
 }
