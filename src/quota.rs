@@ -46,10 +46,22 @@ impl QuotaKind {
     /// Umeng's documented default limit for this bucket.
     pub fn default_limit(self) -> QuotaLimit {
         match self {
-            QuotaKind::Broadcast => QuotaLimit { limit: 10, window: WindowUnit::Day },
-            QuotaKind::Groupcast => QuotaLimit { limit: 5, window: WindowUnit::Minute },
-            QuotaKind::Filecast => QuotaLimit { limit: 300, window: WindowUnit::Hour },
-            QuotaKind::CustomizedcastFile => QuotaLimit { limit: 300, window: WindowUnit::Hour },
+            QuotaKind::Broadcast => QuotaLimit {
+                limit: 10,
+                window: WindowUnit::Day,
+            },
+            QuotaKind::Groupcast => QuotaLimit {
+                limit: 5,
+                window: WindowUnit::Minute,
+            },
+            QuotaKind::Filecast => QuotaLimit {
+                limit: 300,
+                window: WindowUnit::Hour,
+            },
+            QuotaKind::CustomizedcastFile => QuotaLimit {
+                limit: 300,
+                window: WindowUnit::Hour,
+            },
         }
     }
 }
