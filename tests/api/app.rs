@@ -12,7 +12,7 @@ use umeng_push_gateway::simulator::{self, SimApp, SimPlatform, SimulatorConfig, 
 use umeng_push_gateway::startup::Application;
 use umeng_push_gateway::umeng::Platform;
 
-use crate::helpers::TestDatabase;
+use crate::helpers::{postgres_store, sqlite_store, TestDb};
 
 pub const ANDROID_APP: &str = "test-android";
 pub const IOS_APP: &str = "test-ios";
@@ -38,7 +38,7 @@ pub enum Backend {
 /// A simulator and a database that gateway instances share.
 pub struct TestEnv {
     pub sim: Arc<SimulatorHandle>,
-    pub db: TestDatabase,
+    pub db: TestDb,
 }
 
 impl TestEnv {
@@ -58,8 +58,8 @@ impl TestEnv {
         .await
         .expect("simulator starts");
         let db = match backend {
-            Backend::Sqlite => TestDatabase::sqlite().await,
-            Backend::Postgres => TestDatabase::postgres().await,
+            Backend::Sqlite => TestDb::Sqlite(sqlite_store().await.1),
+            Backend::Postgres => TestDb::Postgres(postgres_store().await.1),
         };
         TestEnv { sim: Arc::new(sim), db }
     }
@@ -68,7 +68,7 @@ impl TestEnv {
     pub fn settings(&self) -> Settings {
         let hash = umeng_push_gateway::config::token_sha256_hex;
         let mut s = Settings::default();
-        s.database.url = Secret::new(self.db.url());
+        s.database.url = Secret::new(self.db.url().to_string());
         s.database.max_connections = 8;
         s.umeng.base_url = self.sim.base_url();
         s.umeng.timeout_ms = 1500;

@@ -22,6 +22,10 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    if crate::helpers::skip_postgres() {
+                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
+                        return;
+                    }
                     super::$name(crate::app::Backend::Postgres).await
                 }
             )*
