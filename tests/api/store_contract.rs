@@ -977,3 +977,97 @@ async fn cancelled_admissions_leave_no_open_transaction(ctx: StoreCtx) {
         .await;
     assert_eq!(orphans, 0);
 }
+
+#[tokio::test]
+async fn postgres_sessions_carry_timeouts() {
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let (_store, db) = crate::helpers::postgres_store().await;
+    let pg = umeng_push_gateway::store::postgres::PgStore::connect(
+        db.url(),
+        &crate::helpers::test_pool_options(),
+    )
+    .await;
+    let Ok(pg) = pg else { panic!("connect failed") };
+
+    let mut settings = Vec::new();
+    for name in [
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+    ] {
+        let value: Result<String, _> = sqlx::query_scalar(&format!("show {name}"))
+            .fetch_one(pg.pool())
+            .await;
+        settings.push(value.unwrap_or_default());
+    }
+
+    assert_eq!(settings, ["5s", "2s", "10s"]);
+}
+
+/// Sequential admission latency per backend (run with `--ignored --nocapture`).
+#[tokio::test]
+#[ignore = "timing, not a check"]
+async fn admission_latency() {
+    for ctx in [StoreCtx::sqlite().await, StoreCtx::postgres().await] {
+        let store = &ctx.store;
+        let n = 500u32;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            let push = new_push(Some(&format!("biz-{i}")));
+            admitted(store, push, Some(groupcast(1_000_000))).await;
+        }
+        let per = started.elapsed() / n;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let id = admitted(store, new_push(None), Some(groupcast(1_000_000))).await;
+            finish_ok(store, &id, failed()).await;
+        }
+        let pair = started.elapsed() / n;
+        println!(
+            "{}: admit {per:?}/op, admit+finish(refund) {pair:?}/pair",
+            store.backend()
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let options = crate::helpers::test_pool_options();
+    let Ok(store) = umeng_push_gateway::store::connect("sqlite::memory:", &options).await else {
+        panic!("cannot open an in-memory database");
+    };
+    assert!(store.migrate().await.is_ok());
+
+    let id = admitted(&store, new_push(Some("biz-1")), Some(groupcast(5))).await;
+
+    assert_eq!(get(&store, &id).await.status, PushStatus::Pending);
+    assert!(store.ready().await.is_ok());
+}
+
+#[tokio::test]
+async fn ready_fails_before_migrations() {
+    let dir = tempfile::tempdir().ok();
+    let path = dir
+        .as_ref()
+        .map(|d| d.path().join("fresh.db"))
+        .unwrap_or_default();
+    let url = format!("sqlite://{}", path.display());
+    let options = crate::helpers::test_pool_options();
+    let Ok(store) = umeng_push_gateway::store::connect(&url, &options).await else {
+        panic!("cannot open {url}");
+    };
+
+    let before = store.ready().await;
+    let migrated = store.migrate().await;
+
+    assert!(
+        matches!(
+            before,
+            Err(umeng_push_gateway::store::StoreError::Migration(_))
+        ),
+        "{before:?}"
+    );
+    assert!(migrated.is_ok() && store.ready().await.is_ok());
+}
