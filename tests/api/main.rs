@@ -5,3 +5,4 @@ mod gateway;
 mod helpers;
 mod simulator;
 mod store_contract;
+mod umeng_client;
