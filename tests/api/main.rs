@@ -1,6 +1,7 @@
 //! The API integration tests: one binary, one module per area.
 
 mod app;
+mod cli;
 mod gateway;
 mod helpers;
 mod simulator;
