@@ -4,6 +4,7 @@ mod app;
 mod cli;
 mod gateway;
 mod helpers;
+mod push_examples;
 mod simulator;
 mod store_contract;
 mod umeng_client;
