@@ -1,7 +1,10 @@
 //! The API integration tests: one binary, one module per area.
 
 mod app;
+mod cli;
 mod gateway;
 mod helpers;
+mod push_examples;
 mod simulator;
 mod store_contract;
+mod umeng_client;
