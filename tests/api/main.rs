@@ -4,4 +4,5 @@ mod app;
 mod gateway;
 mod helpers;
 mod simulator;
+mod store_background;
 mod store_contract;
