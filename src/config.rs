@@ -687,6 +687,23 @@ mod tests {
     }
 
     #[test]
+    fn default_toml_documents_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let file: Settings = Figment::new()
+            .merge(Toml::file(&path))
+            .extract()
+            .expect("config/default.toml parses");
+        let built_in = Settings::default();
+        let dump = |s: &Settings| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?}",
+                s.server, s.database, s.umeng, s.history, s.poller, s.log
+            )
+        };
+        assert_eq!(dump(&file), dump(&built_in));
+    }
+
+    #[test]
     fn poller_backoff_grows_then_repeats_its_last_value() {
         let p = PollerSettings::default();
         let waits: Vec<u64> = (1..=9).map(|n| p.backoff(n).as_secs()).collect();
