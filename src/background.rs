@@ -263,3 +263,45 @@ pub async fn purge_round(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    fn claim(request: serde_json::Value) -> TaskClaim {
+        TaskClaim {
+            push_id: "p".into(),
+            app: "a".into(),
+            task_id: "t".into(),
+            created_at: datetime!(2026-01-01 00:00 UTC),
+            request,
+            polls: 1,
+            lease_until: datetime!(2026-01-01 00:01 UTC),
+        }
+    }
+
+    #[test]
+    fn deadline_is_max_age_or_an_hour_after_expiry_whichever_is_first() {
+        assert_eq!(
+            poll_deadline(&claim(json!({})), 192),
+            datetime!(2026-01-09 00:00 UTC)
+        );
+        let soon = json!({"policy": {"expire_time": "2026-01-02T08:00:00+08:00"}});
+        assert_eq!(
+            poll_deadline(&claim(soon), 192),
+            datetime!(2026-01-02 01:00 UTC)
+        );
+        let late = json!({"policy": {"expire_time": "2026-03-01T00:00:00Z"}});
+        assert_eq!(
+            poll_deadline(&claim(late), 192),
+            datetime!(2026-01-09 00:00 UTC)
+        );
+        let garbage = json!({"policy": {"expire_time": "tomorrow"}});
+        assert_eq!(
+            poll_deadline(&claim(garbage), 24),
+            datetime!(2026-01-02 00:00 UTC)
+        );
+    }
+}
