@@ -31,6 +31,7 @@ pub struct Settings {
     /// Default quota limits for every app (Umeng's documented defaults).
     pub quotas: QuotaSettings,
     pub history: HistorySettings,
+    pub poller: PollerSettings,
     pub log: LogSettings,
     pub apps: Vec<AppSettings>,
     pub clients: Vec<ClientSettings>,
@@ -137,6 +138,13 @@ pub struct HistorySettings {
     /// An uploaded token file is reused for identical content for this long
     /// (Umeng keeps files for two months).
     pub upload_reuse_days: u64,
+    /// Pushes (and their idempotency keys) older than this many days are deleted;
+    /// 0 keeps them forever.
+    pub retention_days: u64,
+    /// How often the retention purge runs (pushes, old quota counters, old uploads).
+    pub purge_interval_secs: u64,
+    /// Rows deleted per statement, so the purge never holds many locks for long.
+    pub purge_batch_size: u32,
 }
 
 impl Default for HistorySettings {
@@ -145,7 +153,57 @@ impl Default for HistorySettings {
             pending_timeout_secs: 120,
             sweep_interval_secs: 30,
             upload_reuse_days: 30,
+            retention_days: 90,
+            purge_interval_secs: 3600,
+            purge_batch_size: 1000,
         }
+    }
+}
+
+/// The task-status poller: refreshes unfinished task-class pushes from `/api/status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollerSettings {
+    pub enabled: bool,
+    /// How often the poller looks for tasks that are due.
+    pub interval_secs: u64,
+    /// Most tasks claimed (and asked about concurrently) per round.
+    pub batch_size: u32,
+    /// How long a claimed task belongs to one replica. Must exceed `umeng.timeout_ms`;
+    /// a replica that dies mid-round leaves its tasks to others after this long.
+    pub lease_secs: u64,
+    /// Seconds before the 1st, 2nd, 3rd ... check of a task (the first counted from
+    /// acceptance); the last value repeats.
+    pub backoff_secs: Vec<u64>,
+    /// Stop polling a task this many hours after it was created (or one hour after its
+    /// `policy.expire_time`, when that is earlier) if it has not reached a final state.
+    pub max_age_hours: u64,
+}
+
+impl Default for PollerSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 5,
+            batch_size: 20,
+            lease_secs: 120,
+            backoff_secs: vec![5, 10, 30, 60, 120, 300, 600],
+            max_age_hours: 192,
+        }
+    }
+}
+
+impl PollerSettings {
+    /// The wait before check number `n` (1-based) of a task.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let i = usize::try_from(n.saturating_sub(1)).unwrap_or(usize::MAX);
+        let secs = self
+            .backoff_secs
+            .get(i)
+            .or(self.backoff_secs.last())
+            .copied()
+            .unwrap_or(60);
+        Duration::from_secs(secs)
     }
 }
 
@@ -431,6 +489,33 @@ impl Config {
             ));
         }
 
+        let h = &settings.history;
+        for (name, value) in [
+            ("history.sweep_interval_secs", h.sweep_interval_secs),
+            ("history.purge_interval_secs", h.purge_interval_secs),
+            ("history.purge_batch_size", u64::from(h.purge_batch_size)),
+            ("poller.interval_secs", settings.poller.interval_secs),
+            ("poller.batch_size", u64::from(settings.poller.batch_size)),
+            ("poller.max_age_hours", settings.poller.max_age_hours),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be at least 1")));
+            }
+        }
+        let p = &settings.poller;
+        if p.lease_secs.saturating_mul(1000) <= settings.umeng.timeout_ms {
+            return Err(ConfigError(format!(
+                "poller.lease_secs ({}) must exceed umeng.timeout_ms ({} ms): a lease that runs \
+                 out during the status call lets another replica poll the same task",
+                p.lease_secs, settings.umeng.timeout_ms
+            )));
+        }
+        if p.backoff_secs.is_empty() || p.backoff_secs.contains(&0) {
+            return Err(ConfigError(
+                "poller.backoff_secs must list at least one wait, each at least 1 second".into(),
+            ));
+        }
+
         let demo = apps.is_empty();
         if !demo && clients.is_empty() {
             return Err(ConfigError(
@@ -597,6 +682,52 @@ mod tests {
         let err = Config::resolve(settings(&toml)).unwrap_err().to_string();
         assert!(
             err.contains("UMGW_TEST_UNSET_VARIABLE_42 is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn default_toml_documents_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        let file: Settings = Figment::new()
+            .merge(Toml::file(&path))
+            .extract()
+            .expect("config/default.toml parses");
+        let built_in = Settings::default();
+        let dump = |s: &Settings| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?}",
+                s.server, s.database, s.umeng, s.history, s.poller, s.log
+            )
+        };
+        assert_eq!(dump(&file), dump(&built_in));
+    }
+
+    #[test]
+    fn poller_backoff_grows_then_repeats_its_last_value() {
+        let p = PollerSettings::default();
+        let waits: Vec<u64> = (1..=9).map(|n| p.backoff(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 30, 60, 120, 300, 600, 600, 600]);
+    }
+
+    #[test]
+    fn background_settings_are_checked() {
+        let err = Config::resolve(settings("[poller]\nlease_secs = 10"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("poller.lease_secs (10) must exceed umeng.timeout_ms"),
+            "{err}"
+        );
+        let err = Config::resolve(settings("[poller]\nbackoff_secs = []"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("poller.backoff_secs"), "{err}");
+        let err = Config::resolve(settings("[history]\npurge_batch_size = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("history.purge_batch_size must be at least 1"),
             "{err}"
         );
     }

@@ -1,6 +1,8 @@
 //! umeng-push-gateway: an HTTP gateway in front of Umeng U-Push.
 #![forbid(unsafe_code)]
 
+/// Background work: task-status poller, pending sweeper, retention purge.
+pub mod background;
 /// Settings from file and environment, validated once.
 pub mod config;
 /// The HTTP error type (RFC 9457 problem+json).
@@ -21,6 +23,8 @@ pub mod simulator;
 pub mod startup;
 /// Persistence: one trait, PostgreSQL and SQLite.
 pub mod store;
+/// Refreshing one task-class push from Umeng's `/api/status`.
+pub mod task_status;
 /// Logging setup.
 pub mod telemetry;
 /// Umeng's protocol: request model, validation, signature, client, error codes.

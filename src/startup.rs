@@ -1,5 +1,6 @@
 //! Building and running the gateway: connect the store, migrate, start the built-in
-//! simulator in demo mode, bind the listener, serve until shutdown, run the sweeper.
+//! simulator in demo mode, bind the listener, serve until shutdown, run the background work
+//! (`background.rs`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -90,7 +91,7 @@ impl Application {
             simulator,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let sweeper = tokio::spawn(run_sweeper(Arc::clone(&gateway), stop_rx));
+        let background = crate::background::spawn(Arc::clone(&gateway), stop_rx);
         let grace = Duration::from_secs(gateway.config.settings.server.shutdown_grace_secs);
         let app = crate::http::router(Arc::clone(&gateway));
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
@@ -114,7 +115,9 @@ impl Application {
             }
         }
         let _ = stop_tx.send(true);
-        let _ = sweeper.await;
+        for task in background {
+            let _ = task.await;
+        }
         if let Some(sim) = simulator {
             sim.shutdown().await;
         }
@@ -135,28 +138,6 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     )
     .await
     .context("opening the database")
-}
-
-/// Marks `pending` pushes whose process died during the Umeng call as `unknown`: once at
-/// start, then every `history.sweep_interval_secs`.
-async fn run_sweeper(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
-    let h = &gateway.config.settings.history;
-    let every = Duration::from_secs(h.sweep_interval_secs.max(1));
-    let older_than = h.pending_timeout_secs as i64;
-    loop {
-        match gateway.store.sweep_stale_pending(older_than).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                count = n,
-                "pending pushes older than {older_than}s marked unknown"
-            ),
-            Err(e) => tracing::warn!(error = %e, "pending sweep failed"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
-        }
-    }
 }
 
 /// Demo mode: start the simulator in-process with two apps, point the Umeng client at it,

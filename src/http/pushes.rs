@@ -19,6 +19,7 @@ use crate::gateway::{Gateway, PushAnswer};
 use crate::http::auth::Caller;
 use crate::push::PushRequest;
 use crate::store::{PushQuery, PushRecord, PushStatus, TaskUpdate};
+use crate::task_status::{refresh_task, RefreshError};
 use crate::umeng::UmengError;
 
 pub fn router() -> Router<Arc<Gateway>> {
@@ -301,31 +302,17 @@ async fn refresh_push(
     caller.require(Scope::Read)?;
     let push = visible_push(&gateway, &caller, &id).await?;
     let task_id = task_of(&push, "refresh")?;
-    let app = gateway.app(&push.app).ok_or_else(|| ApiError::Conflict {
-        detail: format!("app {:?} is no longer configured", push.app),
-        umeng: None,
-    })?;
-    let status = gateway
-        .umeng
-        .status(&app.credentials, &task_id)
+    refresh_task(&gateway, &push.id, &push.app, &task_id)
         .await
-        .map_err(|e| umeng_failure(e, &push.id))?;
-    let new_status = PushStatus::from_task_code(status.status).ok_or_else(|| {
-        ApiError::Internal(format!(
-            "Umeng returned unknown task status {}",
-            status.status
-        ))
-    })?;
-    gateway
-        .store
-        .update_task(
-            &push.id,
-            TaskUpdate {
-                status: new_status,
-                task_status: status.raw,
+        .map_err(|e| match e {
+            RefreshError::AppGone(_) => ApiError::Conflict {
+                detail: e.to_string(),
+                umeng: None,
             },
-        )
-        .await?;
+            RefreshError::Umeng(e) => umeng_failure(e, &push.id),
+            RefreshError::UnknownStatus(_) => ApiError::Internal(e.to_string()),
+            RefreshError::Store(e) => e.into(),
+        })?;
     let push = visible_push(&gateway, &caller, &id).await?;
     Ok(Json(push))
 }

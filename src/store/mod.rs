@@ -6,6 +6,8 @@
 //! guarded upsert inside the same atomic admission, so the count is exact across replicas.
 //! Nothing here holds a transaction or a pooled connection across an Umeng call.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
@@ -234,6 +236,34 @@ pub struct TaskUpdate {
     pub task_status: Value,
 }
 
+/// A task-class push claimed by [`Store::claim_task_polls`]: this poller alone asks Umeng
+/// about it until `lease_until` (or until it calls [`Store::release_task_poll`]).
+#[derive(Debug, Clone)]
+pub struct TaskClaim {
+    pub push_id: String,
+    /// The configured app name (its credentials sign the status call).
+    pub app: String,
+    pub task_id: String,
+    pub created_at: OffsetDateTime,
+    /// The caller's request as stored (for `policy.expire_time`).
+    pub request: Value,
+    /// How many times the poller has claimed this push, this claim included.
+    pub polls: u32,
+    /// The lease: identifies this claim when releasing it.
+    pub lease_until: OffsetDateTime,
+}
+
+/// What [`Store::purge`] deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeTarget {
+    /// Pushes by `created_at` (their idempotency keys go with them).
+    Pushes,
+    /// Quota counters by window start.
+    QuotaCounters,
+    /// Remembered uploads by `created_at`.
+    Uploads,
+}
+
 /// A stored push, as history shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct PushRecord {
@@ -336,7 +366,8 @@ pub trait Store: Send + Sync + 'static {
     /// pending (nothing changed).
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool>;
 
-    /// Store a task status read from Umeng (also used after a cancel).
+    /// Store a task status read from Umeng (also used after a cancel). A push in a final
+    /// task state keeps it: a stale non-final answer never overwrites it.
     async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()>;
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>>;
@@ -347,6 +378,37 @@ pub trait Store: Send + Sync + 'static {
     /// Mark `pending` pushes created more than `older_than_secs` ago as `unknown`
     /// (quota kept). Returns how many changed.
     async fn sweep_stale_pending(&self, older_than_secs: i64) -> StoreResult<u64>;
+
+    /// Claim up to `limit` task-class pushes whose status is due for a refresh, in one
+    /// statement, leasing each for `lease`: concurrent callers (other replicas) never get the
+    /// same push while its lease runs. Due: status accepted, queued, sending or scheduled, a
+    /// task_id, no running lease, and `next_poll_at` passed, or never polled and finished
+    /// (accepted) at least `first_poll_after` ago. Oldest due first.
+    async fn claim_task_polls(
+        &self,
+        limit: u32,
+        lease: Duration,
+        first_poll_after: Duration,
+    ) -> StoreResult<Vec<TaskClaim>>;
+
+    /// End a claim: clear the lease and schedule the next poll `next_poll_in` from now, or
+    /// never again with `None`. Returns false (nothing changed) when the lease is no longer
+    /// this claim's (it expired and another poller took the push).
+    async fn release_task_poll(
+        &self,
+        claim: &TaskClaim,
+        next_poll_in: Option<Duration>,
+    ) -> StoreResult<bool>;
+
+    /// Delete at most `limit` rows of `target` older than `older_than` (one short statement;
+    /// rows another replica is deleting are skipped). Returns how many were deleted; call
+    /// again while it returns `limit`.
+    async fn purge(
+        &self,
+        target: PurgeTarget,
+        older_than: Duration,
+        limit: u32,
+    ) -> StoreResult<u64>;
 
     /// The current window's state of one bucket (used 0 when no row exists).
     async fn quota_state(
@@ -428,6 +490,11 @@ pub fn redact_url(url: &str) -> String {
             None => "<redacted>".to_owned(),
         },
     }
+}
+
+/// Milliseconds of `d` for SQL parameters (saturating).
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Remove the password of `url` from `message` (belt and braces for driver errors).

@@ -11,8 +11,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PushQuery,
-    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
+    PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError,
+    StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -69,7 +70,65 @@ const UPDATE_TASK: &str = "update pushes
        finished_at = case
            when $4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
            then now() else finished_at end
- where id = $1 and status <> 'pending'";
+ where id = $1 and status <> 'pending'
+   and ($4 or status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match'))";
+
+/// Lease due tasks in one statement. `next_poll_at` moves to the lease's end too, so a task
+/// whose poller died is due again once the lease runs out. The materialized CTE locks the chosen rows (skipping
+/// rows another replica is claiming right now) and is evaluated once; a row claimed and
+/// committed by another replica meanwhile is re-checked against its new lease and dropped.
+const CLAIM_TASK_POLLS: &str = "with due as materialized (
+    select id from pushes
+     where task_class and task_id is not null
+       and status in ('accepted', 'queued', 'sending', 'scheduled')
+       and (poll_locked_until is null or poll_locked_until <= now())
+       and (next_poll_at <= now()
+            or (next_poll_at is null and poll_count = 0
+                and finished_at <= now() - $3::bigint * interval '1 millisecond'))
+     order by coalesce(next_poll_at, finished_at)
+     limit $1
+     for update skip locked
+)
+update pushes p
+   set poll_locked_until = now() + $2::bigint * interval '1 millisecond',
+       next_poll_at = now() + $2::bigint * interval '1 millisecond',
+       poll_count = p.poll_count + 1
+  from due
+ where p.id = due.id
+returning p.id, p.app, p.task_id, p.created_at, p.request, p.poll_count, p.poll_locked_until";
+
+const RELEASE_TASK_POLL: &str = "update pushes
+   set poll_locked_until = null,
+       next_poll_at = now() + $3::bigint * interval '1 millisecond'
+ where id = $1 and poll_locked_until = $2";
+
+const PURGE_PUSHES: &str = "with old as materialized (
+    select id from pushes
+     where created_at < now() - $1::bigint * interval '1 millisecond'
+     order by created_at
+     limit $2
+     for update skip locked
+)
+delete from pushes p using old where p.id = old.id";
+
+const PURGE_QUOTA_COUNTERS: &str = "with old as materialized (
+    select appkey, kind, window_start from quota_counters
+     where window_start < extract(epoch from now())::bigint - $1::bigint / 1000
+     limit $2
+     for update skip locked
+)
+delete from quota_counters q using old
+ where q.appkey = old.appkey and q.kind = old.kind and q.window_start = old.window_start";
+
+const PURGE_UPLOADS: &str = "with old as materialized (
+    select appkey, content_sha256 from uploads
+     where created_at < now() - $1::bigint * interval '1 millisecond'
+     order by created_at
+     limit $2
+     for update skip locked
+)
+delete from uploads u using old
+ where u.appkey = old.appkey and u.content_sha256 = old.content_sha256";
 
 const SWEEP: &str = "update pushes
    set status = 'unknown', error_code = 'stale_pending',
@@ -276,6 +335,71 @@ impl Store for PgStore {
     async fn sweep_stale_pending(&self, older_than_secs: i64) -> StoreResult<u64> {
         let done = sqlx::query(SWEEP)
             .bind(older_than_secs)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn claim_task_polls(
+        &self,
+        limit: u32,
+        lease: Duration,
+        first_poll_after: Duration,
+    ) -> StoreResult<Vec<TaskClaim>> {
+        let rows = sqlx::query(CLAIM_TASK_POLLS)
+            .bind(i64::from(limit))
+            .bind(millis(lease))
+            .bind(millis(first_poll_after))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|row| {
+                let polls: i32 = row.try_get("poll_count")?;
+                Ok(TaskClaim {
+                    push_id: row.try_get("id")?,
+                    app: row.try_get("app")?,
+                    task_id: row.try_get("task_id")?,
+                    created_at: row.try_get("created_at")?,
+                    request: row.try_get("request")?,
+                    polls: u32::try_from(polls).unwrap_or(0),
+                    lease_until: row.try_get("poll_locked_until")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_sqlx)
+    }
+
+    async fn release_task_poll(
+        &self,
+        claim: &TaskClaim,
+        next_poll_in: Option<Duration>,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(RELEASE_TASK_POLL)
+            .bind(&claim.push_id)
+            .bind(claim.lease_until)
+            .bind(next_poll_in.map(millis))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge(
+        &self,
+        target: PurgeTarget,
+        older_than: Duration,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let sql = match target {
+            PurgeTarget::Pushes => PURGE_PUSHES,
+            PurgeTarget::QuotaCounters => PURGE_QUOTA_COUNTERS,
+            PurgeTarget::Uploads => PURGE_UPLOADS,
+        };
+        let done = sqlx::query(sql)
+            .bind(millis(older_than))
+            .bind(i64::from(limit))
             .execute(&self.pool)
             .await
             .map_err(map_sqlx)?;

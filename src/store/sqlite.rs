@@ -18,8 +18,9 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PushQuery,
-    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
+    PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError,
+    StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -81,7 +82,36 @@ const UPDATE_TASK: &str = "update pushes
        finished_at = case
            when ?4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
            then ?5 else finished_at end
- where id = ?1 and status <> 'pending'";
+ where id = ?1 and status <> 'pending'
+   and (?4 or status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match'))";
+
+/// Lease due tasks; run inside `begin immediate`, so claimers are serialised. `next_poll_at`
+/// moves to the lease's end too, so a task whose poller died is due again then.
+const CLAIM_TASK_POLLS: &str = "update pushes
+   set poll_locked_until = ?1 + ?3, next_poll_at = ?1 + ?3, poll_count = poll_count + 1
+ where id in (
+    select id from pushes
+     where task_class and task_id is not null
+       and status in ('accepted', 'queued', 'sending', 'scheduled')
+       and (poll_locked_until is null or poll_locked_until <= ?1)
+       and (next_poll_at <= ?1
+            or (next_poll_at is null and poll_count = 0 and finished_at <= ?1 - ?4))
+     order by coalesce(next_poll_at, finished_at)
+     limit ?2)
+returning id, app, task_id, created_at, request, poll_count, poll_locked_until";
+
+const RELEASE_TASK_POLL: &str = "update pushes
+   set poll_locked_until = null, next_poll_at = ?3 + ?4
+ where id = ?1 and poll_locked_until = ?2";
+
+const PURGE_PUSHES: &str = "delete from pushes where id in (
+    select id from pushes where created_at < ?1 order by created_at limit ?2)";
+
+const PURGE_QUOTA_COUNTERS: &str = "delete from quota_counters where rowid in (
+    select rowid from quota_counters where window_start < ?1 / 1000 limit ?2)";
+
+const PURGE_UPLOADS: &str = "delete from uploads where rowid in (
+    select rowid from uploads where created_at < ?1 order by created_at limit ?2)";
 
 const SWEEP: &str = "update pushes
    set status = 'unknown', error_code = 'stale_pending',
@@ -314,6 +344,57 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn claim_task_polls(
+        &self,
+        limit: u32,
+        lease: Duration,
+        first_poll_after: Duration,
+    ) -> StoreResult<Vec<TaskClaim>> {
+        let pool = self.pool.clone();
+        run_detached(async move {
+            claim_task_polls(&pool, limit, millis(lease), millis(first_poll_after))
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn release_task_poll(
+        &self,
+        claim: &TaskClaim,
+        next_poll_in: Option<Duration>,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(RELEASE_TASK_POLL)
+            .bind(&claim.push_id)
+            .bind(to_ms(claim.lease_until))
+            .bind(now_ms())
+            .bind(next_poll_in.map(millis))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge(
+        &self,
+        target: PurgeTarget,
+        older_than: Duration,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let sql = match target {
+            PurgeTarget::Pushes => PURGE_PUSHES,
+            PurgeTarget::QuotaCounters => PURGE_QUOTA_COUNTERS,
+            PurgeTarget::Uploads => PURGE_UPLOADS,
+        };
+        let done = sqlx::query(sql)
+            .bind(now_ms().saturating_sub(millis(older_than)))
+            .bind(i64::from(limit))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
     async fn quota_state(
         &self,
         appkey: &str,
@@ -506,6 +587,38 @@ async fn admit(
         quota: state,
         reclaimed_from,
     })
+}
+
+/// The claim in one `begin immediate` transaction (one writer at a time).
+async fn claim_task_polls(
+    pool: &SqlitePool,
+    limit: u32,
+    lease_ms: i64,
+    first_poll_after_ms: i64,
+) -> Result<Vec<TaskClaim>, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let rows = sqlx::query(CLAIM_TASK_POLLS)
+        .bind(now_ms())
+        .bind(i64::from(limit))
+        .bind(lease_ms)
+        .bind(first_poll_after_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    rows.iter()
+        .map(|row| {
+            let polls: i64 = row.try_get("poll_count")?;
+            Ok(TaskClaim {
+                push_id: row.try_get("id")?,
+                app: row.try_get("app")?,
+                task_id: row.try_get("task_id")?,
+                created_at: from_ms(row.try_get("created_at")?)?,
+                request: row.try_get::<Json<Value>, _>("request")?.0,
+                polls: u32::try_from(polls).unwrap_or(0),
+                lease_until: from_ms(row.try_get("poll_locked_until")?)?,
+            })
+        })
+        .collect()
 }
 
 async fn finish_push(

@@ -74,7 +74,9 @@ pub struct TaskStatus {
     /// 0 queued, 1 sending, 2 done, 3 failed, 4 cancelled, 5 expired, 6 empty filter,
     /// 7 scheduled.
     pub status: i64,
-    /// The whole answer (counters included).
+    /// The answer's `data` object: task_id, status and the counters.
+    pub data: Value,
+    /// The whole answer.
     pub raw: Value,
 }
 
@@ -157,7 +159,7 @@ impl UmengClient {
             _ => None,
         };
         match status {
-            Some(status) => Ok(TaskStatus { status, raw }),
+            Some(status) => Ok(TaskStatus { status, data, raw }),
             None => Err(UmengError::Unknown {
                 reason: "SUCCESS answer without a numeric data.status".into(),
             }),

@@ -44,6 +44,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(backend: Backend) -> TestEnv {
+        Self::with_task_step(backend, std::time::Duration::from_millis(200)).await
+    }
+
+    /// A simulator whose tasks move one status every `task_step`.
+    pub async fn with_task_step(backend: Backend, task_step: std::time::Duration) -> TestEnv {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let sim = simulator::start(
             listener,
@@ -60,7 +65,7 @@ impl TestEnv {
                         platform: SimPlatform::Ios,
                     },
                 ],
-                task_step: std::time::Duration::from_millis(200),
+                task_step,
                 ..SimulatorConfig::default()
             },
         )

@@ -1,10 +1,13 @@
 //! The API integration tests: one binary, one module per area.
 
 mod app;
+mod background;
 mod cli;
+mod cli_ops;
 mod gateway;
 mod helpers;
 mod push_examples;
 mod simulator;
+mod store_background;
 mod store_contract;
 mod umeng_client;
