@@ -19,7 +19,7 @@ use crate::error::{ApiError, UmengDetail};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
 use crate::quota::QuotaState;
 use crate::store::{Admission, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store};
-use crate::umeng::{AppCredentials, ErrorClass, UmengClient, UmengError};
+use crate::umeng::{AppCredentials, ErrorClass, Outcome, UmengClient, UmengError};
 
 /// An app as the pipeline uses it.
 #[derive(Debug, Clone)]
@@ -199,7 +199,7 @@ impl Gateway {
                     let (code, msg) = umeng_code(&e);
                     let err = ApiError::Upstream {
                         detail: format!("uploading file_lines to Umeng failed: {msg}"),
-                        umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: is_retryable(&e) },
+                        umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: e.is_retryable() },
                         push_id: Some(push_id.clone()),
                     };
                     // The send never happened: the push failed and its slot goes back.
@@ -273,6 +273,17 @@ impl Gateway {
             Err(e) => {
                 let (code, msg) = umeng_code(&e);
                 let (status, quota_action, err) = match &e {
+                    // Umeng's own internal errors (600x and the like): it may still have
+                    // queued the push, so the slot is kept and the outcome is unknown.
+                    UmengError::Fail { .. } if e.outcome() == Outcome::Unknown => (
+                        PushStatus::Unknown,
+                        QuotaAction::Keep,
+                        ApiError::Upstream {
+                            detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
+                            umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: true },
+                            push_id: Some(push_id.clone()),
+                        },
+                    ),
                     UmengError::Unknown { .. } => (
                         PushStatus::Unknown,
                         QuotaAction::Keep,
@@ -305,7 +316,7 @@ impl Gateway {
                                 UmengError::NotSent { .. } => format!("Umeng could not be reached, nothing was sent: {msg}"),
                                 _ => format!("Umeng answered FAIL {code}: {msg}"),
                             },
-                            umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: is_retryable(&e) },
+                            umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: e.is_retryable() },
                             push_id: Some(push_id.clone()),
                         },
                     ),
@@ -372,13 +383,6 @@ fn umeng_code(e: &UmengError) -> (String, String) {
         UmengError::Fail { code, message, .. } => (code.clone(), message.clone()),
         UmengError::NotSent { reason } => ("not_sent".into(), reason.clone()),
         UmengError::Unknown { reason } => ("unknown".into(), reason.clone()),
-    }
-}
-
-fn is_retryable(e: &UmengError) -> bool {
-    match e {
-        UmengError::Fail { class, .. } => matches!(class, ErrorClass::Retryable | ErrorClass::Quota),
-        UmengError::NotSent { .. } | UmengError::Unknown { .. } => true,
     }
 }
 

@@ -1,1 +1,12 @@
-//! placeholder
+//! The simplified push request callers POST, its validation, its fingerprint, and its
+//! translation to an Umeng send body.
+
+pub mod prepare;
+pub mod request;
+
+pub use prepare::{
+    fingerprint, prepare, AppProfile, PreparedPush, MAX_OUT_BIZ_NO_LEN, MAX_UPLOAD_BYTES,
+};
+pub use request::{
+    AndroidOptions, Badge, IosOptions, Message, Notification, Open, PushPolicy, PushRequest,
+};

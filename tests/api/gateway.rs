@@ -460,7 +460,7 @@ async fn failed_key_can_be_retried(backend: Backend) {
     env.sim.add_fault(Fault {
         appkey: None,
         path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode { code: "6003".into(), message: None },
+        kind: FaultKind::ErrorCode { code: "1001".into(), message: None },
         times: Some(1),
     });
     let mut body2 = push_body(ANDROID_APP, "unicast");

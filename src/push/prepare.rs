@@ -1,0 +1,809 @@
+//! `prepare`: validate a [`PushRequest`] for one app, translate it into Umeng's
+//! [`SendBody`], and compute its idempotency fingerprint.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::request::{Badge, Notification, Open, PushRequest};
+use crate::quota::QuotaKind;
+use crate::umeng::model::{
+    AfterOpen, AndroidBody, AndroidPayload, Aps, DisplayType, IosAlert, IosAlertFields, IosBadge,
+    IosPayload, Payload, Policy, SendBody,
+};
+use crate::umeng::{self, format_policy_time, CastType, FieldError, Platform};
+
+/// Largest upload (`file_lines` joined with `\n`), as Umeng documents: 10 MiB.
+pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
+/// Longest `out_biz_no`.
+pub const MAX_OUT_BIZ_NO_LEN: usize = 64;
+/// At most this many per-item errors are listed for one list (the rest are summarised).
+const MAX_ITEM_ERRORS: usize = 20;
+/// Stands in for the `file_id` of a `file_lines` request until the upload is done.
+const PENDING_FILE_ID: &str = "PF-pending-upload";
+
+/// What `prepare` needs to know about a configured app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppProfile {
+    /// The configured name callers use in `app`.
+    pub name: String,
+    /// The app's platform.
+    pub platform: Platform,
+    /// Payload byte limit (compact JSON of `payload`).
+    pub payload_limit: usize,
+}
+
+/// A validated request, ready to be admitted and sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedPush {
+    /// Umeng's `type`.
+    pub cast_type: CastType,
+    /// Whether Umeng treats this as a task (answers `task_id`).
+    pub task_class: bool,
+    /// The quota bucket by type: broadcast, groupcast, filecast, customizedcast with a
+    /// file. `None` for unicast-class sends. Test-mode sends are not counted by Umeng; see
+    /// [`PreparedPush::counted_quota`].
+    pub quota_kind: Option<QuotaKind>,
+    /// Production (`true`) or test mode.
+    pub production_mode: bool,
+    /// The caller's idempotency key.
+    pub out_biz_no: Option<String>,
+    /// The caller's description.
+    pub description: Option<String>,
+    /// Hex SHA-256 of the canonical request (sorted keys, no whitespace, defaults filled).
+    pub fingerprint: String,
+    /// For `file_lines` requests: the `/upload` content (`"a\nb\n"`) to upload before
+    /// sending, then pass the `file_id` to [`PreparedPush::set_file_id`].
+    pub upload_content: Option<String>,
+    /// The Umeng body (for `file_lines`, with a placeholder `file_id` until set).
+    pub body: SendBody,
+}
+
+impl PreparedPush {
+    /// Whether an upload must happen before the send.
+    pub fn needs_upload(&self) -> bool {
+        self.upload_content.is_some()
+    }
+
+    /// Sets the `file_id` returned by `/upload` and drops the upload content.
+    pub fn set_file_id(&mut self, file_id: impl Into<String>) {
+        self.body.file_id = Some(file_id.into());
+        self.upload_content = None;
+    }
+
+    /// The bucket this send is counted against: `quota_kind` in production mode, else none.
+    pub fn counted_quota(&self) -> Option<QuotaKind> {
+        self.quota_kind.filter(|_| self.production_mode)
+    }
+}
+
+/// Validates `req` for `app` at time `now` and translates it. Every error found is
+/// returned, named by the caller's field path (e.g. `notification.title`,
+/// `device_tokens[3]`, `policy.start_time`).
+pub fn prepare(
+    req: &PushRequest,
+    app: &AppProfile,
+    now: OffsetDateTime,
+) -> Result<PreparedPush, Vec<FieldError>> {
+    let mut out_errors = Vec::new();
+    let body = translate(req, app, &mut out_errors);
+
+    let Some(body) = body else {
+        return Err(out_errors);
+    };
+    if let Err(umeng_errors) = umeng::validate(&body, app.platform, app.payload_limit, now) {
+        let ctx = PathContext::of(req);
+        for e in umeng_errors {
+            let field = ctx.caller_path(&e.field);
+            if !already_reported(&out_errors, &field) {
+                out_errors.push(FieldError::new(field, e.message));
+            }
+        }
+    }
+    if !out_errors.is_empty() {
+        return Err(out_errors);
+    }
+
+    let has_file = req.file_id.is_some() || req.file_lines.is_some();
+    let task_class = req.cast_type.is_task_class(has_file);
+    let quota_kind = match req.cast_type {
+        CastType::Broadcast => Some(QuotaKind::Broadcast),
+        CastType::Groupcast => Some(QuotaKind::Groupcast),
+        CastType::Filecast => Some(QuotaKind::Filecast),
+        CastType::Customizedcast if has_file => Some(QuotaKind::CustomizedcastFile),
+        _ => None,
+    };
+    let upload_content = req.file_lines.as_ref().map(|lines| upload_content(lines));
+    Ok(PreparedPush {
+        cast_type: req.cast_type,
+        task_class,
+        quota_kind,
+        production_mode: req.production_mode.unwrap_or(true),
+        out_biz_no: req.out_biz_no.clone(),
+        description: req.description.clone(),
+        fingerprint: fingerprint(req),
+        upload_content,
+        body,
+    })
+}
+
+fn upload_content(lines: &[String]) -> String {
+    let mut s = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for l in lines {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+/// Whether `field` (or, for lists, the list it belongs to) already has an error.
+fn already_reported(errors: &[FieldError], field: &str) -> bool {
+    let root = |f: &str| -> String { f.split(['.', '[']).next().unwrap_or(f).to_owned() };
+    errors.iter().any(|e| {
+        e.field == field
+            || field.starts_with(&format!("{}.", e.field))
+            || (["device_tokens", "aliases", "file_lines"].contains(&root(field).as_str())
+                && root(&e.field) == root(field))
+    })
+}
+
+/// The fingerprint of a request: hex SHA-256 of its canonical JSON (keys sorted, no
+/// whitespace, `production_mode` filled with its default). Equal for requests that differ
+/// only in key order or whitespace; it includes the app name and `out_biz_no`.
+pub fn fingerprint(req: &PushRequest) -> String {
+    let mut v = serde_json::to_value(req).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert(
+            "production_mode".into(),
+            Value::Bool(req.production_mode.unwrap_or(true)),
+        );
+    }
+    let mut canonical = String::new();
+    write_canonical(&v, &mut canonical);
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+/// Writes `v` as compact JSON with object keys sorted.
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                if let Some(child) = m.get(k) {
+                    write_canonical(child, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, child) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(child, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn rfc3339_to_umeng(s: &str, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match OffsetDateTime::parse(s, &Rfc3339) {
+        Ok(t) => Some(format_policy_time(t)),
+        Err(_) => {
+            errors.push(FieldError::new(
+                field,
+                "must be an RFC 3339 time, e.g. 2026-12-01T09:00:00+08:00",
+            ));
+            None
+        }
+    }
+}
+
+fn valid_out_biz_no(s: &str) -> bool {
+    (1..=MAX_OUT_BIZ_NO_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Checks list items that get joined with commas; returns nothing, pushes errors.
+fn check_items(name: &str, items: &[String], errors: &mut Vec<FieldError>) {
+    let mut bad = 0usize;
+    for (i, item) in items.iter().enumerate() {
+        let problem = if item.trim().is_empty() {
+            Some("must not be empty")
+        } else if item.contains(',') {
+            Some("must not contain a comma")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            bad += 1;
+            if bad <= MAX_ITEM_ERRORS {
+                errors.push(FieldError::new(format!("{name}[{i}]"), p));
+            }
+        }
+    }
+    if bad > MAX_ITEM_ERRORS {
+        errors.push(FieldError::new(
+            name,
+            format!("{} more invalid entries not listed", bad - MAX_ITEM_ERRORS),
+        ));
+    }
+}
+
+fn check_file_lines(
+    req: &PushRequest,
+    platform: Platform,
+    lines: &[String],
+    errors: &mut Vec<FieldError>,
+) {
+    if !matches!(req.cast_type, CastType::Filecast | CastType::Customizedcast) {
+        errors.push(FieldError::new(
+            "file_lines",
+            "is only for filecast and customizedcast",
+        ));
+        return;
+    }
+    if req.file_id.is_some() {
+        errors.push(FieldError::new(
+            "file_lines",
+            "give file_lines or file_id, not both",
+        ));
+    }
+    if req.aliases.is_some() {
+        errors.push(FieldError::new(
+            "file_lines",
+            "give file_lines or aliases, not both",
+        ));
+    }
+    if lines.is_empty() {
+        errors.push(FieldError::new("file_lines", "must not be empty"));
+        return;
+    }
+    let total: usize = lines.iter().map(|l| l.len() + 1).sum();
+    if total > MAX_UPLOAD_BYTES {
+        errors.push(FieldError::new(
+            "file_lines",
+            format!("the upload would be {total} bytes; the limit is {MAX_UPLOAD_BYTES} (10 MiB)"),
+        ));
+    }
+    let want = platform.token_len();
+    let mut bad = 0usize;
+    for (i, line) in lines.iter().enumerate() {
+        let problem = if line.is_empty() {
+            Some(String::from("must not be empty"))
+        } else if line.contains(['\n', '\r']) {
+            Some(String::from("must not contain a line break"))
+        } else if req.cast_type == CastType::Filecast && line.len() != want {
+            Some(format!(
+                "must be a {want}-character {platform} device token, got {} characters",
+                line.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            bad += 1;
+            if bad <= MAX_ITEM_ERRORS {
+                errors.push(FieldError::new(format!("file_lines[{i}]"), p));
+            }
+        }
+    }
+    if bad > MAX_ITEM_ERRORS {
+        errors.push(FieldError::new(
+            "file_lines",
+            format!("{} more invalid lines not listed", bad - MAX_ITEM_ERRORS),
+        ));
+    }
+}
+
+/// Translates the request, pushing caller-level errors. Returns `None` when no body can
+/// be built at all (then only the caller-level errors are reported).
+fn translate(
+    req: &PushRequest,
+    app: &AppProfile,
+    errors: &mut Vec<FieldError>,
+) -> Option<SendBody> {
+    let platform = app.platform;
+    if req.app != app.name {
+        errors.push(FieldError::new(
+            "app",
+            format!("does not match the app {:?}", app.name),
+        ));
+    }
+    if let Some(o) = &req.out_biz_no {
+        if !valid_out_biz_no(o) {
+            errors.push(FieldError::new(
+                "out_biz_no",
+                format!("must be 1-{MAX_OUT_BIZ_NO_LEN} characters of A-Z a-z 0-9 _ . : -"),
+            ));
+        }
+    }
+    if let Some(t) = &req.device_tokens {
+        check_items("device_tokens", t, errors);
+    }
+    if let Some(a) = &req.aliases {
+        check_items("aliases", a, errors);
+    }
+    if let Some(lines) = &req.file_lines {
+        check_file_lines(req, platform, lines, errors);
+    }
+    match platform {
+        Platform::Android if req.ios.is_some() => {
+            errors.push(FieldError::new("ios", "this app is Android"))
+        }
+        Platform::Ios if req.android.is_some() => {
+            errors.push(FieldError::new("android", "this app is iOS"))
+        }
+        _ => {}
+    }
+
+    let payload = match (&req.notification, &req.message) {
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new(
+                "message",
+                "give notification or message, not both",
+            ));
+            None
+        }
+        (None, None) => {
+            errors.push(FieldError::new(
+                "notification",
+                "give notification or message",
+            ));
+            None
+        }
+        (Some(n), None) => match platform {
+            Platform::Android => android_notification(req, n, errors),
+            Platform::Ios => ios_notification(req, n, errors),
+        },
+        (None, Some(m)) => match platform {
+            Platform::Android => {
+                if let Some(a) = &req.android {
+                    for (set, name) in [
+                        (a.builder_id.is_some(), "builder_id"),
+                        (a.icon.is_some(), "icon"),
+                        (a.large_icon.is_some(), "large_icon"),
+                        (a.expand_image.is_some(), "expand_image"),
+                        (a.big_body.is_some(), "big_body"),
+                        (a.play_vibrate.is_some(), "play_vibrate"),
+                        (a.play_lights.is_some(), "play_lights"),
+                        (a.play_sound.is_some(), "play_sound"),
+                    ] {
+                        if set {
+                            errors.push(FieldError::new(
+                                format!("android.{name}"),
+                                "is only for notifications",
+                            ));
+                        }
+                    }
+                }
+                Some(Payload::Android(AndroidPayload {
+                    display_type: DisplayType::Message,
+                    body: AndroidBody {
+                        custom: m.custom.clone(),
+                        ..Default::default()
+                    },
+                    extra: None,
+                }))
+            }
+            Platform::Ios => {
+                if let Some(i) = &req.ios {
+                    for (set, name) in [
+                        (i.category.is_some(), "category"),
+                        (i.thread_id.is_some(), "thread_id"),
+                        (i.interruption_level.is_some(), "interruption_level"),
+                        (i.mutable_content.is_some(), "mutable_content"),
+                    ] {
+                        if set {
+                            errors.push(FieldError::new(
+                                format!("ios.{name}"),
+                                "is only for notifications",
+                            ));
+                        }
+                    }
+                }
+                let custom = match &m.custom {
+                    None => Map::new(),
+                    Some(Value::Object(o)) => o.clone(),
+                    Some(_) => {
+                        errors.push(FieldError::new(
+                            "message.custom",
+                            "must be a JSON object on iOS (its keys go beside aps)",
+                        ));
+                        Map::new()
+                    }
+                };
+                if custom.contains_key("aps") {
+                    errors.push(FieldError::new(
+                        "message.custom.aps",
+                        "is reserved for APNs",
+                    ));
+                }
+                Some(Payload::Ios(IosPayload {
+                    aps: Aps {
+                        content_available: Some(1),
+                        ..Default::default()
+                    },
+                    custom,
+                }))
+            }
+        },
+    };
+    let payload = payload?;
+
+    let mut body = SendBody::new(req.cast_type, payload);
+    body.device_tokens = req.device_tokens.as_ref().map(|t| t.join(","));
+    body.alias_type = req.alias_type.clone();
+    body.alias = req.aliases.as_ref().map(|a| a.join(","));
+    body.file_id = match (&req.file_id, &req.file_lines) {
+        (Some(id), _) => Some(id.clone()),
+        (None, Some(_)) => Some(PENDING_FILE_ID.to_owned()),
+        (None, None) => None,
+    };
+    body.filter = req.filter.clone();
+    body.group_id = req.group_id.clone();
+    body.production_mode = Some(req.production_mode.unwrap_or(true));
+    body.description = req.description.clone();
+    body.callback_params = req.callback_params.clone();
+    if let Some(a) = &req.android {
+        body.mipush = a.mipush;
+        body.mi_activity = a.mi_activity.clone();
+        body.category = a.category;
+        body.channel_properties = a.channel_properties.clone();
+        body.local_properties = a.local_properties.clone();
+    }
+
+    let mut policy = Policy::default();
+    if let Some(p) = &req.policy {
+        policy.start_time = p
+            .start_time
+            .as_deref()
+            .and_then(|s| rfc3339_to_umeng(s, "policy.start_time", errors));
+        policy.expire_time = p
+            .expire_time
+            .as_deref()
+            .and_then(|s| rfc3339_to_umeng(s, "policy.expire_time", errors));
+        policy.max_send_num = p.max_send_num;
+        policy.apns_collapse_id = p.apns_collapse_id.clone();
+    }
+    if let Some(a) = &req.android {
+        policy.notification_closed_filter = a.notification_closed_filter;
+    }
+    let has_file = req.file_id.is_some() || req.file_lines.is_some();
+    if req.cast_type.is_task_class(has_file) {
+        policy.out_biz_no = req.out_biz_no.clone();
+    }
+    if !policy.is_empty() {
+        body.policy = Some(policy);
+    }
+    if let Some(raw) = &req.umeng {
+        body.extra_fields = raw.clone();
+    }
+    Some(body)
+}
+
+fn after_open(open: Option<&Open>, body: &mut AndroidBody, errors: &mut Vec<FieldError>) {
+    let Some(o) = open else {
+        body.after_open = Some(AfterOpen::GoApp);
+        return;
+    };
+    let set = [
+        o.url.is_some(),
+        o.activity.is_some(),
+        o.custom.is_some(),
+        o.app.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        errors.push(FieldError::new(
+            "notification.open",
+            "set exactly one of url, activity, custom, app",
+        ));
+    }
+    if o.app == Some(false) {
+        errors.push(FieldError::new(
+            "notification.open.app",
+            "must be true (or leave open out)",
+        ));
+    }
+    body.after_open = Some(if o.url.is_some() {
+        AfterOpen::GoUrl
+    } else if o.activity.is_some() {
+        AfterOpen::GoActivity
+    } else if o.custom.is_some() {
+        AfterOpen::GoCustom
+    } else {
+        AfterOpen::GoApp
+    });
+    body.url = o.url.clone();
+    body.activity = o.activity.clone();
+    body.custom = o.custom.clone();
+}
+
+fn android_notification(
+    req: &PushRequest,
+    n: &Notification,
+    errors: &mut Vec<FieldError>,
+) -> Option<Payload> {
+    if n.subtitle.is_some() {
+        errors.push(FieldError::new("notification.subtitle", "is iOS only"));
+    }
+    let mut body = AndroidBody {
+        ticker: n.ticker.clone().or_else(|| n.title.clone()),
+        title: n.title.clone(),
+        text: n.text.clone(),
+        img: n.image.clone(),
+        sound: n.sound.clone(),
+        ..Default::default()
+    };
+    match &n.badge {
+        None => {}
+        Some(Badge::Number(v)) if *v >= 0 => body.set_badge = Some(*v),
+        Some(Badge::Text(s)) => {
+            if let Some(add) = s.strip_prefix('+').and_then(|d| d.parse::<i64>().ok()) {
+                body.add_badge = Some(add);
+            } else if let Ok(set) = s.parse::<i64>() {
+                if set >= 0 && !s.starts_with(['-', '+']) {
+                    body.set_badge = Some(set);
+                } else {
+                    errors.push(FieldError::new(
+                        "notification.badge",
+                        "on Android use N to set or \"+N\" to add",
+                    ));
+                }
+            } else {
+                errors.push(FieldError::new(
+                    "notification.badge",
+                    "on Android use N to set or \"+N\" to add",
+                ));
+            }
+        }
+        Some(Badge::Number(_)) => errors.push(FieldError::new(
+            "notification.badge",
+            "must not be negative",
+        )),
+    }
+    after_open(n.open.as_ref(), &mut body, errors);
+    if let Some(a) = &req.android {
+        body.builder_id = a.builder_id;
+        body.icon = a.icon.clone();
+        body.large_icon = a.large_icon.clone();
+        body.expand_image = a.expand_image.clone();
+        body.big_body = a.big_body.clone();
+        body.play_vibrate = a.play_vibrate;
+        body.play_lights = a.play_lights;
+        body.play_sound = a.play_sound;
+    }
+    Some(Payload::Android(AndroidPayload {
+        display_type: DisplayType::Notification,
+        body,
+        extra: n.extra.clone(),
+    }))
+}
+
+fn ios_notification(
+    req: &PushRequest,
+    n: &Notification,
+    errors: &mut Vec<FieldError>,
+) -> Option<Payload> {
+    for (set, name) in [(n.ticker.is_some(), "ticker"), (n.image.is_some(), "image")] {
+        if set {
+            errors.push(FieldError::new(
+                format!("notification.{name}"),
+                "is Android only",
+            ));
+        }
+    }
+    if let Some(o) = &n.open {
+        for (set, name) in [
+            (o.url.is_some(), "url"),
+            (o.activity.is_some(), "activity"),
+            (o.custom.is_some(), "custom"),
+        ] {
+            if set {
+                errors.push(FieldError::new(
+                    format!("notification.open.{name}"),
+                    "is Android only; on iOS pass data to the app in notification.extra",
+                ));
+            }
+        }
+        if o.app == Some(false) {
+            errors.push(FieldError::new(
+                "notification.open.app",
+                "must be true (or leave open out)",
+            ));
+        }
+    }
+    let alert = if n.title.is_none() && n.subtitle.is_none() && n.text.is_none() {
+        None
+    } else {
+        Some(IosAlert::Fields(IosAlertFields {
+            title: n.title.clone(),
+            subtitle: n.subtitle.clone(),
+            body: n.text.clone(),
+        }))
+    };
+    let mut aps = Aps {
+        alert,
+        badge: n.badge.as_ref().map(|b| match b {
+            Badge::Number(v) => IosBadge::Number(*v),
+            Badge::Text(s) => IosBadge::Text(s.clone()),
+        }),
+        sound: n.sound.clone(),
+        ..Default::default()
+    };
+    if let Some(i) = &req.ios {
+        aps.category = i.category.clone();
+        aps.thread_id = i.thread_id.clone();
+        aps.interruption_level = i.interruption_level.clone();
+        aps.mutable_content = i.mutable_content.map(i64::from);
+        aps.content_available = i.content_available.map(i64::from);
+    }
+    let custom = n.extra.clone().unwrap_or_default();
+    if custom.contains_key("aps") {
+        errors.push(FieldError::new(
+            "notification.extra.aps",
+            "is reserved for APNs",
+        ));
+    }
+    Some(Payload::Ios(IosPayload { aps, custom }))
+}
+
+/// Maps Umeng body paths back to the caller's request paths.
+struct PathContext {
+    platform_message: bool,
+    raw_fields: bool,
+    file_lines: bool,
+}
+
+impl PathContext {
+    fn of(req: &PushRequest) -> Self {
+        Self {
+            platform_message: req.message.is_some(),
+            raw_fields: req.umeng.is_some(),
+            file_lines: req.file_lines.is_some(),
+        }
+    }
+
+    fn caller_path(&self, path: &str) -> String {
+        let content = if self.platform_message {
+            "message"
+        } else {
+            "notification"
+        };
+        let custom_root = if self.platform_message {
+            "message.custom"
+        } else {
+            "notification.extra"
+        };
+        let body_custom = if self.platform_message {
+            "message.custom"
+        } else {
+            "notification.open.custom"
+        };
+        let table: [(&str, &str); 45] = [
+            ("alias", "aliases"),
+            ("device_tokens", "device_tokens"),
+            ("alias_type", "alias_type"),
+            (
+                "file_id",
+                if self.file_lines {
+                    "file_lines"
+                } else {
+                    "file_id"
+                },
+            ),
+            ("filter", "filter"),
+            ("group_id", "group_id"),
+            ("description", "description"),
+            ("production_mode", "production_mode"),
+            ("callback_params", "callback_params"),
+            ("type", "type"),
+            ("policy.start_time", "policy.start_time"),
+            ("policy.expire_time", "policy.expire_time"),
+            ("policy.max_send_num", "policy.max_send_num"),
+            ("policy.apns_collapse_id", "policy.apns_collapse_id"),
+            ("policy.out_biz_no", "out_biz_no"),
+            (
+                "policy.notification_closed_filter",
+                "android.notification_closed_filter",
+            ),
+            ("mipush", "android.mipush"),
+            ("mi_activity", "android.mi_activity"),
+            ("category", "android.category"),
+            ("channel_properties", "android.channel_properties"),
+            ("local_properties", "android.local_properties"),
+            ("payload", content),
+            ("payload.display_type", content),
+            ("payload.body", content),
+            ("payload.extra", "notification.extra"),
+            ("payload.body.title", "notification.title"),
+            ("payload.body.text", "notification.text"),
+            ("payload.body.ticker", "notification.ticker"),
+            ("payload.body.img", "notification.image"),
+            ("payload.body.sound", "notification.sound"),
+            ("payload.body.url", "notification.open.url"),
+            ("payload.body.activity", "notification.open.activity"),
+            ("payload.body.custom", body_custom),
+            ("payload.body.after_open", "notification.open"),
+            ("payload.body.set_badge", "notification.badge"),
+            ("payload.body.add_badge", "notification.badge"),
+            ("payload.body.largeIcon", "android.large_icon"),
+            ("payload.aps", content),
+            ("payload.aps.alert", "notification"),
+            ("payload.aps.alert.title", "notification.title"),
+            ("payload.aps.alert.subtitle", "notification.subtitle"),
+            ("payload.aps.alert.body", "notification.text"),
+            ("payload.aps.badge", "notification.badge"),
+            ("payload.aps.sound", "notification.sound"),
+            ("payload.aps.thread-id", "ios.thread_id"),
+        ];
+        let extra_table: [(&str, &str); 5] = [
+            ("payload.aps.category", "ios.category"),
+            ("payload.aps.interruption-level", "ios.interruption_level"),
+            ("payload.aps.mutable-content", "ios.mutable_content"),
+            ("payload.aps.content-available", "ios.content_available"),
+            ("payload.body.builder_id", "android.builder_id"),
+        ];
+        let matches = |from: &str| {
+            path == from
+                || path
+                    .strip_prefix(from)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        let best = table
+            .iter()
+            .chain(extra_table.iter())
+            .filter(|(from, _)| matches(from))
+            .max_by_key(|(from, _)| from.len());
+        if let Some((from, to)) = best {
+            // Android body fields named like the option (icon, big_body, play_*, ...).
+            if *from == "payload.body" || *from == "payload" || *from == "payload.aps" {
+                if let Some(rest) = path.strip_prefix("payload.body.") {
+                    let key = rest.split(['.', '[']).next().unwrap_or(rest);
+                    if [
+                        "icon",
+                        "expand_image",
+                        "big_body",
+                        "play_vibrate",
+                        "play_lights",
+                        "play_sound",
+                    ]
+                    .contains(&key)
+                    {
+                        return format!("android.{rest}");
+                    }
+                }
+                if let Some(rest) = path.strip_prefix("payload.") {
+                    if !rest.starts_with("aps")
+                        && !rest.starts_with("body")
+                        && !rest.starts_with("display_type")
+                        && !rest.starts_with("extra")
+                    {
+                        return format!("{custom_root}.{rest}");
+                    }
+                }
+            }
+            return format!("{to}{}", &path[from.len()..]);
+        }
+        if self.raw_fields {
+            format!("umeng.{path}")
+        } else {
+            path.to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! The simplified push request that calling services POST: one shape for both platforms,
+//! RFC 3339 times, JSON booleans. Unknown fields are rejected so typos are caught.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::umeng::CastType;
+
+/// A push as a calling service describes it. See `prepare` for the rules and the
+/// translation to Umeng's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// A configured app name; it fixes the platform, appkey and secret.
+    pub app: String,
+    /// unicast, listcast, broadcast, groupcast, filecast or customizedcast.
+    #[serde(rename = "type")]
+    pub cast_type: CastType,
+    /// unicast: exactly one; listcast: 1 to 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_tokens: Option<Vec<String>>,
+    /// customizedcast: the alias type the app registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias_type: Option<String>,
+    /// customizedcast by alias: 1 to 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aliases: Option<Vec<String>>,
+    /// groupcast: Umeng's filter, `{"where":{"and":[...]}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Value>,
+    /// groupcast: a console-defined audience instead of a filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    /// filecast / customizedcast by file: a `file_id` from an earlier upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_id: Option<String>,
+    /// filecast / customizedcast by file: the tokens or aliases; the gateway uploads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_lines: Option<Vec<String>>,
+    /// A visible notification (exclusive with `message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
+    /// Android pass-through message, or iOS silent push (exclusive with `notification`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    /// Timing and throttling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PushPolicy>,
+    /// The caller's idempotency key: 1-64 characters of `[A-Za-z0-9_.:-]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_biz_no: Option<String>,
+    /// `false` for Umeng's test mode. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub production_mode: Option<bool>,
+    /// Free text shown in Umeng's console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON object echoed into Umeng's receipts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_params: Option<Map<String, Value>>,
+    /// Android-only settings (an error for an iOS app).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub android: Option<AndroidOptions>,
+    /// iOS-only settings (an error for an Android app).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ios: Option<IosOptions>,
+    /// Raw Umeng fields merged into the body last (objects merge, `null` removes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub umeng: Option<Map<String, Value>>,
+}
+
+/// A visible notification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notification {
+    /// Android: required; iOS: alert title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Android: required; iOS: alert body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Android only: status-bar text (defaults to the title).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticker: Option<String>,
+    /// iOS only: alert subtitle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtitle: Option<String>,
+    /// Android: raw resource name; iOS: sound file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sound: Option<String>,
+    /// iOS: `aps.badge` (number or "N"/"+N"/"-N"/""). Android: a number or "N" sets the
+    /// badge, "+N" adds to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub badge: Option<Badge>,
+    /// Android only: image URL (http or https).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// What a tap does (Android). Default: open the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open: Option<Open>,
+    /// Android: `payload.extra`; iOS: custom keys beside `aps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Map<String, Value>>,
+}
+
+/// A badge: a number, or a string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Badge {
+    Number(i64),
+    Text(String),
+}
+
+/// What a tap on a notification does; set exactly one field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Open {
+    /// Open a web page (http or https). Android `go_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Open an activity. Android `go_activity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<String>,
+    /// Hand a string or object to the app. Android `go_custom`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<Value>,
+    /// `true`: open the app (the default). Android `go_app`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<bool>,
+}
+
+/// A message that is not shown by the system.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    /// Android: `body.custom` (string or object). iOS: an object whose keys go beside `aps`
+    /// of a silent push (`content-available: 1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom: Option<Value>,
+}
+
+/// Timing and throttling.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushPolicy {
+    /// RFC 3339; task-class sends only; later than now, at most 7 days ahead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// RFC 3339; later than now and the start, at most 7 days after the send time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_time: Option<String>,
+    /// Messages per second, at least 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_send_num: Option<i64>,
+    /// iOS only, at most 64 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apns_collapse_id: Option<String>,
+}
+
+/// Android-only settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AndroidOptions {
+    /// Custom notification style (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_id: Option<i64>,
+    /// Drawable name (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icon: Option<String>,
+    /// Drawable name, Umeng `largeIcon` (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_icon: Option<String>,
+    /// Big picture URL (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expand_image: Option<String>,
+    /// Expanded text, at most 120 characters (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub big_body: Option<String>,
+    /// Notifications only; sent as `"true"`/`"false"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub play_vibrate: Option<bool>,
+    /// Notifications only; sent as `"true"`/`"false"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub play_lights: Option<bool>,
+    /// Notifications only; sent as `"true"`/`"false"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub play_sound: Option<bool>,
+    /// Legacy vendor channel switch; sent as `"true"`/`"false"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mipush: Option<bool>,
+    /// Legacy vendor channel activity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mi_activity: Option<String>,
+    /// 0 marketing/news, 1 service/communication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<i64>,
+    /// Vendor channel properties, passed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_properties: Option<Map<String, Value>>,
+    /// Local notification properties, passed through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_properties: Option<Map<String, Value>>,
+    /// Skip devices whose notifications are turned off (`policy.notification_closed_filter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification_closed_filter: Option<bool>,
+}
+
+/// iOS-only settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IosOptions {
+    /// `aps.category` (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// `aps.thread-id` (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    /// `aps.interruption-level`: passive, active, time-sensitive, critical (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruption_level: Option<String>,
+    /// `aps.mutable-content: 1` (notifications only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutable_content: Option<bool>,
+    /// `aps.content-available: 1` on a notification (a message always sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_available: Option<bool>,
+}

@@ -1,0 +1,372 @@
+//! HTTP client for Umeng's `/api/send`, `/api/status`, `/api/cancel` and `/upload`.
+//!
+//! Every call serialises the body once, signs exactly those bytes and sends them. Errors
+//! are split into not sent / rejected / unknown (see [`UmengError`]); none of them carries
+//! the secret, the sign or the signed URL.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use tracing::Instrument;
+
+use super::error::UmengError;
+use super::model::SendBody;
+use super::sign::sign;
+use crate::secret::Secret;
+
+/// Largest answer body read from Umeng; anything longer is treated as not an envelope.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Connection settings for [`UmengClient`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Scheme + host (+ port), e.g. `https://msgapi.umeng.com`. A trailing `/` is ignored.
+    pub base_url: String,
+    /// Limit for DNS + TCP + TLS.
+    pub connect_timeout: Duration,
+    /// Limit for the whole call, answer included.
+    pub timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://msgapi.umeng.com".into(),
+            connect_timeout: Duration::from_secs(3),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One Umeng app's credentials.
+#[derive(Debug, Clone)]
+pub struct AppCredentials {
+    pub appkey: String,
+    pub master_secret: Secret,
+}
+
+/// A successful send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendSuccess {
+    /// For unicast-class sends.
+    pub msg_id: Option<String>,
+    /// For task-class sends.
+    pub task_id: Option<String>,
+    /// The whole answer.
+    pub raw: Value,
+}
+
+/// The record of one send attempt.
+#[derive(Debug, Clone)]
+pub struct SendAttempt {
+    /// The JSON that was sent (or, for [`UmengError::NotSent`], would have been sent),
+    /// parsed back from the exact bytes; it holds `appkey` and `timestamp` but no sign.
+    pub sent_body: Option<Value>,
+    /// Time from just before sending to the end of the answer (or the failure).
+    pub latency: Duration,
+    /// Umeng's answer.
+    pub result: Result<SendSuccess, UmengError>,
+}
+
+/// The answer of `/api/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStatus {
+    /// 0 queued, 1 sending, 2 done, 3 failed, 4 cancelled, 5 expired, 6 empty filter,
+    /// 7 scheduled.
+    pub status: i64,
+    /// The whole answer (counters included).
+    pub raw: Value,
+}
+
+/// A client for Umeng's server API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct UmengClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+struct Call {
+    sent: Option<Value>,
+    latency: Duration,
+    /// `(data, whole answer)` for a SUCCESS envelope.
+    result: Result<(Value, Value), UmengError>,
+}
+
+impl UmengClient {
+    /// Builds a client.
+    pub fn new(config: ClientConfig) -> Result<Self, UmengError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .user_agent(concat!("umeng-push-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UmengError::NotSent {
+                reason: format!("cannot build the HTTP client: {}", describe(e)),
+            })?;
+        Ok(Self {
+            http,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The base URL requests go to (and that is signed), without a trailing `/`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Sends a message via `/api/send`. The body should have passed
+    /// [`super::validate`]; `appkey` and a fresh 13-digit `timestamp` are added first.
+    pub async fn send(&self, app: &AppCredentials, body: &SendBody) -> SendAttempt {
+        let span = tracing::info_span!(
+            "umeng.send",
+            umeng.appkey = %app.appkey,
+            umeng.cast_type = %body.cast_type,
+            umeng.tokens = body.device_tokens.as_deref().map_or(0, |t| t.split(',').count()),
+        );
+        let call = self
+            .call(app, "/api/send", body.to_value())
+            .instrument(span)
+            .await;
+        let result = call.result.map(|(data, raw)| SendSuccess {
+            msg_id: string_field(&data, "msg_id"),
+            task_id: string_field(&data, "task_id"),
+            raw,
+        });
+        SendAttempt {
+            sent_body: call.sent,
+            latency: call.latency,
+            result,
+        }
+    }
+
+    /// Queries a task via `/api/status`.
+    pub async fn status(
+        &self,
+        app: &AppCredentials,
+        task_id: &str,
+    ) -> Result<TaskStatus, UmengError> {
+        let span = tracing::info_span!("umeng.status", umeng.appkey = %app.appkey, umeng.task_id = %task_id);
+        let (data, raw) = self
+            .call(app, "/api/status", task_body(task_id))
+            .instrument(span)
+            .await
+            .result?;
+        let status = match data.get("status") {
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match status {
+            Some(status) => Ok(TaskStatus { status, raw }),
+            None => Err(UmengError::Unknown {
+                reason: "SUCCESS answer without a numeric data.status".into(),
+            }),
+        }
+    }
+
+    /// Cancels a task via `/api/cancel`.
+    pub async fn cancel(&self, app: &AppCredentials, task_id: &str) -> Result<(), UmengError> {
+        let span = tracing::info_span!("umeng.cancel", umeng.appkey = %app.appkey, umeng.task_id = %task_id);
+        self.call(app, "/api/cancel", task_body(task_id))
+            .instrument(span)
+            .await
+            .result
+            .map(|_| ())
+    }
+
+    /// Uploads a token or alias file via `/upload` (no `/api` prefix) and returns its
+    /// `file_id`. `content` holds one entry per line, each followed by `\n`.
+    pub async fn upload(&self, app: &AppCredentials, content: &str) -> Result<String, UmengError> {
+        let span = tracing::info_span!("umeng.upload", umeng.appkey = %app.appkey, umeng.bytes = content.len());
+        let mut body = Map::new();
+        body.insert("content".into(), Value::String(content.to_owned()));
+        let (data, _) = self
+            .call(app, "/upload", body)
+            .instrument(span)
+            .await
+            .result?;
+        string_field(&data, "file_id").ok_or_else(|| UmengError::Unknown {
+            reason: "SUCCESS answer without data.file_id".into(),
+        })
+    }
+
+    async fn call(&self, app: &AppCredentials, path: &str, fields: Map<String, Value>) -> Call {
+        let mut map = Map::new();
+        map.insert("appkey".into(), Value::String(app.appkey.clone()));
+        map.insert("timestamp".into(), Value::String(timestamp_ms()));
+        for (k, v) in fields {
+            if k != "appkey" && k != "timestamp" {
+                map.insert(k, v);
+            }
+        }
+        let value = Value::Object(map);
+        let started = Instant::now();
+        let bytes = match serde_json::to_vec(&value) {
+            Ok(b) => b,
+            Err(e) => {
+                return Call {
+                    sent: None,
+                    latency: started.elapsed(),
+                    result: Err(UmengError::NotSent {
+                        reason: format!("cannot serialise the body: {e}"),
+                    }),
+                }
+            }
+        };
+        // Parse the exact bytes back so the record is what went over the wire.
+        let sent = serde_json::from_slice::<Value>(&bytes).ok();
+        let url = format!("{}{}", self.base_url, path);
+        let signature = sign(&url, &bytes, app.master_secret.expose());
+        let result = self.exchange(&url, &signature, bytes).await;
+        let latency = started.elapsed();
+        match &result {
+            Ok(_) => tracing::info!(
+                umeng.latency_ms = latency.as_millis() as u64,
+                "umeng answered SUCCESS"
+            ),
+            Err(e) => tracing::warn!(
+                umeng.latency_ms = latency.as_millis() as u64,
+                umeng.outcome = e.metric_label(),
+                umeng.error_code = e.code().unwrap_or(""),
+                error = %e,
+                "umeng call failed"
+            ),
+        }
+        Call {
+            sent,
+            latency,
+            result,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        url: &str,
+        signature: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(Value, Value), UmengError> {
+        let response = self
+            .http
+            .post(format!("{url}?sign={signature}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let answer = read_limited(response).await?;
+        interpret(status.as_u16(), &answer)
+    }
+}
+
+fn task_body(task_id: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("task_id".into(), Value::String(task_id.to_owned()));
+    m
+}
+
+fn timestamp_ms() -> String {
+    let ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    ms.to_string()
+}
+
+/// A string field of `data`, accepting numbers too.
+fn string_field(data: &Value, key: &str) -> Option<String> {
+    match data.get(key)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A reqwest error's text without its URL (which carries the sign), with its causes.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn transport_error(e: reqwest::Error) -> UmengError {
+    if e.is_connect() {
+        UmengError::NotSent {
+            reason: describe(e),
+        }
+    } else if e.is_timeout() {
+        UmengError::Unknown {
+            reason: format!("timed out waiting for Umeng: {}", describe(e)),
+        }
+    } else {
+        UmengError::Unknown {
+            reason: describe(e),
+        }
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, UmengError> {
+    let mut buf = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(UmengError::Unknown {
+                        reason: format!(
+                            "HTTP {}: answer longer than {MAX_ANSWER_BYTES} bytes",
+                            response.status().as_u16()
+                        ),
+                    });
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf),
+            Err(e) => {
+                return Err(UmengError::Unknown {
+                    reason: format!("reading the answer failed: {}", describe(e)),
+                })
+            }
+        }
+    }
+}
+
+/// Reads an answer: a SUCCESS envelope gives `(data, whole answer)`; a FAIL envelope gives
+/// [`UmengError::Fail`]; anything else is [`UmengError::Unknown`].
+fn interpret(status: u16, answer: &[u8]) -> Result<(Value, Value), UmengError> {
+    let not_envelope = || {
+        let text = String::from_utf8_lossy(answer);
+        let snippet: String = text.chars().take(160).collect();
+        UmengError::Unknown {
+            reason: format!("HTTP {status}: not an Umeng answer: {snippet:?}"),
+        }
+    };
+    let Ok(raw) = serde_json::from_slice::<Value>(answer) else {
+        return Err(not_envelope());
+    };
+    match raw.get("ret").and_then(Value::as_str) {
+        Some("SUCCESS") if (200..300).contains(&status) => {
+            let data = raw.get("data").cloned().unwrap_or(Value::Null);
+            Ok((data, raw))
+        }
+        Some("FAIL") => {
+            let data = raw.get("data");
+            let code = data.and_then(|d| string_field(d, "error_code"));
+            let Some(code) = code else {
+                return Err(not_envelope());
+            };
+            let message = data
+                .and_then(|d| d.get("error_msg"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            Err(UmengError::fail(code, message, status, raw))
+        }
+        _ => Err(not_envelope()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
