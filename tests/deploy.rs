@@ -58,7 +58,9 @@ fn yaml_docs(rel: &str) -> Vec<Yaml> {
     for doc in serde_norway::Deserializer::from_str(&text) {
         let mut value: Yaml = serde::Deserialize::deserialize(doc)
             .unwrap_or_else(|e| panic!("{rel} is not valid YAML: {e}"));
-        value.apply_merge().unwrap_or_else(|e| panic!("{rel}: bad merge key: {e}"));
+        value
+            .apply_merge()
+            .unwrap_or_else(|e| panic!("{rel}: bad merge key: {e}"));
         if !value.is_null() {
             docs.push(value);
         }
@@ -71,21 +73,29 @@ fn yaml_docs(rel: &str) -> Vec<Yaml> {
 fn at<'a>(value: &'a Yaml, path: &[&str]) -> &'a Yaml {
     let mut v = value;
     for (i, key) in path.iter().enumerate() {
-        v = v.get(*key).unwrap_or_else(|| panic!("missing key {}", path[..=i].join(".")));
+        v = v
+            .get(*key)
+            .unwrap_or_else(|| panic!("missing key {}", path[..=i].join(".")));
     }
     v
 }
 
 fn str_of<'a>(value: &'a Yaml, path: &[&str]) -> &'a str {
-    at(value, path).as_str().unwrap_or_else(|| panic!("{} is not a string", path.join(".")))
+    at(value, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{} is not a string", path.join(".")))
 }
 
 fn seq<'a>(value: &'a Yaml, path: &[&str]) -> &'a Vec<Yaml> {
-    at(value, path).as_sequence().unwrap_or_else(|| panic!("{} is not a list", path.join(".")))
+    at(value, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{} is not a list", path.join(".")))
 }
 
 fn u64_of(value: &Yaml, path: &[&str]) -> u64 {
-    at(value, path).as_u64().unwrap_or_else(|| panic!("{} is not a number", path.join(".")))
+    at(value, path)
+        .as_u64()
+        .unwrap_or_else(|| panic!("{} is not a number", path.join(".")))
 }
 
 /// A command in list or string form, as words.
@@ -109,13 +119,20 @@ fn toml_listen_port(toml_text: &str, what: &str) -> u16 {
         .and_then(|s| s.get("listen"))
         .and_then(|l| l.as_str())
         .unwrap_or_else(|| panic!("{what} sets no server.listen"));
-    let addr: SocketAddr = listen.parse().unwrap_or_else(|e| panic!("{what}: listen {listen:?}: {e}"));
-    assert!(addr.ip().is_unspecified(), "{what}: a container must listen on 0.0.0.0, not {addr}");
+    let addr: SocketAddr = listen
+        .parse()
+        .unwrap_or_else(|e| panic!("{what}: listen {listen:?}: {e}"));
+    assert!(
+        addr.ip().is_unspecified(),
+        "{what}: a container must listen on 0.0.0.0, not {addr}"
+    );
     addr.port()
 }
 
 fn port_of_addr(addr: &str) -> u16 {
-    addr.parse::<SocketAddr>().unwrap_or_else(|e| panic!("{addr:?}: {e}")).port()
+    addr.parse::<SocketAddr>()
+        .unwrap_or_else(|e| panic!("{addr:?}: {e}"))
+        .port()
 }
 
 // ------------------------------------------------------------------------ Dockerfile
@@ -135,7 +152,9 @@ fn dockerfile() -> Vec<(String, String)> {
             continue;
         }
         current.push_str(trimmed);
-        let (op, rest) = current.split_once(char::is_whitespace).unwrap_or((&current, ""));
+        let (op, rest) = current
+            .split_once(char::is_whitespace)
+            .unwrap_or((&current, ""));
         out.push((op.to_ascii_uppercase(), rest.trim().to_owned()));
         current.clear();
     }
@@ -143,7 +162,11 @@ fn dockerfile() -> Vec<(String, String)> {
 }
 
 fn instructions(op: &str) -> Vec<String> {
-    dockerfile().into_iter().filter(|(o, _)| o == op).map(|(_, r)| r).collect()
+    dockerfile()
+        .into_iter()
+        .filter(|(o, _)| o == op)
+        .map(|(_, r)| r)
+        .collect()
 }
 
 fn exec_form(json: &str) -> Vec<String> {
@@ -158,7 +181,10 @@ fn dockerfile_listen_port() -> u16 {
         .find_map(|e| e.strip_prefix("UMENG_GATEWAY_SERVER__LISTEN="))
         .expect("the Dockerfile sets UMENG_GATEWAY_SERVER__LISTEN");
     let addr: SocketAddr = listen.trim().parse().expect("a socket address");
-    assert!(addr.ip().is_unspecified(), "the image must listen on 0.0.0.0");
+    assert!(
+        addr.ip().is_unspecified(),
+        "the image must listen on 0.0.0.0"
+    );
     addr.port()
 }
 
@@ -173,39 +199,82 @@ fn dockerfile_is_pinned_non_root_and_ports_agree() {
     for from in &froms {
         let image = from.split_whitespace().next().unwrap();
         let image = match image.strip_prefix("${").and_then(|i| i.strip_suffix('}')) {
-            Some(arg) => args.get(arg).unwrap_or_else(|| panic!("FROM uses unset ARG {arg}")),
+            Some(arg) => args
+                .get(arg)
+                .unwrap_or_else(|| panic!("FROM uses unset ARG {arg}")),
             None => image,
         };
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
-        assert!(!tag.is_empty() && tag != "latest", "base image {image} is not pinned");
+        assert!(
+            !tag.is_empty() && tag != "latest",
+            "base image {image} is not pinned"
+        );
     }
-    assert!(args["RUST_IMAGE"].starts_with("rust:1."), "{:?}", args["RUST_IMAGE"]);
-    assert!(args["RUST_IMAGE"].ends_with("-bookworm"), "builder and runtime share Debian 12");
-    assert!(args["RUNTIME_IMAGE"].contains("debian12") || args["RUNTIME_IMAGE"].contains("bookworm"));
+    assert!(
+        args["RUST_IMAGE"].starts_with("rust:1."),
+        "{:?}",
+        args["RUST_IMAGE"]
+    );
+    assert!(
+        args["RUST_IMAGE"].ends_with("-bookworm"),
+        "builder and runtime share Debian 12"
+    );
+    assert!(
+        args["RUNTIME_IMAGE"].contains("debian12") || args["RUNTIME_IMAGE"].contains("bookworm")
+    );
 
     let users = instructions("USER");
     let user = users.last().expect("the runtime stage sets USER");
-    let uid: u32 = user.split(':').next().unwrap().parse().expect("a numeric USER (runAsNonRoot)");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a numeric USER (runAsNonRoot)");
     assert_ne!(uid, 0, "the image must not run as root");
 
     let exposed: Vec<u16> = instructions("EXPOSE")
         .iter()
-        .map(|p| p.trim_end_matches("/tcp").parse().expect("EXPOSE a port number"))
+        .map(|p| {
+            p.trim_end_matches("/tcp")
+                .parse()
+                .expect("EXPOSE a port number")
+        })
         .collect();
-    assert_eq!(exposed, vec![dockerfile_listen_port()], "EXPOSE agrees with the listen address");
+    assert_eq!(
+        exposed,
+        vec![dockerfile_listen_port()],
+        "EXPOSE agrees with the listen address"
+    );
 
-    assert_eq!(exec_form(&instructions("ENTRYPOINT")[0]), vec!["umeng-push-gateway"]);
+    assert_eq!(
+        exec_form(&instructions("ENTRYPOINT")[0]),
+        vec!["umeng-push-gateway"]
+    );
     assert_eq!(exec_form(&instructions("CMD")[0]), vec!["serve"]);
     let hc = instructions("HEALTHCHECK");
-    let hc_cmd = hc[0].split_once("CMD ").expect("HEALTHCHECK ... CMD [...]").1;
+    let hc_cmd = hc[0]
+        .split_once("CMD ")
+        .expect("HEALTHCHECK ... CMD [...]")
+        .1;
     assert_eq!(exec_form(hc_cmd), vec!["umeng-push-gateway", "healthcheck"]);
 
     // The binary is where the ENTRYPOINT finds it, and the SQLite directory is writable.
     let copies = instructions("COPY");
-    assert!(copies.iter().any(|c| c.ends_with("/usr/local/bin/umeng-push-gateway")));
-    assert!(copies.iter().any(|c| c.contains("--chown=65532:65532") && c.ends_with("/app/data")));
-    assert_eq!(instructions("WORKDIR").last().map(String::as_str), Some("/app"));
-    assert!(copies.iter().any(|c| c.contains("migrations")), "migrations are compiled in");
+    assert!(copies
+        .iter()
+        .any(|c| c.ends_with("/usr/local/bin/umeng-push-gateway")));
+    assert!(copies
+        .iter()
+        .any(|c| c.contains("--chown=65532:65532") && c.ends_with("/app/data")));
+    assert_eq!(
+        instructions("WORKDIR").last().map(String::as_str),
+        Some("/app")
+    );
+    assert!(
+        copies.iter().any(|c| c.contains("migrations")),
+        "migrations are compiled in"
+    );
 
     // The build context keeps what the build needs and drops local state.
     let ignore = read(".dockerignore");
@@ -242,7 +311,9 @@ fn compose() -> Compose {
 
 impl Compose {
     fn service(&self, name: &str) -> &Yaml {
-        self.services.get(name).unwrap_or_else(|| panic!("compose has no service {name}"))
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("compose has no service {name}"))
     }
 
     fn env(&self, name: &str) -> BTreeMap<String, String> {
@@ -275,14 +346,19 @@ impl Compose {
             .iter()
             .filter_map(|v| {
                 let parts: Vec<&str> = v.as_str()?.split(':').collect();
-                parts[0].starts_with("./").then(|| (parts[0].to_owned(), parts[1].to_owned()))
+                parts[0]
+                    .starts_with("./")
+                    .then(|| (parts[0].to_owned(), parts[1].to_owned()))
             })
             .collect()
     }
 
     /// The file the service's UMENG_GATEWAY_CONFIG names, as a path in the repository.
     fn config_file(&self, name: &str) -> String {
-        let in_container = self.env(name).remove("UMENG_GATEWAY_CONFIG").expect("UMENG_GATEWAY_CONFIG");
+        let in_container = self
+            .env(name)
+            .remove("UMENG_GATEWAY_CONFIG")
+            .expect("UMENG_GATEWAY_CONFIG");
         let (host, _) = self
             .mounts(name)
             .into_iter()
@@ -309,20 +385,44 @@ fn compose_ports_probes_and_simulator_agree() {
     assert_eq!(listen, dockerfile_listen_port());
     let ports: Vec<String> = seq(c.service("gateway"), &["ports"])
         .iter()
-        .map(|p| p.as_str().expect("ports as \"HOST:CONTAINER\" strings").to_owned())
+        .map(|p| {
+            p.as_str()
+                .expect("ports as \"HOST:CONTAINER\" strings")
+                .to_owned()
+        })
         .collect();
-    assert_eq!(ports, vec![format!("8080:{listen}")], "the gateway is on localhost:8080");
-    assert_eq!(c.config_file("migrate"), config_rel, "migrate uses the gateway's config");
+    assert_eq!(
+        ports,
+        vec![format!("8080:{listen}")],
+        "the gateway is on localhost:8080"
+    );
+    assert_eq!(
+        c.config_file("migrate"),
+        config_rel,
+        "migrate uses the gateway's config"
+    );
 
     // Start order: migrations after PostgreSQL is healthy, the gateway after migrations.
     let gw_deps = at(c.service("gateway"), &["depends_on"]);
-    assert_eq!(str_of(gw_deps, &["migrate", "condition"]), "service_completed_successfully");
-    assert_eq!(str_of(gw_deps, &["postgres", "condition"]), "service_healthy");
     assert_eq!(
-        str_of(c.service("migrate"), &["depends_on", "postgres", "condition"]),
+        str_of(gw_deps, &["migrate", "condition"]),
+        "service_completed_successfully"
+    );
+    assert_eq!(
+        str_of(gw_deps, &["postgres", "condition"]),
         "service_healthy"
     );
-    assert_eq!(words(at(c.service("migrate"), &["command"])), vec!["migrate"]);
+    assert_eq!(
+        str_of(
+            c.service("migrate"),
+            &["depends_on", "postgres", "condition"]
+        ),
+        "service_healthy"
+    );
+    assert_eq!(
+        words(at(c.service("migrate"), &["command"])),
+        vec!["migrate"]
+    );
     assert_eq!(words(at(c.service("gateway"), &["command"])), vec!["serve"]);
 
     // The simulator listens where the gateway sends, signs over the same URL, and knows
@@ -330,15 +430,25 @@ fn compose_ports_probes_and_simulator_agree() {
     let sim = words(at(c.service("simulator"), &["command"]));
     assert_eq!(sim[0], "simulator");
     let flag = |name: &str| -> Vec<&str> {
-        sim.windows(2).filter(|w| w[0] == name).map(|w| w[1].as_str()).collect()
+        sim.windows(2)
+            .filter(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+            .collect()
     };
     let sim_port = port_of_addr(flag("--listen")[0]);
     let public_url = flag("--public-url")[0];
     let config: toml::Value = toml::from_str(&config_text).unwrap();
     let base_url = config["umeng"]["base_url"].as_str().unwrap();
-    assert_eq!(base_url.trim_end_matches('/'), public_url.trim_end_matches('/'));
+    assert_eq!(
+        base_url.trim_end_matches('/'),
+        public_url.trim_end_matches('/')
+    );
     let url = url::Url::parse(base_url).unwrap();
-    assert_eq!(url.host_str(), Some("simulator"), "base_url names the compose service");
+    assert_eq!(
+        url.host_str(),
+        Some("simulator"),
+        "base_url names the compose service"
+    );
     assert_eq!(url.port_or_known_default(), Some(sim_port));
     let sim_apps: BTreeSet<String> = flag("--app").into_iter().map(str::to_owned).collect();
     let config_apps: BTreeSet<String> = config["apps"]
@@ -354,13 +464,22 @@ fn compose_ports_probes_and_simulator_agree() {
             )
         })
         .collect();
-    assert_eq!(sim_apps, config_apps, "simulator --app values match the gateway's [[apps]]");
+    assert_eq!(
+        sim_apps, config_apps,
+        "simulator --app values match the gateway's [[apps]]"
+    );
 
     // The demo token the README gives is the one configured.
     let documented = "compose-demo-token";
     let hash = config["clients"][0]["token_sha256"].as_str().unwrap();
-    assert_eq!(hash, umeng_push_gateway::config::token_sha256_hex(documented));
-    assert!(read("README.md").contains(documented), "README.md documents the demo token");
+    assert_eq!(
+        hash,
+        umeng_push_gateway::config::token_sha256_hex(documented)
+    );
+    assert!(
+        read("README.md").contains(documented),
+        "README.md documents the demo token"
+    );
 }
 
 #[test]
@@ -376,7 +495,10 @@ fn compose_config_passes_check_config() {
     });
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("2 app(s), 1 client(s), database postgres"), "{stdout}");
+    assert!(
+        stdout.contains("2 app(s), 1 client(s), database postgres"),
+        "{stdout}"
+    );
 }
 
 // ------------------------------------------------------------------------ Kubernetes
@@ -402,7 +524,10 @@ fn k8s() -> BTreeMap<String, Yaml> {
             } else {
                 format!("{kind}/{}", str_of(&doc, &["metadata", "name"]))
             };
-            assert!(out.insert(key.clone(), doc).is_none(), "{key} appears twice");
+            assert!(
+                out.insert(key.clone(), doc).is_none(),
+                "{key} appears twice"
+            );
         }
     }
     out
@@ -424,19 +549,39 @@ struct PodEnv {
 fn pod_env(container: &Yaml) -> PodEnv {
     let mut values = BTreeMap::new();
     let mut secret_refs = BTreeMap::new();
-    for var in container.get("env").and_then(Yaml::as_sequence).into_iter().flatten() {
+    for var in container
+        .get("env")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+    {
         let name = str_of(var, &["name"]).to_owned();
         if let Some(v) = var.get("value") {
-            values.insert(name, v.as_str().expect("env values are quoted strings").to_owned());
+            values.insert(
+                name,
+                v.as_str()
+                    .expect("env values are quoted strings")
+                    .to_owned(),
+            );
         } else {
-            secret_refs.insert(name, str_of(var, &["valueFrom", "secretKeyRef", "key"]).to_owned());
+            secret_refs.insert(
+                name,
+                str_of(var, &["valueFrom", "secretKeyRef", "key"]).to_owned(),
+            );
         }
     }
-    PodEnv { values, secret_refs }
+    PodEnv {
+        values,
+        secret_refs,
+    }
 }
 
 fn configmap_toml(all: &BTreeMap<String, Yaml>) -> String {
-    str_of(&all["ConfigMap/umeng-push-gateway"], &["data", "gateway.toml"]).to_owned()
+    str_of(
+        &all["ConfigMap/umeng-push-gateway"],
+        &["data", "gateway.toml"],
+    )
+    .to_owned()
 }
 
 #[test]
@@ -449,9 +594,15 @@ fn kubernetes_manifests_agree() {
     let pod = at(deployment, &["spec", "template", "spec"]);
     let gw = container(deployment, "gateway");
 
-    assert!(u64_of(deployment, &["spec", "replicas"]) >= 2, "more than one replica");
+    assert!(
+        u64_of(deployment, &["spec", "replicas"]) >= 2,
+        "more than one replica"
+    );
     assert_eq!(words(at(gw, &["args"])), vec!["serve"]);
-    assert_eq!(words(at(container(job, "migrate"), &["args"])), vec!["migrate"]);
+    assert_eq!(
+        words(at(container(job, "migrate"), &["args"])),
+        vec!["migrate"]
+    );
 
     // Ports: config listen == containerPort == what the Service and probes target.
     let toml_text = configmap_toml(&all);
@@ -459,63 +610,130 @@ fn kubernetes_manifests_agree() {
     assert_eq!(listen, dockerfile_listen_port());
     let ports: BTreeMap<String, u64> = seq(gw, &["ports"])
         .iter()
-        .map(|p| (str_of(p, &["name"]).to_owned(), u64_of(p, &["containerPort"])))
+        .map(|p| {
+            (
+                str_of(p, &["name"]).to_owned(),
+                u64_of(p, &["containerPort"]),
+            )
+        })
         .collect();
-    assert_eq!(ports, BTreeMap::from([("http".to_owned(), u64::from(listen))]));
+    assert_eq!(
+        ports,
+        BTreeMap::from([("http".to_owned(), u64::from(listen))])
+    );
     let resolve = |port: &Yaml| -> u64 {
         match port {
-            Yaml::String(name) => *ports.get(name).unwrap_or_else(|| panic!("no port named {name}")),
+            Yaml::String(name) => *ports
+                .get(name)
+                .unwrap_or_else(|| panic!("no port named {name}")),
             Yaml::Number(n) => n.as_u64().unwrap(),
             other => panic!("port {other:?}"),
         }
     };
     for p in seq(service, &["spec", "ports"]) {
-        assert_eq!(resolve(at(p, &["targetPort"])), u64::from(listen), "Service targetPort");
+        assert_eq!(
+            resolve(at(p, &["targetPort"])),
+            u64::from(listen),
+            "Service targetPort"
+        );
     }
     let selector = at(service, &["spec", "selector"]);
-    assert_eq!(selector, at(deployment, &["spec", "template", "metadata", "labels"]));
-    assert_eq!(selector, at(deployment, &["spec", "selector", "matchLabels"]));
+    assert_eq!(
+        selector,
+        at(deployment, &["spec", "template", "metadata", "labels"])
+    );
+    assert_eq!(
+        selector,
+        at(deployment, &["spec", "selector", "matchLabels"])
+    );
 
     // Probes: ready = database, alive = process.
-    assert_eq!(str_of(gw, &["readinessProbe", "httpGet", "path"]), "/readyz");
-    assert_eq!(str_of(gw, &["livenessProbe", "httpGet", "path"]), "/healthz");
+    assert_eq!(
+        str_of(gw, &["readinessProbe", "httpGet", "path"]),
+        "/readyz"
+    );
+    assert_eq!(
+        str_of(gw, &["livenessProbe", "httpGet", "path"]),
+        "/healthz"
+    );
     for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(resolve(at(gw, &[probe, "httpGet", "port"])), u64::from(listen), "{probe}");
+        assert_eq!(
+            resolve(at(gw, &[probe, "httpGet", "port"])),
+            u64::from(listen),
+            "{probe}"
+        );
     }
 
     // Resources, non-root, and the shutdown window.
     for workload in [deployment, job] {
         let spec = at(workload, &["spec", "template", "spec"]);
-        assert_eq!(at(spec, &["securityContext", "runAsNonRoot"]).as_bool(), Some(true));
-        assert_eq!(at(spec, &["enableServiceLinks"]).as_bool(), Some(false), "see deployment.yaml");
+        assert_eq!(
+            at(spec, &["securityContext", "runAsNonRoot"]).as_bool(),
+            Some(true)
+        );
+        assert_eq!(
+            at(spec, &["enableServiceLinks"]).as_bool(),
+            Some(false),
+            "see deployment.yaml"
+        );
         for c in seq(spec, &["containers"]) {
             for kind in ["requests", "limits"] {
                 for res in ["cpu", "memory"] {
                     at(c, &["resources", kind, res]);
                 }
             }
-            assert_eq!(at(c, &["securityContext", "readOnlyRootFilesystem"]).as_bool(), Some(true));
+            assert_eq!(
+                at(c, &["securityContext", "readOnlyRootFilesystem"]).as_bool(),
+                Some(true)
+            );
         }
     }
     let config: toml::Value = toml::from_str(&toml_text).unwrap();
-    let grace = config["server"]["shutdown_grace_secs"].as_integer().unwrap_or(30) as u64;
-    assert!(u64_of(pod, &["terminationGracePeriodSeconds"]) > grace, "SIGKILL after the grace");
+    let grace = config["server"]["shutdown_grace_secs"]
+        .as_integer()
+        .unwrap_or(30) as u64;
+    assert!(
+        u64_of(pod, &["terminationGracePeriodSeconds"]) > grace,
+        "SIGKILL after the grace"
+    );
 
     // Migrations: the Job runs them, the replicas do not.
     let env = pod_env(gw);
-    assert_eq!(env.values["UMENG_GATEWAY_DATABASE__MIGRATE_ON_START"], "false");
-    assert_eq!(env.secret_refs["UMENG_GATEWAY_DATABASE__URL"], "database-url");
-    assert_eq!(pod_env(container(job, "migrate")).secret_refs["UMENG_GATEWAY_DATABASE__URL"], "database-url");
+    assert_eq!(
+        env.values["UMENG_GATEWAY_DATABASE__MIGRATE_ON_START"],
+        "false"
+    );
+    assert_eq!(
+        env.secret_refs["UMENG_GATEWAY_DATABASE__URL"],
+        "database-url"
+    );
+    assert_eq!(
+        pod_env(container(job, "migrate")).secret_refs["UMENG_GATEWAY_DATABASE__URL"],
+        "database-url"
+    );
 
     // The config file is mounted where UMENG_GATEWAY_CONFIG says.
     let mounts: BTreeMap<String, String> = seq(gw, &["volumeMounts"])
         .iter()
-        .map(|m| (str_of(m, &["mountPath"]).to_owned(), str_of(m, &["name"]).to_owned()))
+        .map(|m| {
+            (
+                str_of(m, &["mountPath"]).to_owned(),
+                str_of(m, &["name"]).to_owned(),
+            )
+        })
         .collect();
     let config_mount = &mounts[&env.values["UMENG_GATEWAY_CONFIG"]];
     let volumes = seq(pod, &["volumes"]);
-    let volume = |name: &str| volumes.iter().find(|v| str_of(v, &["name"]) == name).unwrap();
-    assert_eq!(str_of(volume(config_mount), &["configMap", "name"]), "umeng-push-gateway");
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| str_of(v, &["name"]) == name)
+            .unwrap()
+    };
+    assert_eq!(
+        str_of(volume(config_mount), &["configMap", "name"]),
+        "umeng-push-gateway"
+    );
 
     // Every secret the config needs comes from the Secret: token hash variables, and
     // master secret files under the secret volume's mount.
@@ -526,11 +744,19 @@ fn kubernetes_manifests_agree() {
         .map(|k| k.as_str().unwrap())
         .collect();
     for key in env.secret_refs.values() {
-        assert!(secret_keys.contains(key.as_str()), "secret key {key} is not in the example");
+        assert!(
+            secret_keys.contains(key.as_str()),
+            "secret key {key} is not in the example"
+        );
     }
     for client in config["clients"].as_array().unwrap() {
-        let var = client["token_sha256_env"].as_str().expect("token hashes come from the Secret");
-        assert!(env.secret_refs.contains_key(var), "{var} is not set from the Secret");
+        let var = client["token_sha256_env"]
+            .as_str()
+            .expect("token hashes come from the Secret");
+        assert!(
+            env.secret_refs.contains_key(var),
+            "{var} is not set from the Secret"
+        );
     }
     let secret_volume = &mounts[K8S_SECRET_DIR];
     let items: BTreeMap<&str, &str> = seq(volume(secret_volume), &["secret", "items"])
@@ -538,18 +764,27 @@ fn kubernetes_manifests_agree() {
         .map(|i| (str_of(i, &["path"]), str_of(i, &["key"])))
         .collect();
     for app in config["apps"].as_array().unwrap() {
-        let file = app["master_secret_file"].as_str().expect("master secrets come from files");
+        let file = app["master_secret_file"]
+            .as_str()
+            .expect("master secrets come from files");
         let name = file
             .strip_prefix(&format!("{K8S_SECRET_DIR}/"))
             .unwrap_or_else(|| panic!("{file} is not under the secret mount"));
-        let key = items.get(name).unwrap_or_else(|| panic!("{name} is not a mounted item"));
-        assert!(secret_keys.contains(key), "secret key {key} is not in the example");
+        let key = items
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is not a mounted item"));
+        assert!(
+            secret_keys.contains(key),
+            "secret key {key} is not in the example"
+        );
     }
 
     // kustomization: every manifest but the example Secret, and nothing that is missing.
     let kustomization = &all["Kustomization"];
-    let resources: BTreeSet<&str> =
-        seq(kustomization, &["resources"]).iter().map(|r| r.as_str().unwrap()).collect();
+    let resources: BTreeSet<&str> = seq(kustomization, &["resources"])
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
     let expected: BTreeSet<String> = k8s_files()
         .into_iter()
         .filter(|f| f != "kustomization.yaml" && f != "secret.example.yaml")
@@ -559,7 +794,10 @@ fn kubernetes_manifests_agree() {
 
 /// Writes the ConfigMap's gateway.toml with the secret mount moved to `dir`, and dummy
 /// secret files there; returns the environment the Deployment would give it.
-fn k8s_config_with(dir: &Path, secret_values: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+fn k8s_config_with(
+    dir: &Path,
+    secret_values: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let all = k8s();
     let gw = container(&all["Deployment/umeng-push-gateway"], "gateway");
     let secrets = dir.join("secrets");
@@ -583,11 +821,26 @@ fn k8s_config_with(dir: &Path, secret_values: &BTreeMap<String, String>) -> BTre
 fn kubernetes_config_passes_check_config_with_real_secrets_only() {
     let dir = tempfile::tempdir().unwrap();
     let dummy: BTreeMap<String, String> = [
-        ("database-url", "postgres://gateway:dummy@postgres:5432/gateway".to_owned()),
-        ("shop-android-master-secret", "dummy-android-master-secret".to_owned()),
-        ("shop-ios-master-secret", "dummy-ios-master-secret".to_owned()),
-        ("order-service-token-sha256", umeng_push_gateway::config::token_sha256_hex("order")),
-        ("ops-token-sha256", umeng_push_gateway::config::token_sha256_hex("ops")),
+        (
+            "database-url",
+            "postgres://gateway:dummy@postgres:5432/gateway".to_owned(),
+        ),
+        (
+            "shop-android-master-secret",
+            "dummy-android-master-secret".to_owned(),
+        ),
+        (
+            "shop-ios-master-secret",
+            "dummy-ios-master-secret".to_owned(),
+        ),
+        (
+            "order-service-token-sha256",
+            umeng_push_gateway::config::token_sha256_hex("order"),
+        ),
+        (
+            "ops-token-sha256",
+            umeng_push_gateway::config::token_sha256_hex("ops"),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -600,7 +853,10 @@ fn kubernetes_config_passes_check_config_with_real_secrets_only() {
     });
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("2 app(s), 2 client(s), database postgres"), "{stdout}");
+    assert!(
+        stdout.contains("2 app(s), 2 client(s), database postgres"),
+        "{stdout}"
+    );
 
     // The example Secret's placeholders are refused, so it cannot go live by mistake.
     let example = k8s().remove("Secret/umeng-push-gateway").unwrap();
@@ -608,7 +864,12 @@ fn kubernetes_config_passes_check_config_with_real_secrets_only() {
         .as_mapping()
         .unwrap()
         .iter()
-        .map(|(k, v)| (k.as_str().unwrap().to_owned(), v.as_str().unwrap().to_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     let dir = tempfile::tempdir().unwrap();
     let env = k8s_config_with(dir.path(), &placeholders);
@@ -617,8 +878,16 @@ fn kubernetes_config_passes_check_config_with_real_secrets_only() {
         cmd.arg("check-config");
         cmd
     });
-    assert!(!out.status.success(), "placeholders accepted: {}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("token_sha256"), "{}", describe(&out));
+    assert!(
+        !out.status.success(),
+        "placeholders accepted: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token_sha256"),
+        "{}",
+        describe(&out)
+    );
 
     // The migrate Job gets only the database URL: that must be enough for its config.
     let job = &k8s()["Job/umeng-push-gateway-migrate"];
@@ -687,8 +956,15 @@ fn every_subcommand_used_exists() {
 #[test]
 fn healthcheck_finds_the_server_from_the_listen_variable() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let env = BTreeMap::from([("UMENG_GATEWAY_SERVER__LISTEN".to_owned(), format!("0.0.0.0:{port}"))]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = BTreeMap::from([(
+        "UMENG_GATEWAY_SERVER__LISTEN".to_owned(),
+        format!("0.0.0.0:{port}"),
+    )]);
 
     let healthcheck = || {
         let mut cmd = gateway(&env);
@@ -720,5 +996,8 @@ fn healthcheck_finds_the_server_from_the_listen_variable() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(result.status.success(), "{}", describe(&result));
-    assert!(dir.path().join("data/umeng-push-gateway.db").exists(), "SQLite under ./data");
+    assert!(
+        dir.path().join("data/umeng-push-gateway.db").exists(),
+        "SQLite under ./data"
+    );
 }
