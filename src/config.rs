@@ -22,7 +22,7 @@ pub const ENV_PREFIX: &str = "UMENG_GATEWAY_";
 pub const ENV_CONFIG_FILE: &str = "UMENG_GATEWAY_CONFIG";
 
 /// Everything the gateway can be told, as read from the file and environment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -34,21 +34,6 @@ pub struct Settings {
     pub log: LogSettings,
     pub apps: Vec<AppSettings>,
     pub clients: Vec<ClientSettings>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            server: ServerSettings::default(),
-            database: DatabaseSettings::default(),
-            umeng: UmengSettings::default(),
-            quotas: QuotaSettings::default(),
-            history: HistorySettings::default(),
-            log: LogSettings::default(),
-            apps: Vec::new(),
-            clients: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,7 +141,11 @@ pub struct HistorySettings {
 
 impl Default for HistorySettings {
     fn default() -> Self {
-        Self { pending_timeout_secs: 120, sweep_interval_secs: 30, upload_reuse_days: 30 }
+        Self {
+            pending_timeout_secs: 120,
+            sweep_interval_secs: 30,
+            upload_reuse_days: 30,
+        }
     }
 }
 
@@ -178,7 +167,10 @@ pub struct LogSettings {
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -271,7 +263,10 @@ impl Client {
 
     pub fn may_use_app(&self, app: &str) -> bool {
         self.scopes.contains(&Scope::Admin)
-            || self.apps.as_ref().is_none_or(|apps| apps.iter().any(|a| a == app))
+            || self
+                .apps
+                .as_ref()
+                .is_none_or(|apps| apps.iter().any(|a| a == app))
     }
 }
 
@@ -291,12 +286,17 @@ impl Settings {
         let mut figment = Figment::new();
         if let Some(path) = file {
             if !path.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file(path));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
-        figment.extract().map_err(|e| ConfigError(format!("invalid configuration: {e}")))
+        figment
+            .extract()
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))
     }
 
     /// The config file named by `--config` or `UMENG_GATEWAY_CONFIG`.
@@ -339,7 +339,9 @@ impl Config {
                     .or(settings.quotas.get(kind))
                     .unwrap_or(kind.default_limit());
                 if limit.limit == 0 {
-                    return Err(ConfigError(format!("{at}.quotas.{kind}.limit must be at least 1")));
+                    return Err(ConfigError(format!(
+                        "{at}.quotas.{kind}.limit must be at least 1"
+                    )));
                 }
                 quotas.insert(kind, limit);
             }
@@ -354,7 +356,9 @@ impl Config {
         }
         for kind in QuotaKind::ALL {
             if settings.quotas.get(kind).is_some_and(|l| l.limit == 0) {
-                return Err(ConfigError(format!("quotas.{kind}.limit must be at least 1")));
+                return Err(ConfigError(format!(
+                    "quotas.{kind}.limit must be at least 1"
+                )));
             }
         }
 
@@ -379,10 +383,17 @@ impl Config {
                 }
             };
             let token_sha256 = parse_sha256(hex_hash.trim()).ok_or_else(|| {
-                ConfigError(format!("{at}.token_sha256 must be 64 hex characters (a SHA-256)"))
+                ConfigError(format!(
+                    "{at}.token_sha256 must be 64 hex characters (a SHA-256)"
+                ))
             })?;
-            if clients.iter().any(|x: &Client| x.token_sha256 == token_sha256) {
-                return Err(ConfigError(format!("{at}: the same token is configured twice")));
+            if clients
+                .iter()
+                .any(|x: &Client| x.token_sha256 == token_sha256)
+            {
+                return Err(ConfigError(format!(
+                    "{at}: the same token is configured twice"
+                )));
             }
             if c.scopes.is_empty() {
                 return Err(ConfigError(format!("{at}.scopes must not be empty")));
@@ -426,7 +437,12 @@ impl Config {
                 "apps are configured but no [[clients]]: nobody could call the gateway".into(),
             ));
         }
-        Ok(Config { settings, apps, clients, demo })
+        Ok(Config {
+            settings,
+            apps,
+            clients,
+            demo,
+        })
     }
 
     pub fn app(&self, name: &str) -> Option<&App> {
@@ -445,7 +461,10 @@ fn load_secret(
     env: Option<&str>,
     file: Option<&Path>,
 ) -> Result<Secret, ConfigError> {
-    let given = [inline.is_some(), env.is_some(), file.is_some()].iter().filter(|b| **b).count();
+    let given = [inline.is_some(), env.is_some(), file.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if given != 1 {
         return Err(ConfigError(format!(
             "{at}: give exactly one of {what}, {what}_env or {what}_file"
@@ -458,7 +477,12 @@ fn load_secret(
             .map_err(|_| ConfigError(format!("{at}.{what}_env: variable {var} is not set")))?
     } else if let Some(path) = file {
         std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{at}.{what}_file: cannot read {}: {e}", path.display())))?
+            .map_err(|e| {
+                ConfigError(format!(
+                    "{at}.{what}_file: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?
             .trim_end()
             .to_string()
     } else {
@@ -522,7 +546,10 @@ mod tests {
         assert_eq!(app.payload_limit, 2048);
         assert_eq!(app.quotas[&QuotaKind::Broadcast].limit, 20);
         assert_eq!(app.quotas[&QuotaKind::Groupcast].limit, 5);
-        assert_eq!(c.clients[0].token_sha256, parse_sha256(&token_sha256_hex("foo")).unwrap());
+        assert_eq!(
+            c.clients[0].token_sha256,
+            parse_sha256(&token_sha256_hex("foo")).unwrap()
+        );
         assert!(c.clients[0].may_use_app("shop-android"));
         assert!(!c.clients[0].may_use_app("other"));
         assert!(!c.clients[0].has_scope(Scope::Cancel));
@@ -568,7 +595,10 @@ mod tests {
             "master_secret_env = \"UMGW_TEST_UNSET_VARIABLE_42\"",
         );
         let err = Config::resolve(settings(&toml)).unwrap_err().to_string();
-        assert!(err.contains("UMGW_TEST_UNSET_VARIABLE_42 is not set"), "{err}");
+        assert!(
+            err.contains("UMGW_TEST_UNSET_VARIABLE_42 is not set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,10 @@ pub enum ApiError {
     NotFound(String),
     /// The body is not JSON, or not the right JSON shape.
     #[error("{detail}")]
-    BadRequest { detail: String, field: Option<String> },
+    BadRequest {
+        detail: String,
+        field: Option<String>,
+    },
     /// The request is well-formed but breaks a rule; every field error at once.
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
@@ -37,16 +40,31 @@ pub enum ApiError {
     InFlight { out_biz_no: String, push_id: String },
     /// The operation does not fit the resource's state (e.g. cancel a unicast).
     #[error("{detail}")]
-    Conflict { detail: String, umeng: Option<UmengDetail> },
+    Conflict {
+        detail: String,
+        umeng: Option<UmengDetail>,
+    },
     /// The quota window is full (locally, or Umeng said 2050).
     #[error("quota exceeded")]
-    RateLimited { quota: Option<QuotaState>, app: String, from_umeng: bool, retry_after: i64 },
+    RateLimited {
+        quota: Option<QuotaState>,
+        app: String,
+        from_umeng: bool,
+        retry_after: i64,
+    },
     /// Umeng answered FAIL, or could not be reached.
     #[error("{detail}")]
-    Upstream { detail: String, umeng: UmengDetail, push_id: Option<String> },
+    Upstream {
+        detail: String,
+        umeng: UmengDetail,
+        push_id: Option<String>,
+    },
     /// Umeng did not answer in time: outcome unknown.
     #[error("{detail}")]
-    UpstreamTimeout { detail: String, push_id: Option<String> },
+    UpstreamTimeout {
+        detail: String,
+        push_id: Option<String>,
+    },
     /// The database is unreachable: nothing was sent.
     #[error("{0}")]
     Unavailable(String),
@@ -90,9 +108,10 @@ impl ApiError {
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::BadRequest { .. } => ("bad-request", "Malformed request"),
             ApiError::Validation(_) => ("validation", "Invalid push request"),
-            ApiError::IdempotencyMismatch { .. } => {
-                ("idempotency-mismatch", "out_biz_no reused with a different request")
-            }
+            ApiError::IdempotencyMismatch { .. } => (
+                "idempotency-mismatch",
+                "out_biz_no reused with a different request",
+            ),
             ApiError::InFlight { .. } => ("in-flight", "Request with this out_biz_no in flight"),
             ApiError::Conflict { .. } => ("conflict", "Not possible in this state"),
             ApiError::RateLimited { .. } => ("quota-exceeded", "Quota exceeded"),
@@ -113,12 +132,20 @@ impl ApiError {
                 [one] => format!("{}: {}", one.field, one.message),
                 many => format!("{} fields are invalid", many.len()),
             },
-            ApiError::RateLimited { quota: Some(q), from_umeng, .. } => format!(
+            ApiError::RateLimited {
+                quota: Some(q),
+                from_umeng,
+                ..
+            } => format!(
                 "{} quota ({} per {}) for this app is used up{}",
                 q.kind,
                 q.limit,
                 q.window.as_str(),
-                if *from_umeng { " (Umeng answered 2050)" } else { "" }
+                if *from_umeng {
+                    " (Umeng answered 2050)"
+                } else {
+                    ""
+                }
             ),
             ApiError::RateLimited { quota: None, .. } => {
                 "Umeng answered 2050: send frequency limit exceeded".to_string()
@@ -126,7 +153,10 @@ impl ApiError {
             other => other.to_string(),
         };
         let mut body = Map::new();
-        body.insert("type".into(), json!(format!("urn:umeng-push-gateway:problem:{slug}")));
+        body.insert(
+            "type".into(),
+            json!(format!("urn:umeng-push-gateway:problem:{slug}")),
+        );
         body.insert("title".into(), json!(title));
         body.insert("status".into(), json!(status.as_u16()));
         body.insert("detail".into(), json!(detail));
@@ -137,15 +167,26 @@ impl ApiError {
             ApiError::Validation(errors) => {
                 body.insert("errors".into(), json!(errors));
             }
-            ApiError::IdempotencyMismatch { push_id, out_biz_no }
-            | ApiError::InFlight { push_id, out_biz_no } => {
+            ApiError::IdempotencyMismatch {
+                push_id,
+                out_biz_no,
+            }
+            | ApiError::InFlight {
+                push_id,
+                out_biz_no,
+            } => {
                 body.insert("push_id".into(), json!(push_id));
                 body.insert("out_biz_no".into(), json!(out_biz_no));
             }
             ApiError::Conflict { umeng: Some(u), .. } => {
                 body.insert("umeng".into(), json!(u));
             }
-            ApiError::RateLimited { quota, app, retry_after, from_umeng } => {
+            ApiError::RateLimited {
+                quota,
+                app,
+                retry_after,
+                from_umeng,
+            } => {
                 body.insert("app".into(), json!(app));
                 if let Some(q) = quota {
                     body.insert("policy".into(), json!(q.kind));
@@ -161,7 +202,9 @@ impl ApiError {
                     body.insert("push_id".into(), json!(id));
                 }
             }
-            ApiError::UpstreamTimeout { push_id: Some(id), .. } => {
+            ApiError::UpstreamTimeout {
+                push_id: Some(id), ..
+            } => {
                 body.insert("push_id".into(), json!(id));
                 body.insert("push_status".into(), json!("unknown"));
             }
@@ -186,7 +229,9 @@ impl ApiError {
             ApiError::InFlight { .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            ApiError::RateLimited { quota, retry_after, .. } => {
+            ApiError::RateLimited {
+                quota, retry_after, ..
+            } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
                 if let Some(q) = quota {
                     let mut q = *q;
@@ -209,7 +254,10 @@ impl ApiError {
 pub fn rate_limit_headers(h: &mut HeaderMap, q: &QuotaState) {
     h.insert("ratelimit-limit", HeaderValue::from(q.limit));
     h.insert("ratelimit-remaining", HeaderValue::from(q.remaining()));
-    h.insert("ratelimit-reset", HeaderValue::from(q.reset_after_secs.max(1)));
+    h.insert(
+        "ratelimit-reset",
+        HeaderValue::from(q.reset_after_secs.max(1)),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!(
         "\"{}\";q={};w={}",
         q.kind,

@@ -18,7 +18,9 @@ use crate::config::{App, Config};
 use crate::error::{ApiError, UmengDetail};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
 use crate::quota::QuotaState;
-use crate::store::{Admission, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store};
+use crate::store::{
+    Admission, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
+};
 use crate::umeng::{AppCredentials, ErrorClass, Outcome, UmengClient, UmengError};
 
 /// An app as the pipeline uses it.
@@ -102,7 +104,12 @@ impl Gateway {
                 (a.name.clone(), rt)
             })
             .collect();
-        Gateway { config, store, umeng, apps }
+        Gateway {
+            config,
+            store,
+            umeng,
+            apps,
+        }
     }
 
     pub fn app(&self, name: &str) -> Option<&AppRuntime> {
@@ -120,7 +127,10 @@ impl Gateway {
         let prepared = crate::push::prepare(&req, &app.profile, OffsetDateTime::now_utc())
             .map_err(ApiError::Validation)?;
         let quota = match (prepared.production_mode, prepared.quota_kind) {
-            (true, Some(kind)) => Some(QuotaClaim { kind, limit: app.app.quotas[&kind] }),
+            (true, Some(kind)) => Some(QuotaClaim {
+                kind,
+                limit: app.app.quotas[&kind],
+            }),
             _ => None,
         };
         let new = NewPush {
@@ -161,7 +171,11 @@ impl Gateway {
             other => ApiError::Internal(other.to_string()),
         })?;
         let (push_id, quota_state) = match admission {
-            Admission::Admitted { push_id, quota, reclaimed_from } => {
+            Admission::Admitted {
+                push_id,
+                quota,
+                reclaimed_from,
+            } => {
                 if let Some(old) = reclaimed_from {
                     tracing::info!(push.id = %push_id, push.previous = %old, "retrying a key whose previous push did not go through");
                 }
@@ -177,7 +191,10 @@ impl Gateway {
             }
             Admission::Replay { push } => return Ok(replay(&push)),
             Admission::InFlight { push_id } => {
-                return Err(ApiError::InFlight { out_biz_no: out_biz_no.unwrap_or_default(), push_id })
+                return Err(ApiError::InFlight {
+                    out_biz_no: out_biz_no.unwrap_or_default(),
+                    push_id,
+                })
             }
             Admission::Mismatch { push_id } => {
                 return Err(ApiError::IdempotencyMismatch {
@@ -199,24 +216,31 @@ impl Gateway {
                     let (code, msg) = umeng_code(&e);
                     let err = ApiError::Upstream {
                         detail: format!("uploading file_lines to Umeng failed: {msg}"),
-                        umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: e.is_retryable() },
+                        umeng: UmengDetail {
+                            error_code: code.clone(),
+                            error_msg: msg.clone(),
+                            retryable: e.is_retryable(),
+                        },
                         push_id: Some(push_id.clone()),
                     };
                     // The send never happened: the push failed and its slot goes back.
-                    self.finish(&push_id, Finish {
-                        status: PushStatus::Failed,
-                        umeng_request: None,
-                        umeng_response: fail_raw(&e),
-                        msg_id: None,
-                        task_id: None,
-                        file_id: None,
-                        error_code: Some(code),
-                        error_msg: Some(msg),
-                        http_status: err.status().as_u16(),
-                        latency_ms: None,
-                        sent_at: None,
-                        quota: QuotaAction::Refund,
-                    })
+                    self.finish(
+                        &push_id,
+                        Finish {
+                            status: PushStatus::Failed,
+                            umeng_request: None,
+                            umeng_response: fail_raw(&e),
+                            msg_id: None,
+                            task_id: None,
+                            file_id: None,
+                            error_code: Some(code),
+                            error_msg: Some(msg),
+                            http_status: err.status().as_u16(),
+                            latency_ms: None,
+                            sent_at: None,
+                            quota: QuotaAction::Refund,
+                        },
+                    )
                     .await;
                     return Err(err);
                 }
@@ -254,14 +278,17 @@ impl Gateway {
         match attempt.result {
             Ok(ok) => {
                 tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, "umeng accepted the push");
-                self.finish(&push_id, Finish {
-                    status: PushStatus::Accepted,
-                    umeng_response: Some(ok.raw.clone()),
-                    msg_id: ok.msg_id.clone(),
-                    task_id: ok.task_id.clone(),
-                    http_status: StatusCode::CREATED.as_u16(),
-                    ..base
-                })
+                self.finish(
+                    &push_id,
+                    Finish {
+                        status: PushStatus::Accepted,
+                        umeng_response: Some(ok.raw.clone()),
+                        msg_id: ok.msg_id.clone(),
+                        task_id: ok.task_id.clone(),
+                        http_status: StatusCode::CREATED.as_u16(),
+                        ..base
+                    },
+                )
                 .await;
                 Ok(PushAnswer {
                     status: StatusCode::CREATED,
@@ -322,15 +349,18 @@ impl Gateway {
                     ),
                 };
                 tracing::warn!(push.id = %push_id, umeng.error_code = %code, push.status = %status, "umeng call did not succeed");
-                self.finish(&push_id, Finish {
-                    status,
-                    umeng_response: fail_raw(&e),
-                    error_code: Some(code),
-                    error_msg: Some(msg),
-                    http_status: err.status().as_u16(),
-                    quota: quota_action,
-                    ..base
-                })
+                self.finish(
+                    &push_id,
+                    Finish {
+                        status,
+                        umeng_response: fail_raw(&e),
+                        error_code: Some(code),
+                        error_msg: Some(msg),
+                        http_status: err.status().as_u16(),
+                        quota: quota_action,
+                        ..base
+                    },
+                )
                 .await;
                 Err(err)
             }
@@ -363,7 +393,9 @@ impl Gateway {
             }
             match self.store.finish(push_id, finish.clone()).await {
                 Ok(_) => return,
-                Err(e) => tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed"),
+                Err(e) => {
+                    tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed")
+                }
             }
         }
     }
@@ -375,7 +407,12 @@ pub fn replay(push: &PushRecord) -> PushAnswer {
         .http_status
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    PushAnswer { status, push: PushView::from_record(push), replayed: true, quota: None }
+    PushAnswer {
+        status,
+        push: PushView::from_record(push),
+        replayed: true,
+        quota: None,
+    }
 }
 
 fn umeng_code(e: &UmengError) -> (String, String) {

@@ -12,7 +12,11 @@ use umeng_push_gateway::startup::{self, Application};
 use umeng_push_gateway::telemetry;
 
 #[derive(Debug, Parser)]
-#[command(name = "umeng-push-gateway", version, about = "HTTP gateway in front of Umeng U-Push")]
+#[command(
+    name = "umeng-push-gateway",
+    version,
+    about = "HTTP gateway in front of Umeng U-Push"
+)]
 struct Cli {
     /// Config file (TOML). Also `UMENG_GATEWAY_CONFIG`. Without one, built-in defaults
     /// apply: SQLite under ./data and demo mode.
@@ -95,9 +99,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(listen = %addr, "umeng-push-gateway listening");
             app.run_until(shutdown_signal()).await
         }
-        Command::Simulator { listen, public_url, apps, task_step_ms } => {
+        Command::Simulator {
+            listen,
+            public_url,
+            apps,
+            task_step_ms,
+        } => {
             telemetry::init(&Default::default());
-            umeng_push_gateway::simulator::run_cli(listen, public_url, apps, Duration::from_millis(task_step_ms)).await
+            umeng_push_gateway::simulator::run_cli(
+                listen,
+                public_url,
+                apps,
+                Duration::from_millis(task_step_ms),
+            )
+            .await
         }
         Command::Migrate => {
             let config = load(cli.config).map_err(anyhow::Error::msg)?;
@@ -110,13 +125,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => {
             let config = load(cli.config).map_err(anyhow::Error::msg)?;
             if config.demo {
-                println!("configuration OK: no apps configured, the gateway would run in demo mode");
+                println!(
+                    "configuration OK: no apps configured, the gateway would run in demo mode"
+                );
             } else {
                 println!(
                     "configuration OK: {} app(s), {} client(s), database {}",
                     config.apps.len(),
                     config.clients.len(),
-                    if config.settings.database.url.expose().starts_with("sqlite:") { "sqlite" } else { "postgres" }
+                    if config.settings.database.url.expose().starts_with("sqlite:") {
+                        "sqlite"
+                    } else {
+                        "postgres"
+                    }
                 );
             }
             Ok(())
@@ -151,7 +172,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token => {
             let token = format!("pgw_{}", startup::random_hex(32));
             println!("token:        {token}");
-            println!("token_sha256: {}", umeng_push_gateway::config::token_sha256_hex(&token));
+            println!(
+                "token_sha256: {}",
+                umeng_push_gateway::config::token_sha256_hex(&token)
+            );
             println!("Give the token to the client; put only token_sha256 in [[clients]].");
             Ok(())
         }

@@ -31,10 +31,17 @@ impl Application {
     /// Connect, migrate (unless disabled), and bind. `listener` overrides
     /// `server.listen` (tests pass a port-0 listener).
     pub async fn build(mut config: Config, listener: Option<TcpListener>) -> anyhow::Result<Self> {
-        let simulator = if config.demo { Some(enter_demo_mode(&mut config).await?) } else { None };
+        let simulator = if config.demo {
+            Some(enter_demo_mode(&mut config).await?)
+        } else {
+            None
+        };
         let store = open_store(&config).await?;
         if config.settings.database.migrate_on_start {
-            store.migrate().await.context("running database migrations")?;
+            store
+                .migrate()
+                .await
+                .context("running database migrations")?;
         }
         let umeng = UmengClient::new(ClientConfig {
             base_url: config.settings.umeng.base_url.clone(),
@@ -49,11 +56,17 @@ impl Application {
                 .with_context(|| format!("binding {}", config.settings.server.listen))?,
         };
         let gateway = Arc::new(Gateway::new(Arc::new(config), store, umeng));
-        Ok(Application { listener, gateway, simulator })
+        Ok(Application {
+            listener,
+            gateway,
+            simulator,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn gateway(&self) -> Arc<Gateway> {
@@ -67,8 +80,15 @@ impl Application {
 
     /// Serve until `shutdown` resolves, then stop accepting, let in-flight requests finish
     /// (bounded by `server.shutdown_grace_secs`) and stop background work.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Application { listener, gateway, simulator } = self;
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            gateway,
+            simulator,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let sweeper = tokio::spawn(run_sweeper(Arc::clone(&gateway), stop_rx));
         let grace = Duration::from_secs(gateway.config.settings.server.shutdown_grace_secs);
@@ -126,7 +146,10 @@ async fn run_sweeper(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     loop {
         match gateway.store.sweep_stale_pending(older_than).await {
             Ok(0) => {}
-            Ok(n) => tracing::warn!(count = n, "pending pushes older than {older_than}s marked unknown"),
+            Ok(n) => tracing::warn!(
+                count = n,
+                "pending pushes older than {older_than}s marked unknown"
+            ),
             Err(e) => tracing::warn!(error = %e, "pending sweep failed"),
         }
         tokio::select! {
@@ -140,13 +163,27 @@ async fn run_sweeper(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 /// and accept the `demo` token for every scope.
 async fn enter_demo_mode(config: &mut Config) -> anyhow::Result<SimulatorHandle> {
     let demo_apps = [
-        ("demo-android", Platform::Android, SimPlatform::Android, "5f00000000000000000d0001"),
-        ("demo-ios", Platform::Ios, SimPlatform::Ios, "5f00000000000000000d0002"),
+        (
+            "demo-android",
+            Platform::Android,
+            SimPlatform::Android,
+            "5f00000000000000000d0001",
+        ),
+        (
+            "demo-ios",
+            Platform::Ios,
+            SimPlatform::Ios,
+            "5f00000000000000000d0002",
+        ),
     ];
     let mut sim_apps = Vec::new();
     for (name, platform, sim_platform, appkey) in demo_apps {
         let secret = random_hex(16);
-        sim_apps.push(SimApp { appkey: appkey.into(), secret: secret.clone(), platform: sim_platform });
+        sim_apps.push(SimApp {
+            appkey: appkey.into(),
+            secret: secret.clone(),
+            platform: sim_platform,
+        });
         config.apps.push(App {
             name: name.into(),
             platform,
@@ -156,13 +193,21 @@ async fn enter_demo_mode(config: &mut Config) -> anyhow::Result<SimulatorHandle>
                 Platform::Android => 2048,
                 Platform::Ios => 2012,
             },
-            quotas: crate::quota::QuotaKind::ALL.into_iter().map(|k| (k, k.default_limit())).collect(),
+            quotas: crate::quota::QuotaKind::ALL
+                .into_iter()
+                .map(|k| (k, k.default_limit()))
+                .collect(),
         });
     }
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await.context("binding the demo simulator")?;
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("binding the demo simulator")?;
     let sim = crate::simulator::start(
         listener,
-        SimulatorConfig { apps: sim_apps, ..SimulatorConfig::default() },
+        SimulatorConfig {
+            apps: sim_apps,
+            ..SimulatorConfig::default()
+        },
     )
     .await?;
     config.settings.umeng.base_url = sim.base_url();

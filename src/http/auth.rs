@@ -39,7 +39,10 @@ impl Caller {
         if self.0.may_use_app(app) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("client {:?} may not use app {app:?}", self.0.name)))
+            Err(ApiError::Forbidden(format!(
+                "client {:?} may not use app {app:?}",
+                self.0.name
+            )))
         }
     }
 }

@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use crate::gateway::Gateway;
 
 pub fn router() -> Router<Arc<Gateway>> {
-    Router::new().route("/healthz", get(get_healthz)).route("/readyz", get(get_readyz))
+    Router::new()
+        .route("/healthz", get(get_healthz))
+        .route("/readyz", get(get_readyz))
 }
 
 async fn get_healthz() -> Json<Value> {
@@ -29,7 +31,9 @@ async fn get_readyz(State(gateway): State<Arc<Gateway>>) -> (StatusCode, Json<Va
             tracing::warn!(error = %e, "not ready");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "database": gateway.store.backend(), "error": e.to_string()})),
+                Json(
+                    json!({"status": "unavailable", "database": gateway.store.backend(), "error": e.to_string()}),
+                ),
             )
         }
     }

@@ -31,7 +31,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .merge(quotas::router())
         .merge(health::router())
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::new(timeout))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
                 let id = req

@@ -48,7 +48,10 @@ async fn create_push(
                 field: None,
             }
         } else {
-            ApiError::BadRequest { detail: e.body_text(), field: None }
+            ApiError::BadRequest {
+                detail: e.body_text(),
+                field: None,
+            }
         }
     })?;
     let raw: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
@@ -133,8 +136,12 @@ fn field_error(field: &str, message: impl Into<String>) -> ApiError {
 fn parse_time(field: &str, v: &Option<String>) -> Result<Option<OffsetDateTime>, ApiError> {
     v.as_deref()
         .map(|s| {
-            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                .map_err(|_| field_error(field, "must be an RFC 3339 time, e.g. 2026-12-01T09:00:00+08:00"))
+            OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+                field_error(
+                    field,
+                    "must be an RFC 3339 time, e.g. 2026-12-01T09:00:00+08:00",
+                )
+            })
         })
         .transpose()
 }
@@ -145,10 +152,16 @@ async fn list_pushes(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<PushPage>, ApiError> {
     caller.require(Scope::Read)?;
-    let Query(p) = params.map_err(|e| ApiError::BadRequest { detail: e.body_text(), field: None })?;
+    let Query(p) = params.map_err(|e| ApiError::BadRequest {
+        detail: e.body_text(),
+        field: None,
+    })?;
     let limit = p.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(field_error("limit", format!("must be between 1 and {MAX_PAGE}")));
+        return Err(field_error(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let status = p
         .status
@@ -168,7 +181,11 @@ async fn list_pushes(
     if let Some(app) = &p.app {
         caller.require_app(app)?;
     }
-    let apps_allowed = caller.0.apps.clone().filter(|_| !caller.0.has_scope(Scope::Admin));
+    let apps_allowed = caller
+        .0
+        .apps
+        .clone()
+        .filter(|_| !caller.0.has_scope(Scope::Admin));
     let query = PushQuery {
         app: p.app,
         apps_allowed,
@@ -241,14 +258,30 @@ fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
         },
         UmengError::NotSent { reason } => ApiError::Upstream {
             detail: format!("Umeng could not be reached: {reason}"),
-            umeng: UmengDetail { error_code: "not_sent".into(), error_msg: reason, retryable: true },
+            umeng: UmengDetail {
+                error_code: "not_sent".into(),
+                error_msg: reason,
+                retryable: true,
+            },
             push_id: Some(push_id.to_string()),
         },
-        UmengError::Fail { code, message, class, .. } => {
+        UmengError::Fail {
+            code,
+            message,
+            class,
+            ..
+        } => {
             let retryable = matches!(class, crate::umeng::ErrorClass::Retryable);
-            let umeng = UmengDetail { error_code: code.clone(), error_msg: message.clone(), retryable };
+            let umeng = UmengDetail {
+                error_code: code.clone(),
+                error_msg: message.clone(),
+                retryable,
+            };
             if code == "1028" {
-                ApiError::Conflict { detail: format!("Umeng cannot cancel this task: {message}"), umeng: Some(umeng) }
+                ApiError::Conflict {
+                    detail: format!("Umeng cannot cancel this task: {message}"),
+                    umeng: Some(umeng),
+                }
             } else {
                 ApiError::Upstream {
                     detail: format!("Umeng answered FAIL {code}: {message}"),
@@ -268,20 +301,30 @@ async fn refresh_push(
     caller.require(Scope::Read)?;
     let push = visible_push(&gateway, &caller, &id).await?;
     let task_id = task_of(&push, "refresh")?;
-    let app = gateway
-        .app(&push.app)
-        .ok_or_else(|| ApiError::Conflict { detail: format!("app {:?} is no longer configured", push.app), umeng: None })?;
+    let app = gateway.app(&push.app).ok_or_else(|| ApiError::Conflict {
+        detail: format!("app {:?} is no longer configured", push.app),
+        umeng: None,
+    })?;
     let status = gateway
         .umeng
         .status(&app.credentials, &task_id)
         .await
         .map_err(|e| umeng_failure(e, &push.id))?;
     let new_status = PushStatus::from_task_code(status.status).ok_or_else(|| {
-        ApiError::Internal(format!("Umeng returned unknown task status {}", status.status))
+        ApiError::Internal(format!(
+            "Umeng returned unknown task status {}",
+            status.status
+        ))
     })?;
     gateway
         .store
-        .update_task(&push.id, TaskUpdate { status: new_status, task_status: status.raw })
+        .update_task(
+            &push.id,
+            TaskUpdate {
+                status: new_status,
+                task_status: status.raw,
+            },
+        )
         .await?;
     let push = visible_push(&gateway, &caller, &id).await?;
     Ok(Json(push))
@@ -298,24 +341,37 @@ async fn cancel_push(
     if push.status == PushStatus::Cancelled {
         return Ok(Json(push));
     }
-    let app = gateway
-        .app(&push.app)
-        .ok_or_else(|| ApiError::Conflict { detail: format!("app {:?} is no longer configured", push.app), umeng: None })?;
+    let app = gateway.app(&push.app).ok_or_else(|| ApiError::Conflict {
+        detail: format!("app {:?} is no longer configured", push.app),
+        umeng: None,
+    })?;
     gateway
         .umeng
         .cancel(&app.credentials, &task_id)
         .await
         .map_err(|e| umeng_failure(e, &push.id))?;
     tracing::info!(push.id = %push.id, client = %caller.name(), "task cancelled");
-    let mut task_status = push.task_status.clone().unwrap_or_else(|| serde_json::json!({}));
+    let mut task_status = push
+        .task_status
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
     if let Some(obj) = task_status.as_object_mut() {
         obj.insert("task_id".into(), Value::String(task_id));
         obj.insert("status".into(), Value::from(4));
-        obj.insert("cancelled_by".into(), Value::String(caller.name().to_string()));
+        obj.insert(
+            "cancelled_by".into(),
+            Value::String(caller.name().to_string()),
+        );
     }
     gateway
         .store
-        .update_task(&push.id, TaskUpdate { status: PushStatus::Cancelled, task_status })
+        .update_task(
+            &push.id,
+            TaskUpdate {
+                status: PushStatus::Cancelled,
+                task_status,
+            },
+        )
         .await?;
     let push = visible_push(&gateway, &caller, &id).await?;
     Ok(Json(push))

@@ -58,14 +58,21 @@ async fn list_quotas(
             caller.require_app(&app.app.name)?;
             vec![&app.app.name]
         }
-        None => gateway.apps.keys().filter(|n| caller.0.may_use_app(n)).collect(),
+        None => gateway
+            .apps
+            .keys()
+            .filter(|n| caller.0.may_use_app(n))
+            .collect(),
     };
     names.sort();
     let mut quotas = Vec::new();
     for name in names {
         let app = &gateway.apps[name];
         for (kind, limit) in &app.app.quotas {
-            let s = gateway.store.quota_state(&app.app.appkey, *kind, *limit).await?;
+            let s = gateway
+                .store
+                .quota_state(&app.app.appkey, *kind, *limit)
+                .await?;
             let start = OffsetDateTime::from_unix_timestamp(s.window_start)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             let end = OffsetDateTime::from_unix_timestamp(s.window_end())

@@ -13,6 +13,9 @@ use time::OffsetDateTime;
 
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
+pub mod postgres;
+pub mod sqlite;
+
 /// Errors from the store. The message never carries a secret (the database URL's password
 /// is not part of any error produced here).
 #[derive(Debug, thiserror::Error)]
@@ -383,5 +386,128 @@ impl Default for PoolOptions {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(3),
         }
+    }
+}
+
+/// Open a store for `url`: `postgres://` / `postgresql://` for PostgreSQL, `sqlite:` for
+/// SQLite (e.g. `sqlite://data/gateway.db`, `sqlite::memory:`). Migrations are not applied
+/// here; call [`Store::migrate`].
+pub async fn connect(url: &str, options: &PoolOptions) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            postgres::PgStore::connect(url, options).await?,
+        ))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::connect(url, options).await?,
+        ))
+    } else {
+        Err(StoreError::BadUrl(format!(
+            "unsupported database url {:?}: expected postgres://, postgresql:// or sqlite:",
+            redact_url(url)
+        )))
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // set_password only fails for URLs that cannot carry credentials.
+            if parsed.set_password(Some("***")).is_ok() {
+                parsed.to_string()
+            } else {
+                "<unparseable url>".to_owned()
+            }
+        }
+        Ok(_) => url.to_owned(),
+        // An unparseable URL may still contain a password; show only its scheme.
+        Err(_) => match url.split_once(':') {
+            Some((scheme, _)) => format!("{scheme}:<redacted>"),
+            None => "<redacted>".to_owned(),
+        },
+    }
+}
+
+/// Remove the password of `url` from `message` (belt and braces for driver errors).
+pub(crate) fn scrub(message: String, url: &str) -> String {
+    let password = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_owned))
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => message.replace(&p, "***"),
+        None => message,
+    }
+}
+
+/// Classify a driver error: anything that says "the database cannot be reached right now"
+/// becomes [`StoreError::Unavailable`], the rest [`StoreError::Database`].
+pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match &err {
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+            StoreError::Unavailable(err.to_string())
+        }
+        E::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            // Postgres: class 08 (connection), 57P01-57P03 (shutdown / cannot connect now),
+            // 53300 (too many connections), 55P03 (lock_timeout), 57014 (statement_timeout).
+            // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (after busy_timeout expired).
+            let unavailable = code.starts_with("08")
+                || code.starts_with("57P")
+                || matches!(
+                    code.as_str(),
+                    "53300" | "55P03" | "57014" | "5" | "6" | "261" | "262" | "517" | "773"
+                );
+            if unavailable {
+                StoreError::Unavailable(err.to_string())
+            } else {
+                StoreError::Database(err.to_string())
+            }
+        }
+        _ => StoreError::Database(err.to_string()),
+    }
+}
+
+/// Await a spawned store task. The work runs to completion even if the caller's future is
+/// dropped, so a cancelled request can never leave a pooled connection mid-transaction.
+pub(crate) async fn run_detached<T, F>(work: F) -> StoreResult<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = StoreResult<T>> + Send + 'static,
+{
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::Database(format!("store task failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_the_password() {
+        let shown = redact_url("postgres://gw:s3cret@db:5432/gw");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+
+    #[test]
+    fn scrub_removes_the_password_from_messages() {
+        let msg = scrub("failed for s3cret".to_owned(), "postgres://gw:s3cret@db/gw");
+        assert_eq!(msg, "failed for ***");
+    }
+
+    #[tokio::test]
+    async fn connect_rejects_unknown_schemes_without_leaking_secrets() {
+        let err = match connect("mysql://u:hunter2@h/db", &PoolOptions::default()).await {
+            Err(e) => e,
+            Ok(_) => panic!("mysql url accepted"),
+        };
+        assert!(matches!(err, StoreError::BadUrl(_)), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

@@ -1,18 +1,19 @@
 //! Spawning whole gateways for tests: a simulator, a fresh database (SQLite file or a new
 //! PostgreSQL database), and one or more gateway instances on port 0 sharing both.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reqwest::Response;
 use serde_json::{json, Value};
-use umeng_push_gateway::config::{AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings};
+use umeng_push_gateway::config::{
+    AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings,
+};
 use umeng_push_gateway::secret::Secret;
 use umeng_push_gateway::simulator::{self, SimApp, SimPlatform, SimulatorConfig, SimulatorHandle};
 use umeng_push_gateway::startup::Application;
 use umeng_push_gateway::umeng::Platform;
 
-use crate::helpers::TestDatabase;
+use crate::helpers::{postgres_store, sqlite_store, TestDb};
 
 pub const ANDROID_APP: &str = "test-android";
 pub const IOS_APP: &str = "test-ios";
@@ -38,7 +39,7 @@ pub enum Backend {
 /// A simulator and a database that gateway instances share.
 pub struct TestEnv {
     pub sim: Arc<SimulatorHandle>,
-    pub db: TestDatabase,
+    pub db: TestDb,
 }
 
 impl TestEnv {
@@ -48,8 +49,16 @@ impl TestEnv {
             listener,
             SimulatorConfig {
                 apps: vec![
-                    SimApp { appkey: ANDROID_KEY.into(), secret: ANDROID_SECRET.into(), platform: SimPlatform::Android },
-                    SimApp { appkey: IOS_KEY.into(), secret: IOS_SECRET.into(), platform: SimPlatform::Ios },
+                    SimApp {
+                        appkey: ANDROID_KEY.into(),
+                        secret: ANDROID_SECRET.into(),
+                        platform: SimPlatform::Android,
+                    },
+                    SimApp {
+                        appkey: IOS_KEY.into(),
+                        secret: IOS_SECRET.into(),
+                        platform: SimPlatform::Ios,
+                    },
                 ],
                 task_step: std::time::Duration::from_millis(200),
                 ..SimulatorConfig::default()
@@ -58,17 +67,20 @@ impl TestEnv {
         .await
         .expect("simulator starts");
         let db = match backend {
-            Backend::Sqlite => TestDatabase::sqlite().await,
-            Backend::Postgres => TestDatabase::postgres().await,
+            Backend::Sqlite => TestDb::Sqlite(sqlite_store().await.1),
+            Backend::Postgres => TestDb::Postgres(postgres_store().await.1),
         };
-        TestEnv { sim: Arc::new(sim), db }
+        TestEnv {
+            sim: Arc::new(sim),
+            db,
+        }
     }
 
     /// Default test settings: both apps, three clients, this env's simulator and database.
     pub fn settings(&self) -> Settings {
         let hash = umeng_push_gateway::config::token_sha256_hex;
         let mut s = Settings::default();
-        s.database.url = Secret::new(self.db.url());
+        s.database.url = Secret::new(self.db.url().to_string());
         s.database.max_connections = 8;
         s.umeng.base_url = self.sim.base_url();
         s.umeng.timeout_ms = 1500;
@@ -111,7 +123,9 @@ impl TestEnv {
     pub async fn spawn_app_with(&self, settings: Settings) -> TestApp {
         let config = Config::resolve(settings).expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let app = Application::build(config, Some(listener)).await.expect("gateway builds");
+        let app = Application::build(config, Some(listener))
+            .await
+            .expect("gateway builds");
         let addr = app.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -121,10 +135,8 @@ impl TestEnv {
             .await
         });
         TestApp {
-            addr,
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
-            sim: Arc::clone(&self.sim),
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -132,7 +144,11 @@ impl TestEnv {
 
     /// Send-path requests the simulator received (`/api/send`).
     pub fn sends(&self) -> Vec<simulator::RecordedRequest> {
-        self.sim.requests().into_iter().filter(|r| r.path == "/api/send").collect()
+        self.sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == "/api/send")
+            .collect()
     }
 }
 
@@ -151,10 +167,8 @@ pub fn app_settings(name: &str, platform: Platform, appkey: &str, secret: &str) 
 
 /// One running gateway instance.
 pub struct TestApp {
-    pub addr: SocketAddr,
     pub base: String,
     pub http: reqwest::Client,
-    pub sim: Arc<SimulatorHandle>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -190,11 +204,21 @@ impl TestApp {
     }
 
     pub async fn get_as(&self, token: &str, path: &str) -> Response {
-        self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.expect("gateway answers")
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("gateway answers")
     }
 
     pub async fn post_as(&self, token: &str, path: &str) -> Response {
-        self.http.post(format!("{}{path}", self.base)).bearer_auth(token).send().await.expect("gateway answers")
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("gateway answers")
     }
 
     /// `GET path` as the sender, asserting 200, as JSON.
@@ -223,7 +247,9 @@ impl TestApp {
             let _ = tx.send(());
         }
         if let Some(h) = self.handle.take() {
-            h.await.expect("gateway task").expect("gateway exits cleanly");
+            h.await
+                .expect("gateway task")
+                .expect("gateway exits cleanly");
         }
     }
 }

@@ -22,6 +22,10 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
+                    if crate::helpers::skip_postgres() {
+                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
+                        return;
+                    }
                     super::$name(crate::app::Backend::Postgres).await
                 }
             )*
@@ -47,26 +51,55 @@ on_both_backends!(
 
 fn assert_md5_sign(sim_base: &str, r: &umeng_push_gateway::simulator::RecordedRequest) {
     use md5::Digest;
-    let secret = if r.appkey.as_deref() == Some(ANDROID_KEY) { ANDROID_SECRET } else { IOS_SECRET };
+    let secret = if r.appkey.as_deref() == Some(ANDROID_KEY) {
+        ANDROID_SECRET
+    } else {
+        IOS_SECRET
+    };
     let expected = hex::encode(md5::Md5::digest(
-        format!("POST{}{}{}{}", sim_base.trim_end_matches('/'), r.path, r.body, secret).as_bytes(),
+        format!(
+            "POST{}{}{}{}",
+            sim_base.trim_end_matches('/'),
+            r.path,
+            r.body,
+            secret
+        )
+        .as_bytes(),
     ));
-    assert_eq!(r.sign.as_deref(), Some(expected.as_str()), "sign of {}", r.body);
+    assert_eq!(
+        r.sign.as_deref(),
+        Some(expected.as_str()),
+        "sign of {}",
+        r.body
+    );
 }
 
 async fn every_type_on_both_platforms_reaches_umeng_and_history(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
-    let casts = ["unicast", "listcast", "broadcast", "groupcast", "filecast", "customizedcast"];
+    let casts = [
+        "unicast",
+        "listcast",
+        "broadcast",
+        "groupcast",
+        "filecast",
+        "customizedcast",
+    ];
     for app_name in [ANDROID_APP, IOS_APP] {
         for cast in casts {
             let resp = app.post_push(&push_body(app_name, cast)).await;
             let status = resp.status();
-            let location = resp.headers().get("location").map(|v| v.to_str().unwrap().to_string());
+            let location = resp
+                .headers()
+                .get("location")
+                .map(|v| v.to_str().unwrap().to_string());
             let body: Value = resp.json().await.unwrap();
             assert_eq!(status, 201, "{app_name} {cast}: {body}");
             let id = body["id"].as_str().unwrap();
-            assert_eq!(location.as_deref(), Some(format!("/v1/pushes/{id}").as_str()));
+            assert_eq!(
+                location.as_deref(),
+                Some(format!("/v1/pushes/{id}").as_str())
+            );
             assert_eq!(body["status"], "accepted");
             let task = matches!(cast, "broadcast" | "groupcast" | "filecast");
             let (field, prefix) = match cast {
@@ -93,7 +126,10 @@ async fn every_type_on_both_platforms_reaches_umeng_and_history(backend: Backend
             if app_name == ANDROID_APP {
                 assert_eq!(sent["payload"]["body"]["title"], "Hello");
             } else {
-                assert!(sent["payload"]["aps"]["alert"].is_object() || sent["payload"]["aps"]["alert"].is_string());
+                assert!(
+                    sent["payload"]["aps"]["alert"].is_object()
+                        || sent["payload"]["aps"]["alert"].is_string()
+                );
             }
         }
     }
@@ -105,10 +141,16 @@ async fn every_type_on_both_platforms_reaches_umeng_and_history(backend: Backend
         assert_md5_sign(&env.sim.base_url(), r);
     }
     // Two filecasts uploaded their files first.
-    let uploads = env.sim.requests().into_iter().filter(|r| r.path == "/upload").count();
+    let uploads = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/upload")
+        .count();
     assert_eq!(uploads, 2);
     let page = app.get_json("/v1/pushes?limit=200").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 12);
+    app.stop().await;
 }
 
 async fn quota_is_exact_across_two_instances(backend: Backend) {
@@ -117,15 +159,38 @@ async fn quota_is_exact_across_two_instances(backend: Backend) {
     let b = env.spawn_app().await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..40 {
-        let (http, base) = (if i % 2 == 0 { a.http.clone() } else { b.http.clone() }, if i % 2 == 0 { a.base.clone() } else { b.base.clone() });
+        let (http, base) = (
+            if i % 2 == 0 {
+                a.http.clone()
+            } else {
+                b.http.clone()
+            },
+            if i % 2 == 0 {
+                a.base.clone()
+            } else {
+                b.base.clone()
+            },
+        );
         let mut body = push_body(ANDROID_APP, "groupcast");
         body["production_mode"] = json!(true);
         body["out_biz_no"] = json!(format!("gc-{i}"));
         set.spawn(async move {
-            let r = http.post(format!("{base}/v1/pushes")).bearer_auth(TOKEN_SENDER).json(&body).send().await.unwrap();
+            let r = http
+                .post(format!("{base}/v1/pushes"))
+                .bearer_auth(TOKEN_SENDER)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
-            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            let remaining = r.headers().get("ratelimit-remaining").map(|v| v.to_str().unwrap().to_string());
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let remaining = r
+                .headers()
+                .get("ratelimit-remaining")
+                .map(|v| v.to_str().unwrap().to_string());
             (status, retry, remaining)
         });
     }
@@ -139,8 +204,16 @@ async fn quota_is_exact_across_two_instances(backend: Backend) {
         assert!((1..=60).contains(&secs), "{secs}");
         assert_eq!(remaining.as_deref(), Some("0"));
     }
-    let accepted = env.sends().iter().filter(|r| r.ret.as_deref() == Some("SUCCESS")).count();
-    assert_eq!(env.sends().len(), 5, "the simulator received exactly the admitted sends");
+    let accepted = env
+        .sends()
+        .iter()
+        .filter(|r| r.ret.as_deref() == Some("SUCCESS"))
+        .count();
+    assert_eq!(
+        env.sends().len(),
+        5,
+        "the simulator received exactly the admitted sends"
+    );
     assert_eq!(accepted, 5);
     assert_eq!(a.quota_used(ANDROID_APP, "groupcast").await, 5);
 }
@@ -149,14 +222,25 @@ async fn concurrent_repeats_of_one_out_biz_no_send_once(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
     // Slow Umeng down so that repeats arrive while the first is in flight.
-    env.sim.add_fault(Fault { appkey: None, path: Some("/api/send".into()), kind: FaultKind::Latency { ms: 300 }, times: None });
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: Some("/api/send".into()),
+        kind: FaultKind::Latency { ms: 300 },
+        times: None,
+    });
     let mut body = push_body(ANDROID_APP, "unicast");
     body["out_biz_no"] = json!("order-42-shipped");
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..20 {
         let (http, base, body) = (app.http.clone(), app.base.clone(), body.clone());
         set.spawn(async move {
-            let r = http.post(format!("{base}/v1/pushes")).bearer_auth(TOKEN_SENDER).json(&body).send().await.unwrap();
+            let r = http
+                .post(format!("{base}/v1/pushes"))
+                .bearer_auth(TOKEN_SENDER)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
             let replayed = r.headers().get("idempotent-replayed").is_some();
             let v: Value = r.json().await.unwrap();
@@ -196,7 +280,13 @@ async fn concurrent_repeats_of_one_out_biz_no_send_once(backend: Backend) {
     let r = app.post_push(&other).await;
     assert_eq!(r.status(), 422);
     let v: Value = r.json().await.unwrap();
-    assert!(v["type"].as_str().unwrap().ends_with("idempotency-mismatch"), "{v}");
+    assert!(
+        v["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("idempotency-mismatch"),
+        "{v}"
+    );
     assert_eq!(env.sends().len(), 1);
 }
 
@@ -213,15 +303,24 @@ async fn umeng_fail_gives_502_and_releases_the_slot(backend: Backend) {
     env.sim.add_fault(Fault {
         appkey: Some(ANDROID_KEY.into()),
         path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode { code: "2022".into(), message: Some("payload too long".into()) },
+        kind: FaultKind::ErrorCode {
+            code: "2022".into(),
+            message: Some("payload too long".into()),
+        },
         times: Some(1),
     });
     let r = app.post_push(&production_groupcast("fail-1")).await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["umeng"]["error_code"], "2022", "{v}");
-    assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, 0, "slot released");
-    let stored = app.get_json(&format!("/v1/pushes/{}", v["push_id"].as_str().unwrap())).await;
+    assert_eq!(
+        app.quota_used(ANDROID_APP, "groupcast").await,
+        0,
+        "slot released"
+    );
+    let stored = app
+        .get_json(&format!("/v1/pushes/{}", v["push_id"].as_str().unwrap()))
+        .await;
     assert_eq!(stored["status"], "failed");
     assert_eq!(stored["error_code"], "2022");
     assert_eq!(stored["quota_refunded"], true);
@@ -230,20 +329,33 @@ async fn umeng_fail_gives_502_and_releases_the_slot(backend: Backend) {
 async fn umeng_hang_gives_504_unknown_and_keeps_the_slot(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
-    env.sim.add_fault(Fault { appkey: None, path: Some("/api/send".into()), kind: FaultKind::Hang, times: Some(1) });
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: Some("/api/send".into()),
+        kind: FaultKind::Hang,
+        times: Some(1),
+    });
     let r = app.post_push(&production_groupcast("hang-1")).await;
     assert_eq!(r.status(), 504);
     let v: Value = r.json().await.unwrap();
-    let stored = app.get_json(&format!("/v1/pushes/{}", v["push_id"].as_str().unwrap())).await;
+    let stored = app
+        .get_json(&format!("/v1/pushes/{}", v["push_id"].as_str().unwrap()))
+        .await;
     assert_eq!(stored["status"], "unknown");
-    assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, 1, "slot kept");
+    assert_eq!(
+        app.quota_used(ANDROID_APP, "groupcast").await,
+        1,
+        "slot kept"
+    );
     // A task-class send with an unknown outcome may be retried with the same key; it
     // carries the same out_biz_no upstream, so Umeng dedupes it.
     let r = app.post_push(&production_groupcast("hang-1")).await;
     assert_eq!(r.status(), 201);
     let sends = env.sends();
     assert_eq!(sends.len(), 2);
-    assert!(sends.iter().all(|s| s.out_biz_no.as_deref() == Some("hang-1")));
+    assert!(sends
+        .iter()
+        .all(|s| s.out_biz_no.as_deref() == Some("hang-1")));
 }
 
 async fn unreachable_umeng_releases_the_slot(backend: Backend) {
@@ -267,13 +379,20 @@ async fn umeng_2050_saturates_the_window(backend: Backend) {
     env.sim.add_fault(Fault {
         appkey: None,
         path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode { code: "2050".into(), message: None },
+        kind: FaultKind::ErrorCode {
+            code: "2050".into(),
+            message: None,
+        },
         times: Some(1),
     });
     let r = app.post_push(&production_groupcast("sat-1")).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().get("retry-after").is_some());
-    assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, 5, "window marked full");
+    assert_eq!(
+        app.quota_used(ANDROID_APP, "groupcast").await,
+        5,
+        "window marked full"
+    );
     // The next one is refused locally without calling Umeng.
     let r = app.post_push(&production_groupcast("sat-2")).await;
     assert_eq!(r.status(), 429);
@@ -287,9 +406,17 @@ async fn validation_errors_never_reach_umeng_nor_take_quota(backend: Backend) {
     bad["notification"] = json!({"text": "no title"});
     let r = app.post_push(&bad).await;
     assert_eq!(r.status(), 422);
-    assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    assert_eq!(
+        r.headers().get("content-type").unwrap(),
+        "application/problem+json"
+    );
     let v: Value = r.json().await.unwrap();
-    let fields: Vec<&str> = v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
     assert!(fields.iter().any(|f| f.contains("title")), "{v}");
 
     // Not JSON, wrong type, unknown field, unknown app.
@@ -310,7 +437,10 @@ async fn validation_errors_never_reach_umeng_nor_take_quota(backend: Backend) {
     too_many["device_tokens"] = json!(vec![ANDROID_TOKEN; 501]);
     assert_eq!(app.post_push(&too_many).await.status(), 422);
 
-    assert!(env.sim.requests().is_empty(), "nothing reached the simulator");
+    assert!(
+        env.sim.requests().is_empty(),
+        "nothing reached the simulator"
+    );
     assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, 0);
     // The key was not burned: the fixed request goes through.
     let r = app.post_push(&production_groupcast("bad-1")).await;
@@ -321,7 +451,13 @@ async fn auth_is_enforced(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
     let body = push_body(IOS_APP, "unicast");
-    let r = app.http.post(format!("{}/v1/pushes", app.base)).json(&body).send().await.unwrap();
+    let r = app
+        .http
+        .post(format!("{}/v1/pushes", app.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(app.post_push_as("wrong-token", &body).await.status(), 401);
     let r = app.post_push_as(TOKEN_READER, &body).await;
@@ -330,15 +466,35 @@ async fn auth_is_enforced(backend: Backend) {
     assert_eq!(r.status(), 403, "client not allowed on the iOS app");
     assert!(env.sim.requests().is_empty());
     // Health is open.
-    let r = app.http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = app.http.get(format!("{}/readyz", app.base)).send().await.unwrap();
+    let r = app
+        .http
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // The android-only client sees only android history.
     assert_eq!(app.post_push(&body).await.status(), 201);
-    let page: Value = app.get_as(TOKEN_ANDROID_ONLY, "/v1/pushes").await.json().await.unwrap();
+    let page: Value = app
+        .get_as(TOKEN_ANDROID_ONLY, "/v1/pushes")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 0);
-    assert_eq!(app.get_as(TOKEN_ANDROID_ONLY, "/v1/pushes?app=test-ios").await.status(), 403);
+    assert_eq!(
+        app.get_as(TOKEN_ANDROID_ONLY, "/v1/pushes?app=test-ios")
+            .await
+            .status(),
+        403
+    );
 }
 
 async fn history_filters_and_pagination(backend: Backend) {
@@ -383,7 +539,9 @@ async fn history_filters_and_pagination(backend: Backend) {
     assert_eq!(page["items"].as_array().unwrap().len(), 0);
     let page = app.get_json("/v1/pushes?client=sender&type=unicast").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 7);
-    let page = app.get_json("/v1/pushes?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00Z").await;
+    let page = app
+        .get_json("/v1/pushes?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00Z")
+        .await;
     assert_eq!(page["items"].as_array().unwrap().len(), 0);
     assert_eq!(app.get("/v1/pushes?limit=201").await.status(), 422);
     assert_eq!(app.get("/v1/pushes?status=bogus").await.status(), 422);
@@ -395,29 +553,68 @@ async fn task_refresh_and_cancel(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
     // A unicast cannot be refreshed or cancelled.
-    let v: Value = app.post_push(&push_body(ANDROID_APP, "unicast")).await.json().await.unwrap();
+    let v: Value = app
+        .post_push(&push_body(ANDROID_APP, "unicast"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let uni = v["id"].as_str().unwrap();
-    assert_eq!(app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{uni}/cancel")).await.status(), 409);
-    assert_eq!(app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{uni}/refresh")).await.status(), 409);
+    assert_eq!(
+        app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{uni}/cancel"))
+            .await
+            .status(),
+        409
+    );
+    assert_eq!(
+        app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{uni}/refresh"))
+            .await
+            .status(),
+        409
+    );
 
     // A broadcast is cancelled while queued.
-    let v: Value = app.post_push(&push_body(ANDROID_APP, "broadcast")).await.json().await.unwrap();
+    let v: Value = app
+        .post_push(&push_body(ANDROID_APP, "broadcast"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let id = v["id"].as_str().unwrap().to_string();
-    assert_eq!(app.post_as(TOKEN_READER, &format!("/v1/pushes/{id}/cancel")).await.status(), 403);
-    let r = app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel")).await;
+    assert_eq!(
+        app.post_as(TOKEN_READER, &format!("/v1/pushes/{id}/cancel"))
+            .await
+            .status(),
+        403
+    );
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel"))
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "cancelled");
-    let r = app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/refresh")).await;
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/refresh"))
+        .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "cancelled", "{v}");
 
     // Another one is refreshed until Umeng reports it done.
-    let v: Value = app.post_push(&push_body(IOS_APP, "broadcast")).await.json().await.unwrap();
+    let v: Value = app
+        .post_push(&push_body(IOS_APP, "broadcast"))
+        .await
+        .json()
+        .await
+        .unwrap();
     let id = v["id"].as_str().unwrap().to_string();
     let mut last = Value::Null;
     for _ in 0..40 {
-        last = app.post_as(TOKEN_READER, &format!("/v1/pushes/{id}/refresh")).await.json().await.unwrap();
+        last = app
+            .post_as(TOKEN_READER, &format!("/v1/pushes/{id}/refresh"))
+            .await
+            .json()
+            .await
+            .unwrap();
         if last["status"] == "done" {
             break;
         }
@@ -426,7 +623,9 @@ async fn task_refresh_and_cancel(backend: Backend) {
     assert_eq!(last["status"], "done", "{last}");
     assert!(last["task_status"].is_object());
     // Cancelling a finished task is refused by Umeng (1028) -> 409.
-    let r = app.post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel")).await;
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel"))
+        .await;
     assert_eq!(r.status(), 409);
 }
 
@@ -438,7 +637,12 @@ async fn identical_file_lines_reuse_the_upload(backend: Backend) {
     let b: Value = app.post_push(&body).await.json().await.unwrap();
     assert_eq!(a["file_id"], b["file_id"]);
     assert!(a["file_id"].as_str().unwrap().starts_with("PF"));
-    let uploads = env.sim.requests().into_iter().filter(|r| r.path == "/upload").count();
+    let uploads = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/upload")
+        .count();
     assert_eq!(uploads, 1);
     assert_eq!(env.sends().len(), 2);
 }
@@ -446,7 +650,12 @@ async fn identical_file_lines_reuse_the_upload(backend: Backend) {
 async fn failed_key_can_be_retried(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
-    env.sim.add_fault(Fault { appkey: None, path: None, kind: FaultKind::HttpStatus { status: 500 }, times: Some(1) });
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: None,
+        kind: FaultKind::HttpStatus { status: 500 },
+        times: Some(1),
+    });
     let mut body = push_body(ANDROID_APP, "unicast");
     body["out_biz_no"] = json!("retry-me");
     // HTTP 500 from Umeng: outcome unknown; a unicast-class push is not re-sent blindly.
@@ -460,7 +669,10 @@ async fn failed_key_can_be_retried(backend: Backend) {
     env.sim.add_fault(Fault {
         appkey: None,
         path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode { code: "1001".into(), message: None },
+        kind: FaultKind::ErrorCode {
+            code: "1001".into(),
+            message: None,
+        },
         times: Some(1),
     });
     let mut body2 = push_body(ANDROID_APP, "unicast");
@@ -469,6 +681,15 @@ async fn failed_key_can_be_retried(backend: Backend) {
     let r = app.post_push(&body2).await;
     assert_eq!(r.status(), 201);
     let page = app.get_json("/v1/pushes?out_biz_no=retry-me-2").await;
-    let statuses: Vec<&str> = page["items"].as_array().unwrap().iter().map(|i| i["status"].as_str().unwrap()).collect();
-    assert_eq!(statuses, vec!["accepted", "failed"], "both attempts are in history");
+    let statuses: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["accepted", "failed"],
+        "both attempts are in history"
+    );
 }

@@ -1,3 +1,7 @@
 //! The API integration tests: one binary, one module per area.
 
+mod app;
+mod gateway;
+mod helpers;
 mod simulator;
+mod store_contract;

@@ -1,0 +1,490 @@
+//! The PostgreSQL store: admission is one call of the `umgw_admit` function (one round trip).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row};
+use time::OffsetDateTime;
+
+use super::{
+    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PushQuery,
+    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskUpdate,
+};
+use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Session settings for every connection: no statement, lock wait or forgotten
+/// transaction can hold a connection (and the rows it locked) for long.
+const SESSION_OPTIONS: [(&str, &str); 3] = [
+    ("statement_timeout", "5s"),
+    ("lock_timeout", "2s"),
+    ("idle_in_transaction_session_timeout", "10s"),
+];
+/// Connections are recycled so server-side state (and failovers) cannot linger.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
+     client, out_biz_no, fingerprint, status, description, request, umeng_request, \
+     umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
+     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
+     sent_at, finished_at, updated_at";
+
+const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
+     reset_after_secs \
+     from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+
+/// Guarded finish plus the quota action, in one statement. `o.was_refunded` is the flag
+/// before this statement, so the refund happens at most once.
+const FINISH: &str = "with o as (
+    select id, quota_refunded as was_refunded from pushes where id = $1
+), f as (
+    update pushes p
+       set status = $2, umeng_request = $3, umeng_response = $4, msg_id = $5, task_id = $6,
+           file_id = $7, error_code = $8, error_msg = $9, http_status = $10, latency_ms = $11,
+           sent_at = $12,
+           quota_refunded = p.quota_refunded
+               or ($13::text = 'refund' and p.quota_window is not null),
+           finished_at = now(), updated_at = now()
+      from o
+     where p.id = o.id and p.status = 'pending'
+ returning p.appkey, p.quota_kind, p.quota_window, p.quota_limit, o.was_refunded
+), q as (
+    update quota_counters c
+       set used = case when $13::text = 'refund' then greatest(c.used - 1, 0)
+                       else greatest(c.used, f.quota_limit) end
+      from f
+     where c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
+       and (($13::text = 'refund' and not f.was_refunded) or $13::text = 'saturate')
+)
+select count(*) from f";
+
+const UPDATE_TASK: &str = "update pushes
+   set status = $2, task_status = $3, task_checked_at = now(), updated_at = now(),
+       finished_at = case
+           when $4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
+           then now() else finished_at end
+ where id = $1 and status <> 'pending'";
+
+const SWEEP: &str = "update pushes
+   set status = 'unknown', error_code = 'stale_pending',
+       error_msg = 'still pending after the sweep threshold: the outcome of the umeng call is unknown',
+       finished_at = now(), updated_at = now()
+ where status = 'pending' and created_at < now() - $1::bigint * interval '1 second'";
+
+const QUOTA_STATE: &str = "with c as (
+    select extract(epoch from now())::float8 as e
+), w as (
+    select (floor((c.e + 28800) / $3::bigint) * $3::bigint - 28800)::bigint as ws, c.e from c
+)
+select w.ws as window_start,
+       greatest(1, ceil(w.ws + $3::bigint - w.e))::bigint as reset_after_secs,
+       coalesce((select q.used from quota_counters q
+                  where q.appkey = $1 and q.kind = $2 and q.window_start = w.ws), 0) as used
+  from w";
+
+const FIND_UPLOAD: &str = "select file_id from uploads
+ where appkey = $1 and content_sha256 = $2
+   and created_at > now() - $3::bigint * interval '1 second'";
+
+const SAVE_UPLOAD: &str = "insert into uploads (appkey, content_sha256, file_id)
+values ($1, $2, $3)
+on conflict (appkey, content_sha256)
+do update set file_id = excluded.file_id, created_at = now()";
+
+const APPLIED_MIGRATIONS: &str = "select version from _sqlx_migrations where success";
+
+/// A [`Store`] on PostgreSQL. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connect to `url` (`postgres://` or `postgresql://`). Fails fast when the server
+    /// cannot be reached. Errors never include the URL's password.
+    pub async fn connect(url: &str, options: &PoolOptions) -> StoreResult<Self> {
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| {
+                StoreError::BadUrl(format!(
+                    "{}: {}",
+                    redact_url(url),
+                    scrub(e.to_string(), url)
+                ))
+            })?
+            .application_name("umeng-push-gateway")
+            .options(SESSION_OPTIONS);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .max_lifetime(MAX_LIFETIME)
+            .idle_timeout(IDLE_TIMEOUT)
+            .connect_with(connect)
+            .await
+            .map_err(|e| match map_sqlx(e) {
+                StoreError::Unavailable(m) => StoreError::Unavailable(format!(
+                    "cannot connect to {}: {}",
+                    redact_url(url),
+                    scrub(m, url)
+                )),
+                StoreError::Database(m) => StoreError::Database(format!(
+                    "cannot connect to {}: {}",
+                    redact_url(url),
+                    scrub(m, url)
+                )),
+                other => other,
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool (for tests and operational queries).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        let applied: Vec<i64> = sqlx::query_scalar(APPLIED_MIGRATIONS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| match map_sqlx(e) {
+                StoreError::Database(m) => StoreError::Migration(format!("not migrated: {m}")),
+                other => other,
+            })?;
+        missing_migration(&MIGRATOR, &applied)
+    }
+
+    async fn now(&self) -> StoreResult<OffsetDateTime> {
+        sqlx::query_scalar("select now()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push.id))]
+    async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
+        let pool = self.pool.clone();
+        run_detached(async move { admit(&pool, push, quota).await }).await
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
+    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+        let action = match finish.quota {
+            QuotaAction::Keep => "keep",
+            QuotaAction::Refund => "refund",
+            QuotaAction::Saturate => "saturate",
+        };
+        let query = sqlx::query_scalar::<_, i64>(FINISH)
+            .bind(push_id.to_owned())
+            .bind(finish.status.as_str())
+            .bind(finish.umeng_request)
+            .bind(finish.umeng_response)
+            .bind(finish.msg_id)
+            .bind(finish.task_id)
+            .bind(finish.file_id)
+            .bind(finish.error_code)
+            .bind(finish.error_msg)
+            .bind(i32::from(finish.http_status))
+            .bind(finish.latency_ms)
+            .bind(finish.sent_at)
+            .bind(action);
+        let pool = self.pool.clone();
+        let changed =
+            run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
+        Ok(changed > 0)
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()> {
+        sqlx::query(UPDATE_TASK)
+            .bind(push_id)
+            .bind(update.status.as_str())
+            .bind(update.task_status)
+            .bind(update.status.is_final_task_state())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
+        get_push(&self.pool, push_id).await
+    }
+
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
+        let mut qb =
+            QueryBuilder::<Postgres>::new(format!("select {PUSH_COLUMNS} from pushes where true"));
+        if let Some(app) = &query.app {
+            qb.push(" and app = ").push_bind(app.clone());
+        }
+        if let Some(apps) = &query.apps_allowed {
+            qb.push(" and app = any(").push_bind(apps.clone()).push(")");
+        }
+        if let Some(cast_type) = &query.cast_type {
+            qb.push(" and cast_type = ").push_bind(cast_type.clone());
+        }
+        if let Some(status) = query.status {
+            qb.push(" and status = ").push_bind(status.as_str());
+        }
+        if let Some(client) = &query.client {
+            qb.push(" and client = ").push_bind(client.clone());
+        }
+        if let Some(out_biz_no) = &query.out_biz_no {
+            qb.push(" and out_biz_no = ").push_bind(out_biz_no.clone());
+        }
+        if let Some(msg_id) = &query.msg_id {
+            qb.push(" and msg_id = ").push_bind(msg_id.clone());
+        }
+        if let Some(task_id) = &query.task_id {
+            qb.push(" and task_id = ").push_bind(task_id.clone());
+        }
+        if let Some(from) = query.from {
+            qb.push(" and created_at >= ").push_bind(from);
+        }
+        if let Some(to) = query.to {
+            qb.push(" and created_at < ").push_bind(to);
+        }
+        if let Some(before_id) = &query.before_id {
+            qb.push(" and id < ").push_bind(before_id.clone());
+        }
+        qb.push(" order by id desc limit ")
+            .push_bind(i64::from(query.limit.clamp(1, 200)));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| push_from_row(r).map_err(map_sqlx))
+            .collect()
+    }
+
+    async fn sweep_stale_pending(&self, older_than_secs: i64) -> StoreResult<u64> {
+        let done = sqlx::query(SWEEP)
+            .bind(older_than_secs)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn quota_state(
+        &self,
+        appkey: &str,
+        kind: QuotaKind,
+        limit: QuotaLimit,
+    ) -> StoreResult<QuotaState> {
+        let row = sqlx::query(QUOTA_STATE)
+            .bind(appkey)
+            .bind(kind.as_str())
+            .bind(limit.window.seconds())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        let used: i32 = row.try_get("used").map_err(map_sqlx)?;
+        Ok(QuotaState {
+            kind,
+            limit: limit.limit,
+            window: limit.window,
+            used: u32::try_from(used).unwrap_or(0),
+            window_start: row.try_get("window_start").map_err(map_sqlx)?,
+            reset_after_secs: row.try_get("reset_after_secs").map_err(map_sqlx)?,
+        })
+    }
+
+    async fn find_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        max_age_secs: i64,
+    ) -> StoreResult<Option<String>> {
+        sqlx::query_scalar(FIND_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(max_age_secs)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn save_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(SAVE_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(file_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+}
+
+/// The first migration of `migrator` missing from `applied`, as an error.
+pub(crate) fn missing_migration(migrator: &Migrator, applied: &[i64]) -> StoreResult<()> {
+    match migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .find(|m| !applied.contains(&m.version))
+    {
+        Some(m) => Err(StoreError::Migration(format!(
+            "migration {} ({}) is not applied",
+            m.version, m.description
+        ))),
+        None => Ok(()),
+    }
+}
+
+async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
+    let row = sqlx::query(ADMIT)
+        .bind(&push.id)
+        .bind(&push.app)
+        .bind(&push.appkey)
+        .bind(&push.platform)
+        .bind(&push.cast_type)
+        .bind(push.task_class)
+        .bind(push.production_mode)
+        .bind(&push.client)
+        .bind(&push.out_biz_no)
+        .bind(&push.fingerprint)
+        .bind(&push.request)
+        .bind(&push.description)
+        .bind(quota.map(|c| c.kind.as_str()))
+        .bind(quota.map(|c| i32::try_from(c.limit.limit).unwrap_or(i32::MAX)))
+        .bind(quota.map(|c| c.limit.window.seconds()))
+        .fetch_one(pool)
+        .await
+        .map_err(map_sqlx)?;
+    let outcome: String = row.try_get("outcome").map_err(map_sqlx)?;
+    let push_id: Option<String> = row.try_get("push_id").map_err(map_sqlx)?;
+    let state = match quota {
+        Some(claim) => {
+            let used: Option<i32> = row.try_get("used").map_err(map_sqlx)?;
+            let window_start: Option<i64> = row.try_get("window_start").map_err(map_sqlx)?;
+            let reset: Option<i64> = row.try_get("reset_after_secs").map_err(map_sqlx)?;
+            Some(QuotaState {
+                kind: claim.kind,
+                limit: claim.limit.limit,
+                window: claim.limit.window,
+                used: used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0),
+                window_start: window_start.unwrap_or_default(),
+                reset_after_secs: reset.unwrap_or(1),
+            })
+        }
+        None => None,
+    };
+    let owner = || {
+        push_id.clone().ok_or_else(|| {
+            StoreError::Database(format!("admission outcome {outcome} without a push id"))
+        })
+    };
+    match outcome.as_str() {
+        "admitted" => Ok(Admission::Admitted {
+            push_id: owner()?,
+            quota: state,
+            reclaimed_from: row.try_get("reclaimed_from").map_err(map_sqlx)?,
+        }),
+        "rate_limited" => match state {
+            Some(quota) => Ok(Admission::RateLimited { quota }),
+            None => Err(StoreError::Database(
+                "rate limited without a quota claim".into(),
+            )),
+        },
+        "in_flight" => Ok(Admission::InFlight { push_id: owner()? }),
+        "mismatch" => Ok(Admission::Mismatch { push_id: owner()? }),
+        "replay" => {
+            let id = owner()?;
+            match get_push(pool, &id).await? {
+                Some(record) => Ok(Admission::Replay {
+                    push: Box::new(record),
+                }),
+                None => Err(StoreError::Database(format!(
+                    "push {id} owning the key is gone"
+                ))),
+            }
+        }
+        other => Err(StoreError::Database(format!(
+            "unexpected admission outcome {other:?}"
+        ))),
+    }
+}
+
+async fn get_push(pool: &PgPool, push_id: &str) -> StoreResult<Option<PushRecord>> {
+    let row = sqlx::query(&format!("select {PUSH_COLUMNS} from pushes where id = $1"))
+        .bind(push_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_sqlx)?;
+    row.as_ref()
+        .map(push_from_row)
+        .transpose()
+        .map_err(map_sqlx)
+}
+
+fn decode_err(message: String) -> sqlx::Error {
+    sqlx::Error::Decode(message.into())
+}
+
+fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let quota_kind: Option<String> = row.try_get("quota_kind")?;
+    let http_status: Option<i32> = row.try_get("http_status")?;
+    Ok(PushRecord {
+        id: row.try_get("id")?,
+        app: row.try_get("app")?,
+        appkey: row.try_get("appkey")?,
+        platform: row.try_get("platform")?,
+        cast_type: row.try_get("cast_type")?,
+        task_class: row.try_get("task_class")?,
+        production_mode: row.try_get("production_mode")?,
+        client: row.try_get("client")?,
+        out_biz_no: row.try_get("out_biz_no")?,
+        fingerprint: row.try_get("fingerprint")?,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+        description: row.try_get("description")?,
+        request: row.try_get::<Value, _>("request")?,
+        umeng_request: row.try_get("umeng_request")?,
+        umeng_response: row.try_get("umeng_response")?,
+        msg_id: row.try_get("msg_id")?,
+        task_id: row.try_get("task_id")?,
+        file_id: row.try_get("file_id")?,
+        error_code: row.try_get("error_code")?,
+        error_msg: row.try_get("error_msg")?,
+        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+        quota_kind: match quota_kind {
+            Some(k) => Some(
+                QuotaKind::parse(&k)
+                    .ok_or_else(|| decode_err(format!("unknown quota kind {k:?}")))?,
+            ),
+            None => None,
+        },
+        quota_window: row.try_get("quota_window")?,
+        quota_refunded: row.try_get("quota_refunded")?,
+        task_status: row.try_get("task_status")?,
+        task_checked_at: row.try_get("task_checked_at")?,
+        latency_ms: row.try_get("latency_ms")?,
+        created_at: row.try_get("created_at")?,
+        sent_at: row.try_get("sent_at")?,
+        finished_at: row.try_get("finished_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

@@ -1,0 +1,645 @@
+//! The SQLite store: for a single replica or development. Writes that span statements run
+//! in a `begin immediate` transaction (writers serialise up front, no lock upgrades), inside
+//! a spawned task so a dropped caller cannot leave a connection mid-transaction.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use time::OffsetDateTime;
+
+use super::postgres::missing_migration;
+use super::{
+    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PushQuery,
+    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskUpdate,
+};
+use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a writer waits for another writer before giving up with SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
+     client, out_biz_no, fingerprint, status, description, request, umeng_request, \
+     umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
+     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
+     sent_at, finished_at, updated_at";
+
+const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status
+  from idempotency_keys k join pushes p on p.id = k.push_id
+ where k.appkey = ?1 and k.out_biz_no = ?2";
+
+const INSERT_PUSH: &str = "insert into pushes (id, app, appkey, platform, cast_type, task_class,
+    production_mode, client, out_biz_no, fingerprint, status, description, request,
+    quota_kind, quota_window, quota_limit, created_at, updated_at)
+values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?12, ?13, ?14, ?15, ?16, ?16)";
+
+const INSERT_KEY: &str = "insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id,
+    created_at)
+values (?1, ?2, ?3, ?4, ?5)";
+
+const RECLAIM_KEY: &str = "update idempotency_keys
+   set push_id = ?3, fingerprint = ?4, created_at = ?5
+ where appkey = ?1 and out_biz_no = ?2 and push_id = ?6";
+
+const TAKE_SLOT: &str = "insert into quota_counters as q (appkey, kind, window_start, used)
+values (?1, ?2, ?3, 1)
+on conflict (appkey, kind, window_start)
+do update set used = q.used + 1 where q.used < ?4
+returning used";
+
+const SLOT_USED: &str =
+    "select used from quota_counters where appkey = ?1 and kind = ?2 and window_start = ?3";
+
+const PENDING_QUOTA: &str = "select appkey, quota_kind, quota_window, quota_limit, quota_refunded
+  from pushes where id = ?1 and status = 'pending'";
+
+const FINISH: &str = "update pushes
+   set status = ?2, umeng_request = ?3, umeng_response = ?4, msg_id = ?5, task_id = ?6,
+       file_id = ?7, error_code = ?8, error_msg = ?9, http_status = ?10, latency_ms = ?11,
+       sent_at = ?12, quota_refunded = ?13, finished_at = ?14, updated_at = ?14
+ where id = ?1 and status = 'pending'";
+
+const REFUND: &str = "update quota_counters set used = max(used - 1, 0)
+ where appkey = ?1 and kind = ?2 and window_start = ?3";
+
+const SATURATE: &str = "update quota_counters set used = max(used, ?4)
+ where appkey = ?1 and kind = ?2 and window_start = ?3";
+
+const UPDATE_TASK: &str = "update pushes
+   set status = ?2, task_status = ?3, task_checked_at = ?5, updated_at = ?5,
+       finished_at = case
+           when ?4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
+           then ?5 else finished_at end
+ where id = ?1 and status <> 'pending'";
+
+const SWEEP: &str = "update pushes
+   set status = 'unknown', error_code = 'stale_pending',
+       error_msg = 'still pending after the sweep threshold: the outcome of the umeng call is unknown',
+       finished_at = ?1, updated_at = ?1
+ where status = 'pending' and created_at < ?2";
+
+const FIND_UPLOAD: &str = "select file_id from uploads
+ where appkey = ?1 and content_sha256 = ?2 and created_at > ?3";
+
+const SAVE_UPLOAD: &str = "insert into uploads (appkey, content_sha256, file_id, created_at)
+values (?1, ?2, ?3, ?4)
+on conflict (appkey, content_sha256)
+do update set file_id = excluded.file_id, created_at = excluded.created_at";
+
+const APPLIED_MIGRATIONS: &str = "select version from _sqlx_migrations where success";
+
+/// A [`Store`] on a SQLite file. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open `url` (`sqlite://path/to/file.db`, `sqlite:file.db`, `sqlite::memory:`), creating
+    /// the file and its directory if missing; WAL journal, a busy timeout, foreign keys on.
+    pub async fn connect(url: &str, options: &PoolOptions) -> StoreResult<Self> {
+        let bad_url =
+            |e: String| StoreError::BadUrl(format!("{}: {}", redact_url(url), scrub(e, url)));
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| bad_url(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory {
+            if let Some(dir) = connect.get_filename().parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::Unavailable(format!(
+                            "cannot create directory {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                }
+            }
+        }
+        let mut pool = SqlitePoolOptions::new().acquire_timeout(options.acquire_timeout);
+        pool = if in_memory {
+            // Every connection to ":memory:" is its own database: keep exactly one, forever.
+            pool.max_connections(1)
+                .min_connections(1)
+                .max_lifetime(None)
+                .idle_timeout(None)
+        } else {
+            pool.max_connections(options.max_connections.max(1))
+                .max_lifetime(MAX_LIFETIME)
+        };
+        let pool = pool
+            .connect_with(connect)
+            .await
+            .map_err(|e| match map_sqlx(e) {
+                StoreError::Unavailable(m) | StoreError::Database(m) => StoreError::Unavailable(
+                    format!("cannot open {}: {}", redact_url(url), scrub(m, url)),
+                ),
+                other => other,
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool (for tests and operational queries).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// The clock: SQLite has no server, so the database clock is this host's clock.
+fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(ms: i64) -> Result<OffsetDateTime, sqlx::Error> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn to_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// The state of `claim`'s window at `now_ms`, with `used` filled in by the caller.
+fn window_of(claim: QuotaClaim, now_ms: i64, used: u32) -> QuotaState {
+    let unit = claim.limit.window.seconds();
+    let window_start = claim.limit.window.window_start(now_ms.div_euclid(1000));
+    let end_ms = (window_start + unit) * 1000;
+    QuotaState {
+        kind: claim.kind,
+        limit: claim.limit.limit,
+        window: claim.limit.window,
+        used,
+        window_start,
+        reset_after_secs: ((end_ms - now_ms + 999) / 1000).max(1),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Migration(e.to_string()))
+    }
+
+    async fn ready(&self) -> StoreResult<()> {
+        let applied: Vec<i64> = sqlx::query_scalar(APPLIED_MIGRATIONS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| match map_sqlx(e) {
+                StoreError::Database(m) => StoreError::Migration(format!("not migrated: {m}")),
+                other => other,
+            })?;
+        missing_migration(&MIGRATOR, &applied)
+    }
+
+    async fn now(&self) -> StoreResult<OffsetDateTime> {
+        from_ms(now_ms()).map_err(map_sqlx)
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push.id))]
+    async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
+        let pool = self.pool.clone();
+        run_detached(async move { admit(&pool, push, quota).await.map_err(map_sqlx) }).await
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
+    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+        let pool = self.pool.clone();
+        let push_id = push_id.to_owned();
+        run_detached(async move { finish_push(&pool, &push_id, finish).await.map_err(map_sqlx) })
+            .await
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()> {
+        sqlx::query(UPDATE_TASK)
+            .bind(push_id)
+            .bind(update.status.as_str())
+            .bind(Json(update.task_status))
+            .bind(update.status.is_final_task_state())
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
+        let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
+        get_push(&mut conn, push_id).await.map_err(map_sqlx)
+    }
+
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new(format!("select {PUSH_COLUMNS} from pushes where 1"));
+        if let Some(app) = &query.app {
+            qb.push(" and app = ").push_bind(app.clone());
+        }
+        if let Some(apps) = &query.apps_allowed {
+            if apps.is_empty() {
+                qb.push(" and 0");
+            } else {
+                qb.push(" and app in (");
+                let mut list = qb.separated(", ");
+                for app in apps {
+                    list.push_bind(app.clone());
+                }
+                qb.push(")");
+            }
+        }
+        if let Some(cast_type) = &query.cast_type {
+            qb.push(" and cast_type = ").push_bind(cast_type.clone());
+        }
+        if let Some(status) = query.status {
+            qb.push(" and status = ").push_bind(status.as_str());
+        }
+        if let Some(client) = &query.client {
+            qb.push(" and client = ").push_bind(client.clone());
+        }
+        if let Some(out_biz_no) = &query.out_biz_no {
+            qb.push(" and out_biz_no = ").push_bind(out_biz_no.clone());
+        }
+        if let Some(msg_id) = &query.msg_id {
+            qb.push(" and msg_id = ").push_bind(msg_id.clone());
+        }
+        if let Some(task_id) = &query.task_id {
+            qb.push(" and task_id = ").push_bind(task_id.clone());
+        }
+        if let Some(from) = query.from {
+            qb.push(" and created_at >= ").push_bind(to_ms(from));
+        }
+        if let Some(to) = query.to {
+            qb.push(" and created_at < ").push_bind(to_ms(to));
+        }
+        if let Some(before_id) = &query.before_id {
+            qb.push(" and id < ").push_bind(before_id.clone());
+        }
+        qb.push(" order by id desc limit ")
+            .push_bind(i64::from(query.limit.clamp(1, 200)));
+        let rows = qb.build().fetch_all(&self.pool).await.map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| push_from_row(r).map_err(map_sqlx))
+            .collect()
+    }
+
+    async fn sweep_stale_pending(&self, older_than_secs: i64) -> StoreResult<u64> {
+        let now = now_ms();
+        let done = sqlx::query(SWEEP)
+            .bind(now)
+            .bind(now.saturating_sub(older_than_secs.saturating_mul(1000)))
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn quota_state(
+        &self,
+        appkey: &str,
+        kind: QuotaKind,
+        limit: QuotaLimit,
+    ) -> StoreResult<QuotaState> {
+        let mut state = window_of(QuotaClaim { kind, limit }, now_ms(), 0);
+        let used: Option<i64> = sqlx::query_scalar(SLOT_USED)
+            .bind(appkey)
+            .bind(kind.as_str())
+            .bind(state.window_start)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        state.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
+        Ok(state)
+    }
+
+    async fn find_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        max_age_secs: i64,
+    ) -> StoreResult<Option<String>> {
+        sqlx::query_scalar(FIND_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(now_ms().saturating_sub(max_age_secs.saturating_mul(1000)))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn save_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(SAVE_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(file_id)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+}
+
+/// Admission in one `begin immediate` transaction: writers are serialised, so the key check
+/// and the guarded counter cannot race; any early return rolls everything back.
+async fn admit(
+    pool: &SqlitePool,
+    push: NewPush,
+    quota: Option<QuotaClaim>,
+) -> Result<Admission, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let now = now_ms();
+    let window = quota.map(|claim| window_of(claim, now, 0));
+
+    let mut reclaimed_from = None;
+    if let Some(key) = &push.out_biz_no {
+        let owner = sqlx::query(KEY_OWNER)
+            .bind(&push.appkey)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(owner) = owner {
+            let fingerprint: String = owner.try_get("fingerprint")?;
+            let owner_id: String = owner.try_get("push_id")?;
+            let status: String = owner.try_get("status")?;
+            let verdict = if fingerprint != push.fingerprint {
+                Some(Admission::Mismatch {
+                    push_id: owner_id.clone(),
+                })
+            } else if status == PushStatus::Pending.as_str() {
+                Some(Admission::InFlight {
+                    push_id: owner_id.clone(),
+                })
+            } else if status == PushStatus::Failed.as_str()
+                || (status == PushStatus::Unknown.as_str() && push.task_class)
+            {
+                None
+            } else {
+                match get_push(&mut tx, &owner_id).await? {
+                    Some(record) => Some(Admission::Replay {
+                        push: Box::new(record),
+                    }),
+                    None => return Err(decode_err(format!("push {owner_id} vanished"))),
+                }
+            };
+            if let Some(verdict) = verdict {
+                tx.rollback().await?;
+                return Ok(verdict);
+            }
+            reclaimed_from = Some(owner_id);
+        }
+    }
+
+    sqlx::query(INSERT_PUSH)
+        .bind(&push.id)
+        .bind(&push.app)
+        .bind(&push.appkey)
+        .bind(&push.platform)
+        .bind(&push.cast_type)
+        .bind(push.task_class)
+        .bind(push.production_mode)
+        .bind(&push.client)
+        .bind(&push.out_biz_no)
+        .bind(&push.fingerprint)
+        .bind(&push.description)
+        .bind(Json(&push.request))
+        .bind(quota.map(|c| c.kind.as_str()))
+        .bind(window.map(|w| w.window_start))
+        .bind(quota.map(|c| i64::from(c.limit.limit)))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+
+    if let Some(key) = &push.out_biz_no {
+        match &reclaimed_from {
+            Some(old_owner) => {
+                // Writers are serialised, so this cannot miss; the guard keeps it honest.
+                let moved = sqlx::query(RECLAIM_KEY)
+                    .bind(&push.appkey)
+                    .bind(key)
+                    .bind(&push.id)
+                    .bind(&push.fingerprint)
+                    .bind(now)
+                    .bind(old_owner)
+                    .execute(&mut *tx)
+                    .await?;
+                if moved.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(Admission::InFlight {
+                        push_id: old_owner.clone(),
+                    });
+                }
+            }
+            None => {
+                sqlx::query(INSERT_KEY)
+                    .bind(&push.appkey)
+                    .bind(key)
+                    .bind(&push.fingerprint)
+                    .bind(&push.id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+
+    let mut state = None;
+    if let (Some(claim), Some(mut window)) = (quota, window) {
+        let taken: Option<i64> = if claim.limit.limit > 0 {
+            sqlx::query_scalar(TAKE_SLOT)
+                .bind(&push.appkey)
+                .bind(claim.kind.as_str())
+                .bind(window.window_start)
+                .bind(i64::from(claim.limit.limit))
+                .fetch_optional(&mut *tx)
+                .await?
+        } else {
+            None
+        };
+        match taken {
+            Some(used) => {
+                window.used = u32::try_from(used).unwrap_or(u32::MAX);
+                state = Some(window);
+            }
+            None => {
+                let used: Option<i64> = sqlx::query_scalar(SLOT_USED)
+                    .bind(&push.appkey)
+                    .bind(claim.kind.as_str())
+                    .bind(window.window_start)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                window.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
+                return Ok(Admission::RateLimited { quota: window });
+            }
+        }
+    }
+
+    tx.commit().await?;
+    Ok(Admission::Admitted {
+        push_id: push.id,
+        quota: state,
+        reclaimed_from,
+    })
+}
+
+async fn finish_push(
+    pool: &SqlitePool,
+    push_id: &str,
+    finish: Finish,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let Some(row) = sqlx::query(PENDING_QUOTA)
+        .bind(push_id)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    let appkey: String = row.try_get("appkey")?;
+    let kind: Option<String> = row.try_get("quota_kind")?;
+    let window: Option<i64> = row.try_get("quota_window")?;
+    let limit: Option<i64> = row.try_get("quota_limit")?;
+    let was_refunded: bool = row.try_get("quota_refunded")?;
+    let has_slot = kind.is_some() && window.is_some();
+    let refund = finish.quota == QuotaAction::Refund && has_slot && !was_refunded;
+    let now = now_ms();
+
+    let updated = sqlx::query(FINISH)
+        .bind(push_id)
+        .bind(finish.status.as_str())
+        .bind(finish.umeng_request.map(Json))
+        .bind(finish.umeng_response.map(Json))
+        .bind(finish.msg_id)
+        .bind(finish.task_id)
+        .bind(finish.file_id)
+        .bind(finish.error_code)
+        .bind(finish.error_msg)
+        .bind(i64::from(finish.http_status))
+        .bind(finish.latency_ms)
+        .bind(finish.sent_at.map(to_ms))
+        .bind(was_refunded || refund)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    if updated.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+
+    if refund {
+        sqlx::query(REFUND)
+            .bind(&appkey)
+            .bind(&kind)
+            .bind(window)
+            .execute(&mut *tx)
+            .await?;
+    } else if finish.quota == QuotaAction::Saturate && has_slot {
+        sqlx::query(SATURATE)
+            .bind(&appkey)
+            .bind(&kind)
+            .bind(window)
+            .bind(limit.unwrap_or(0))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn get_push(
+    conn: &mut SqliteConnection,
+    push_id: &str,
+) -> Result<Option<PushRecord>, sqlx::Error> {
+    let row = sqlx::query(&format!("select {PUSH_COLUMNS} from pushes where id = ?1"))
+        .bind(push_id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(push_from_row).transpose()
+}
+
+fn decode_err(message: String) -> sqlx::Error {
+    sqlx::Error::Decode(message.into())
+}
+
+fn opt_time(row: &SqliteRow, column: &str) -> Result<Option<OffsetDateTime>, sqlx::Error> {
+    row.try_get::<Option<i64>, _>(column)?
+        .map(from_ms)
+        .transpose()
+}
+
+fn opt_json(row: &SqliteRow, column: &str) -> Result<Option<Value>, sqlx::Error> {
+    Ok(row.try_get::<Option<Json<Value>>, _>(column)?.map(|j| j.0))
+}
+
+fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let quota_kind: Option<String> = row.try_get("quota_kind")?;
+    let http_status: Option<i64> = row.try_get("http_status")?;
+    Ok(PushRecord {
+        id: row.try_get("id")?,
+        app: row.try_get("app")?,
+        appkey: row.try_get("appkey")?,
+        platform: row.try_get("platform")?,
+        cast_type: row.try_get("cast_type")?,
+        task_class: row.try_get("task_class")?,
+        production_mode: row.try_get("production_mode")?,
+        client: row.try_get("client")?,
+        out_biz_no: row.try_get("out_biz_no")?,
+        fingerprint: row.try_get("fingerprint")?,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+        description: row.try_get("description")?,
+        request: row.try_get::<Json<Value>, _>("request")?.0,
+        umeng_request: opt_json(row, "umeng_request")?,
+        umeng_response: opt_json(row, "umeng_response")?,
+        msg_id: row.try_get("msg_id")?,
+        task_id: row.try_get("task_id")?,
+        file_id: row.try_get("file_id")?,
+        error_code: row.try_get("error_code")?,
+        error_msg: row.try_get("error_msg")?,
+        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+        quota_kind: match quota_kind {
+            Some(k) => Some(
+                QuotaKind::parse(&k)
+                    .ok_or_else(|| decode_err(format!("unknown quota kind {k:?}")))?,
+            ),
+            None => None,
+        },
+        quota_window: row.try_get("quota_window")?,
+        quota_refunded: row.try_get("quota_refunded")?,
+        task_status: opt_json(row, "task_status")?,
+        task_checked_at: opt_time(row, "task_checked_at")?,
+        latency_ms: row.try_get("latency_ms")?,
+        created_at: from_ms(row.try_get("created_at")?)?,
+        sent_at: opt_time(row, "sent_at")?,
+        finished_at: opt_time(row, "finished_at")?,
+        updated_at: from_ms(row.try_get("updated_at")?)?,
+    })
+}

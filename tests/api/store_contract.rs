@@ -1,0 +1,1079 @@
+//! The store contract: every case runs against SQLite and PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
+use umeng_push_gateway::store::{
+    Admission, Finish, NewPush, PoolOptions, PushQuery, PushStatus, QuotaAction, QuotaClaim, Store,
+    TaskUpdate,
+};
+
+use crate::helpers::StoreCtx;
+
+crate::store_cases!(
+    migrate_is_idempotent,
+    admit_finish_get_round_trip,
+    history_filters_each_work,
+    cursor_pagination_covers_every_row_once,
+    quota_admits_up_to_the_limit_then_rate_limits,
+    rate_limited_key_is_free_afterwards,
+    concurrent_admissions_across_two_stores_respect_the_limit,
+    concurrent_admissions_of_one_key_admit_one,
+    repeat_after_accepted_replays_and_mismatch_is_reported,
+    failed_push_key_is_reclaimed_once,
+    unknown_task_class_reclaims_but_unknown_unicast_replays,
+    refund_returns_the_slot_once_to_the_original_window,
+    saturate_fills_the_window,
+    finish_on_a_final_push_changes_nothing,
+    sweep_marks_stale_pending_unknown,
+    quota_state_reports_the_current_window,
+    uploads_are_found_until_they_expire,
+    update_task_records_status_and_times,
+    cancelled_admissions_leave_no_open_transaction,
+);
+
+const APPKEY: &str = "appkey-1";
+
+fn groupcast(limit: u32) -> QuotaClaim {
+    QuotaClaim {
+        kind: QuotaKind::Groupcast,
+        // A day window, so a test never straddles a window boundary in practice.
+        limit: QuotaLimit {
+            limit,
+            window: WindowUnit::Day,
+        },
+    }
+}
+
+fn new_push(out_biz_no: Option<&str>) -> NewPush {
+    NewPush {
+        id: uuid::Uuid::now_v7().to_string(),
+        app: "shop".into(),
+        appkey: APPKEY.into(),
+        platform: "android".into(),
+        cast_type: "groupcast".into(),
+        task_class: true,
+        production_mode: true,
+        client: "backend".into(),
+        out_biz_no: out_biz_no.map(str::to_owned),
+        fingerprint: "fp-1".into(),
+        request: json!({"type": "groupcast", "filter": {"where": {"and": [{"tag": "vip"}]}}}),
+        description: Some("weekly digest".into()),
+    }
+}
+
+fn unicast(out_biz_no: Option<&str>) -> NewPush {
+    NewPush {
+        cast_type: "unicast".into(),
+        task_class: false,
+        ..new_push(out_biz_no)
+    }
+}
+
+fn finish(status: PushStatus, quota: QuotaAction) -> Finish {
+    Finish {
+        status,
+        umeng_request: Some(json!({"appkey": APPKEY, "timestamp": "1700000000000"})),
+        umeng_response: Some(json!({"ret": "SUCCESS", "data": {"task_id": "t-1"}})),
+        msg_id: None,
+        task_id: Some("t-1".into()),
+        file_id: None,
+        error_code: None,
+        error_msg: None,
+        http_status: 200,
+        latency_ms: Some(42),
+        sent_at: None,
+        quota,
+    }
+}
+
+fn failed() -> Finish {
+    Finish {
+        umeng_response: Some(json!({"ret": "FAIL", "data": {"error_code": "2003"}})),
+        task_id: None,
+        error_code: Some("2003".into()),
+        error_msg: Some("bad filter".into()),
+        http_status: 422,
+        ..finish(PushStatus::Failed, QuotaAction::Refund)
+    }
+}
+
+async fn admit(store: &Arc<dyn Store>, push: NewPush, quota: Option<QuotaClaim>) -> Admission {
+    match store.admit(push, quota).await {
+        Ok(a) => a,
+        Err(e) => panic!("admit failed: {e}"),
+    }
+}
+
+async fn admitted(store: &Arc<dyn Store>, push: NewPush, quota: Option<QuotaClaim>) -> String {
+    match admit(store, push, quota).await {
+        Admission::Admitted { push_id, .. } => push_id,
+        other => panic!("expected Admitted, got {other:?}"),
+    }
+}
+
+async fn finish_ok(store: &Arc<dyn Store>, id: &str, f: Finish) -> bool {
+    match store.finish(id, f).await {
+        Ok(changed) => changed,
+        Err(e) => panic!("finish failed: {e}"),
+    }
+}
+
+async fn get(store: &Arc<dyn Store>, id: &str) -> umeng_push_gateway::store::PushRecord {
+    match store.get_push(id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => panic!("push {id} not found"),
+        Err(e) => panic!("get_push failed: {e}"),
+    }
+}
+
+async fn list(store: &Arc<dyn Store>, query: PushQuery) -> Vec<String> {
+    match store.list_pushes(&query).await {
+        Ok(rows) => rows.into_iter().map(|r| r.id).collect(),
+        Err(e) => panic!("list_pushes failed: {e}"),
+    }
+}
+
+async fn used(store: &Arc<dyn Store>, limit: u32) -> u32 {
+    let claim = groupcast(limit);
+    match store.quota_state(APPKEY, claim.kind, claim.limit).await {
+        Ok(s) => s.used,
+        Err(e) => panic!("quota_state failed: {e}"),
+    }
+}
+
+async fn db_now(store: &Arc<dyn Store>) -> OffsetDateTime {
+    match store.now().await {
+        Ok(t) => t,
+        Err(e) => panic!("now failed: {e}"),
+    }
+}
+
+fn all(limit: u32) -> PushQuery {
+    PushQuery {
+        limit,
+        ..PushQuery::default()
+    }
+}
+
+async fn migrate_is_idempotent(ctx: StoreCtx) {
+    for _ in 0..2 {
+        assert!(ctx.store.migrate().await.is_ok(), "migrate again");
+    }
+    assert!(ctx.store.ready().await.is_ok(), "ready after migrate");
+    let again = ctx.db.connect_again().await;
+    assert!(again.migrate().await.is_ok(), "migrate from a second store");
+    let skew = (db_now(&ctx.store).await - OffsetDateTime::now_utc()).abs();
+    assert!(
+        skew < time::Duration::seconds(5),
+        "database clock is off by {skew}"
+    );
+}
+
+async fn admit_finish_get_round_trip(ctx: StoreCtx) {
+    // Arrange
+    let store = &ctx.store;
+    let push = new_push(Some("biz-1"));
+    let id = push.id.clone();
+    let before = db_now(store).await;
+
+    // Act: admit
+    let admission = admit(store, push.clone(), Some(groupcast(5))).await;
+
+    // Assert: admitted with the quota state, and a pending row
+    let Admission::Admitted {
+        push_id,
+        quota: Some(quota),
+        reclaimed_from: None,
+    } = admission
+    else {
+        panic!("expected a fresh admission, got {admission:?}");
+    };
+    assert_eq!(push_id, id);
+    assert_eq!(
+        (quota.used, quota.limit, quota.window),
+        (1, 5, WindowUnit::Day)
+    );
+    let window = WindowUnit::Day.window_start(before.unix_timestamp());
+    assert_eq!(quota.window_start, window);
+    let pending = get(store, &id).await;
+    assert_eq!(pending.status, PushStatus::Pending);
+    assert_eq!(pending.finished_at, None);
+
+    // Act: finish with every field
+    let sent_at = OffsetDateTime::from_unix_timestamp(1_800_000_000).ok();
+    let done = Finish {
+        msg_id: Some("m-1".into()),
+        file_id: Some("f-1".into()),
+        error_code: Some("none".into()),
+        error_msg: Some("all good".into()),
+        http_status: 202,
+        latency_ms: Some(137),
+        sent_at,
+        ..finish(PushStatus::Accepted, QuotaAction::Keep)
+    };
+    assert!(finish_ok(store, &id, done.clone()).await);
+
+    // Assert: every field
+    let r = get(store, &id).await;
+    assert_eq!(r.id, id);
+    assert_eq!(r.app, push.app);
+    assert_eq!(r.appkey, push.appkey);
+    assert_eq!(r.platform, push.platform);
+    assert_eq!(r.cast_type, push.cast_type);
+    assert_eq!(r.task_class, push.task_class);
+    assert_eq!(r.production_mode, push.production_mode);
+    assert_eq!(r.client, push.client);
+    assert_eq!(r.out_biz_no, push.out_biz_no);
+    assert_eq!(r.fingerprint, push.fingerprint);
+    assert_eq!(r.status, PushStatus::Accepted);
+    assert_eq!(r.description, push.description);
+    assert_eq!(r.request, push.request);
+    assert_eq!(r.umeng_request, done.umeng_request);
+    assert_eq!(r.umeng_response, done.umeng_response);
+    assert_eq!(r.msg_id, done.msg_id);
+    assert_eq!(r.task_id, done.task_id);
+    assert_eq!(r.file_id, done.file_id);
+    assert_eq!(r.error_code, done.error_code);
+    assert_eq!(r.error_msg, done.error_msg);
+    assert_eq!(r.http_status, Some(202));
+    assert_eq!(r.quota_kind, Some(QuotaKind::Groupcast));
+    assert_eq!(r.quota_window, Some(window));
+    assert!(!r.quota_refunded);
+    assert_eq!(r.task_status, None);
+    assert_eq!(r.task_checked_at, None);
+    assert_eq!(r.latency_ms, Some(137));
+    assert_eq!(r.sent_at, sent_at);
+    let slack = time::Duration::seconds(5);
+    assert!(r.created_at >= before - slack && r.created_at <= before + slack);
+    let finished_at = r.finished_at.unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    assert!(
+        finished_at >= r.created_at,
+        "finished_at {finished_at} < created_at"
+    );
+    assert!(r.updated_at >= r.created_at);
+    assert_eq!(used(store, 5).await, 1, "accepted keeps its slot");
+
+    // A push without key or quota has neither.
+    let plain = admit(store, unicast(None), None).await;
+    let Admission::Admitted {
+        push_id,
+        quota: None,
+        reclaimed_from: None,
+    } = plain
+    else {
+        panic!("expected a plain admission, got {plain:?}");
+    };
+    let r = get(store, &push_id).await;
+    assert_eq!(
+        (r.out_biz_no, r.quota_kind, r.quota_window),
+        (None, None, None)
+    );
+    assert!(matches!(store.get_push("no-such-id").await, Ok(None)));
+}
+
+async fn history_filters_each_work(ctx: StoreCtx) {
+    // Arrange: five pushes differing in one attribute each
+    let store = &ctx.store;
+    let a = admitted(store, new_push(Some("biz-a")), None).await;
+    let b = admitted(
+        store,
+        NewPush {
+            app: "news".into(),
+            ..new_push(None)
+        },
+        None,
+    )
+    .await;
+    let c = admitted(
+        store,
+        NewPush {
+            client: "ops".into(),
+            ..unicast(None)
+        },
+        None,
+    )
+    .await;
+    let d = admitted(store, new_push(None), None).await;
+    let e = admitted(store, new_push(None), None).await;
+    let with_msg = Finish {
+        msg_id: Some("msg-c".into()),
+        task_id: None,
+        ..failed()
+    };
+    assert!(finish_ok(store, &c, with_msg).await);
+    let with_task = Finish {
+        task_id: Some("task-d".into()),
+        ..finish(PushStatus::Accepted, QuotaAction::Keep)
+    };
+    assert!(finish_ok(store, &d, with_task).await);
+    let q = |f: fn(&mut PushQuery)| {
+        let mut query = all(50);
+        f(&mut query);
+        query
+    };
+
+    // Act + Assert
+    assert_eq!(
+        list(store, q(|q| q.app = Some("news".into()))).await,
+        vec![b.clone()]
+    );
+    assert_eq!(
+        list(
+            store,
+            q(|q| q.apps_allowed = Some(vec!["news".into(), "other".into()]))
+        )
+        .await,
+        vec![b.clone()]
+    );
+    assert!(list(store, q(|q| q.apps_allowed = Some(vec![])))
+        .await
+        .is_empty());
+    assert_eq!(
+        list(store, q(|q| q.cast_type = Some("unicast".into()))).await,
+        vec![c.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.status = Some(PushStatus::Failed))).await,
+        vec![c.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.status = Some(PushStatus::Accepted))).await,
+        vec![d.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.status = Some(PushStatus::Pending))).await,
+        vec![e.clone(), b.clone(), a.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.client = Some("ops".into()))).await,
+        vec![c.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.out_biz_no = Some("biz-a".into()))).await,
+        vec![a.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.msg_id = Some("msg-c".into()))).await,
+        vec![c.clone()]
+    );
+    assert_eq!(
+        list(store, q(|q| q.task_id = Some("task-d".into()))).await,
+        vec![d.clone()]
+    );
+    // ANDed: the right app but the wrong client matches nothing.
+    assert!(list(
+        store,
+        q(|q| {
+            q.app = Some("news".into());
+            q.client = Some("ops".into());
+        })
+    )
+    .await
+    .is_empty());
+
+    // Time range: everything is inside [created - 1h, created + 1h), nothing before.
+    let created = get(store, &a).await.created_at;
+    let hour = time::Duration::hours(1);
+    let mut range = all(50);
+    range.from = Some(created - hour);
+    range.to = Some(created + hour);
+    assert_eq!(list(store, range.clone()).await.len(), 5);
+    range.to = Some(created - time::Duration::minutes(1));
+    assert!(list(store, range).await.is_empty());
+    let mut later = all(50);
+    later.from = Some(created + hour);
+    assert!(list(store, later).await.is_empty());
+
+    // Limit
+    assert_eq!(list(store, all(2)).await, vec![e, d]);
+}
+
+async fn cursor_pagination_covers_every_row_once(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(admitted(store, new_push(None), None).await);
+    }
+    ids.sort_unstable_by(|a, b| b.cmp(a)); // newest first
+
+    let mut seen = Vec::new();
+    let mut query = all(3);
+    let mut pages = 0;
+    loop {
+        let page = list(store, query.clone()).await;
+        assert!(page.len() <= 3, "limit honoured");
+        pages += 1;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        seen.extend(page);
+        query.before_id = Some(last);
+    }
+    assert_eq!(seen, ids, "every row exactly once, newest first");
+    assert_eq!(pages, 4, "3 + 3 + 1, then an empty page");
+}
+
+async fn quota_admits_up_to_the_limit_then_rate_limits(ctx: StoreCtx) {
+    let store = &ctx.store;
+    for n in 1..=5 {
+        match admit(
+            store,
+            new_push(Some(&format!("biz-{n}"))),
+            Some(groupcast(5)),
+        )
+        .await
+        {
+            Admission::Admitted { quota: Some(q), .. } => assert_eq!(q.used, n),
+            other => panic!("admission {n}: {other:?}"),
+        }
+    }
+    let now = db_now(store).await.unix_timestamp();
+
+    let limited = admit(store, new_push(Some("biz-6")), Some(groupcast(5))).await;
+
+    let Admission::RateLimited { quota } = limited else {
+        panic!("expected RateLimited, got {limited:?}");
+    };
+    assert_eq!(
+        (quota.used, quota.limit, quota.kind),
+        (5, 5, QuotaKind::Groupcast)
+    );
+    assert_eq!(quota.window_start, WindowUnit::Day.window_start(now));
+    let expected_reset = quota.window_start + 86_400 - now;
+    assert!(
+        (quota.reset_after_secs - expected_reset).abs() <= 2 && quota.reset_after_secs >= 1,
+        "reset_after_secs {} vs {expected_reset}",
+        quota.reset_after_secs
+    );
+    assert_eq!(
+        list(store, all(50)).await.len(),
+        5,
+        "no row for the rate-limited push"
+    );
+    assert!(list(
+        store,
+        PushQuery {
+            out_biz_no: Some("biz-6".into()),
+            ..all(50)
+        }
+    )
+    .await
+    .is_empty());
+    assert_eq!(
+        ctx.db
+            .query_i64("select count(*) from idempotency_keys")
+            .await,
+        5
+    );
+    assert_eq!(used(store, 5).await, 5);
+}
+
+async fn rate_limited_key_is_free_afterwards(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let first = admitted(store, new_push(Some("biz-1")), Some(groupcast(1))).await;
+    let limited = admit(store, new_push(Some("biz-2")), Some(groupcast(1))).await;
+    assert!(
+        matches!(limited, Admission::RateLimited { .. }),
+        "{limited:?}"
+    );
+
+    // A slot comes back; the rejected key was never claimed.
+    assert!(finish_ok(store, &first, failed()).await);
+    let again = admit(store, new_push(Some("biz-2")), Some(groupcast(1))).await;
+
+    assert!(
+        matches!(
+            again,
+            Admission::Admitted {
+                reclaimed_from: None,
+                ..
+            }
+        ),
+        "expected a fresh admission, got {again:?}"
+    );
+}
+
+async fn concurrent_admissions_across_two_stores_respect_the_limit(ctx: StoreCtx) {
+    let stores = [ctx.store.clone(), ctx.db.connect_again().await];
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (store, barrier) = (stores[i % 2].clone(), barrier.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            store
+                .admit(new_push(Some(&format!("biz-{i}"))), Some(groupcast(5)))
+                .await
+        });
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for result in set.join_all().await {
+        match result {
+            Ok(Admission::Admitted { .. }) => ok += 1,
+            Ok(Admission::RateLimited { .. }) => limited += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (5, 35));
+    assert_eq!(used(&ctx.store, 5).await, 5);
+    assert_eq!(list(&ctx.store, all(50)).await.len(), 5);
+    assert_eq!(
+        ctx.db
+            .query_i64("select count(*) from idempotency_keys")
+            .await,
+        5
+    );
+}
+
+async fn concurrent_admissions_of_one_key_admit_one(ctx: StoreCtx) {
+    let stores = [ctx.store.clone(), ctx.db.connect_again().await];
+    let barrier = Arc::new(tokio::sync::Barrier::new(20));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (store, barrier) = (stores[i % 2].clone(), barrier.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            store
+                .admit(new_push(Some("same-key")), Some(groupcast(100)))
+                .await
+        });
+    }
+    let mut winner = None;
+    let mut in_flight = Vec::new();
+    for result in set.join_all().await {
+        match result {
+            Ok(Admission::Admitted { push_id, .. }) => {
+                assert!(
+                    winner.replace(push_id).is_none(),
+                    "two admissions of one key"
+                )
+            }
+            Ok(Admission::InFlight { push_id }) => in_flight.push(push_id),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    let winner = winner.unwrap_or_default();
+    assert_eq!(in_flight.len(), 19);
+    assert!(
+        in_flight.iter().all(|id| *id == winner),
+        "InFlight names the owner"
+    );
+    assert_eq!(used(&ctx.store, 100).await, 1, "one slot taken");
+    assert_eq!(list(&ctx.store, all(50)).await, vec![winner]);
+}
+
+async fn repeat_after_accepted_replays_and_mismatch_is_reported(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(Some("biz-1")), Some(groupcast(5))).await;
+    assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+
+    let replay = admit(store, new_push(Some("biz-1")), Some(groupcast(5))).await;
+    let changed = NewPush {
+        fingerprint: "fp-2".into(),
+        ..new_push(Some("biz-1"))
+    };
+    let mismatch = admit(store, changed, Some(groupcast(5))).await;
+
+    match replay {
+        Admission::Replay { push } => {
+            assert_eq!(
+                (push.id.as_str(), push.status),
+                (id.as_str(), PushStatus::Accepted)
+            );
+            assert_eq!(push.http_status, Some(200));
+        }
+        other => panic!("expected Replay, got {other:?}"),
+    }
+    assert!(
+        matches!(&mismatch, Admission::Mismatch { push_id } if *push_id == id),
+        "{mismatch:?}"
+    );
+    assert_eq!(used(store, 5).await, 1, "neither took a slot");
+    assert_eq!(list(store, all(50)).await.len(), 1, "neither wrote a row");
+    // The same out_biz_no under another appkey is another key.
+    let other = NewPush {
+        appkey: "appkey-2".into(),
+        ..new_push(Some("biz-1"))
+    };
+    assert!(matches!(
+        admit(store, other, None).await,
+        Admission::Admitted { .. }
+    ));
+}
+
+async fn failed_push_key_is_reclaimed_once(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let first = admitted(store, new_push(Some("biz-1")), Some(groupcast(100))).await;
+    assert!(finish_ok(store, &first, failed()).await);
+
+    let retry = admit(store, new_push(Some("biz-1")), Some(groupcast(100))).await;
+    let Admission::Admitted {
+        push_id: second,
+        reclaimed_from,
+        quota: Some(q),
+    } = retry
+    else {
+        panic!("expected a reclaim, got {retry:?}");
+    };
+    assert_eq!(reclaimed_from.as_deref(), Some(first.as_str()));
+    assert_eq!(q.used, 1, "the refunded slot was taken again");
+    assert!(finish_ok(store, &second, failed()).await);
+
+    // Concurrent retries after a failure: exactly one takes the key over.
+    let stores = [ctx.store.clone(), ctx.db.connect_again().await];
+    let barrier = Arc::new(tokio::sync::Barrier::new(10));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (store, barrier) = (stores[i % 2].clone(), barrier.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            store
+                .admit(new_push(Some("biz-1")), Some(groupcast(100)))
+                .await
+        });
+    }
+    let (mut reclaimed, mut in_flight) = (0, 0);
+    for result in set.join_all().await {
+        match result {
+            Ok(Admission::Admitted { reclaimed_from, .. }) => {
+                assert_eq!(reclaimed_from.as_deref(), Some(second.as_str()));
+                reclaimed += 1;
+            }
+            Ok(Admission::InFlight { .. }) => in_flight += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((reclaimed, in_flight), (1, 9));
+    assert_eq!(used(store, 100).await, 1);
+}
+
+async fn unknown_task_class_reclaims_but_unknown_unicast_replays(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let unknown = || Finish {
+        http_status: 202,
+        ..finish(PushStatus::Unknown, QuotaAction::Keep)
+    };
+    let task = admitted(store, new_push(Some("task-1")), None).await;
+    assert!(finish_ok(store, &task, unknown()).await);
+    let uni = admitted(store, unicast(Some("uni-1")), None).await;
+    assert!(finish_ok(store, &uni, unknown()).await);
+
+    let task_retry = admit(store, new_push(Some("task-1")), None).await;
+    let uni_retry = admit(store, unicast(Some("uni-1")), None).await;
+
+    assert!(
+        matches!(&task_retry, Admission::Admitted { reclaimed_from: Some(old), .. } if *old == task),
+        "{task_retry:?}"
+    );
+    match uni_retry {
+        Admission::Replay { push } => {
+            assert_eq!((push.id, push.status), (uni, PushStatus::Unknown))
+        }
+        other => panic!("expected Replay, got {other:?}"),
+    }
+}
+
+async fn refund_returns_the_slot_once_to_the_original_window(ctx: StoreCtx) {
+    // Arrange: push A took its slot "yesterday" (moved back one day), B takes one today.
+    let store = &ctx.store;
+    let a = admitted(store, new_push(None), Some(groupcast(5))).await;
+    ctx.db
+        .execute("update quota_counters set window_start = window_start - 86400")
+        .await;
+    ctx.db
+        .execute("update pushes set quota_window = quota_window - 86400")
+        .await;
+    let b = admitted(store, new_push(None), Some(groupcast(5))).await;
+    assert_eq!(used(store, 5).await, 1);
+
+    // Act: refund A twice
+    let first = finish_ok(store, &a, failed()).await;
+    let second = finish_ok(store, &a, failed()).await;
+
+    // Assert
+    assert!(first && !second);
+    assert!(get(store, &a).await.quota_refunded);
+    assert_eq!(used(store, 5).await, 1, "today's window untouched");
+    let old = "select cast(used as bigint) from quota_counters where window_start = \
+               (select min(window_start) from quota_counters)";
+    assert_eq!(
+        ctx.db.query_i64(old).await,
+        0,
+        "yesterday's slot given back once"
+    );
+
+    // Refunds never go below zero, and B's refund goes to today.
+    assert!(finish_ok(store, &b, failed()).await);
+    assert_eq!(used(store, 5).await, 0);
+    assert_eq!(
+        ctx.db
+            .query_i64("select cast(min(used) as bigint) from quota_counters")
+            .await,
+        0
+    );
+}
+
+async fn saturate_fills_the_window(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(None), Some(groupcast(5))).await;
+    let quota_full = Finish {
+        error_code: Some("2050".into()),
+        http_status: 429,
+        ..finish(PushStatus::Failed, QuotaAction::Saturate)
+    };
+
+    assert!(finish_ok(store, &id, quota_full).await);
+
+    assert_eq!(used(store, 5).await, 5);
+    assert!(!get(store, &id).await.quota_refunded);
+    let next = admit(store, new_push(None), Some(groupcast(5))).await;
+    assert!(
+        matches!(next, Admission::RateLimited { quota } if quota.used == 5),
+        "{next:?}"
+    );
+}
+
+async fn finish_on_a_final_push_changes_nothing(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(Some("biz-1")), Some(groupcast(5))).await;
+    assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+    let before = get(store, &id).await;
+
+    let late = finish_ok(store, &id, failed()).await;
+    let saturate = finish_ok(
+        store,
+        &id,
+        finish(PushStatus::Failed, QuotaAction::Saturate),
+    )
+    .await;
+
+    assert!(!late && !saturate);
+    let after = get(store, &id).await;
+    assert_eq!(after.status, PushStatus::Accepted);
+    assert_eq!((after.error_code, after.http_status), (None, Some(200)));
+    assert_eq!(after.updated_at, before.updated_at);
+    assert!(!after.quota_refunded);
+    assert_eq!(used(store, 5).await, 1);
+    assert!(!finish_ok(store, "no-such-id", failed()).await);
+}
+
+async fn sweep_marks_stale_pending_unknown(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let stale = admitted(store, new_push(None), Some(groupcast(5))).await;
+    let done = admitted(store, new_push(None), None).await;
+    assert!(
+        finish_ok(
+            store,
+            &done,
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        )
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let young = store.sweep_stale_pending(3600).await.ok();
+    let swept = store.sweep_stale_pending(0).await.ok();
+
+    assert_eq!((young, swept), (Some(0), Some(1)));
+    let r = get(store, &stale).await;
+    assert_eq!(r.status, PushStatus::Unknown);
+    assert_eq!(r.error_code.as_deref(), Some("stale_pending"));
+    assert!(r.finished_at.is_some());
+    assert_eq!(used(store, 5).await, 1, "quota kept");
+    assert_eq!(get(store, &done).await.status, PushStatus::Accepted);
+    assert!(
+        !finish_ok(store, &stale, failed()).await,
+        "a late finish is ignored"
+    );
+}
+
+async fn quota_state_reports_the_current_window(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let hourly = QuotaLimit {
+        limit: 300,
+        window: WindowUnit::Hour,
+    };
+    let now = db_now(store).await.unix_timestamp();
+
+    let empty = store
+        .quota_state(APPKEY, QuotaKind::Filecast, hourly)
+        .await
+        .ok();
+    let claim = QuotaClaim {
+        kind: QuotaKind::Filecast,
+        limit: hourly,
+    };
+    admitted(store, new_push(None), Some(claim)).await;
+    let one = store
+        .quota_state(APPKEY, QuotaKind::Filecast, hourly)
+        .await
+        .ok();
+    let other_app = store
+        .quota_state("appkey-2", QuotaKind::Filecast, hourly)
+        .await
+        .ok();
+    let other_kind = store
+        .quota_state(APPKEY, QuotaKind::Broadcast, hourly)
+        .await
+        .ok();
+
+    let Some(empty) = empty else {
+        panic!("quota_state failed")
+    };
+    assert_eq!(
+        (empty.used, empty.limit, empty.window),
+        (0, 300, WindowUnit::Hour)
+    );
+    assert_eq!(empty.window_start, WindowUnit::Hour.window_start(now));
+    assert!((1..=3600).contains(&empty.reset_after_secs));
+    assert_eq!(one.map(|s| s.used), Some(1));
+    assert_eq!(other_app.map(|s| s.used), Some(0));
+    assert_eq!(other_kind.map(|s| s.used), Some(0));
+}
+
+async fn uploads_are_found_until_they_expire(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let sha = "ab".repeat(32);
+    assert!(matches!(
+        store.find_upload(APPKEY, &sha, 3600).await,
+        Ok(None)
+    ));
+
+    assert!(store.save_upload(APPKEY, &sha, "file-1").await.is_ok());
+    assert_eq!(
+        store
+            .find_upload(APPKEY, &sha, 3600)
+            .await
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("file-1")
+    );
+    assert!(store.save_upload(APPKEY, &sha, "file-2").await.is_ok());
+    assert_eq!(
+        store
+            .find_upload(APPKEY, &sha, 3600)
+            .await
+            .ok()
+            .flatten()
+            .as_deref(),
+        Some("file-2")
+    );
+    assert!(matches!(
+        store.find_upload("appkey-2", &sha, 3600).await,
+        Ok(None)
+    ));
+    assert!(matches!(
+        store.find_upload(APPKEY, &"cd".repeat(32), 3600).await,
+        Ok(None)
+    ));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        matches!(store.find_upload(APPKEY, &sha, 0).await, Ok(None)),
+        "too old"
+    );
+}
+
+async fn update_task_records_status_and_times(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(None), None).await;
+    let queued = TaskUpdate {
+        status: PushStatus::Queued,
+        task_status: json!({"status": 0}),
+    };
+    assert!(store.update_task(&id, queued.clone()).await.is_ok());
+    assert_eq!(
+        get(store, &id).await.status,
+        PushStatus::Pending,
+        "a pending push is left alone"
+    );
+    assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+    let accepted_at = get(store, &id).await.finished_at;
+
+    assert!(store.update_task(&id, queued).await.is_ok());
+    let r = get(store, &id).await;
+    assert_eq!(r.status, PushStatus::Queued);
+    assert_eq!(r.task_status, Some(json!({"status": 0})));
+    let first_check = r.task_checked_at;
+    assert!(first_check.is_some());
+    assert_eq!(r.finished_at, accepted_at, "not final yet");
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let done = TaskUpdate {
+        status: PushStatus::Done,
+        task_status: json!({"status": 2, "sent_count": 10}),
+    };
+    assert!(store.update_task(&id, done.clone()).await.is_ok());
+    let r = get(store, &id).await;
+    assert_eq!(r.status, PushStatus::Done);
+    assert_eq!(r.task_status, Some(done.task_status.clone()));
+    assert!(r.task_checked_at > first_check);
+    assert!(
+        r.finished_at > accepted_at,
+        "finished when the task reached a final state"
+    );
+    let final_at = r.finished_at;
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store.update_task(&id, done).await.is_ok());
+    assert_eq!(
+        get(store, &id).await.finished_at,
+        final_at,
+        "later polls keep finished_at"
+    );
+}
+
+async fn cancelled_admissions_leave_no_open_transaction(ctx: StoreCtx) {
+    // Arrange: one connection, so a poisoned connection would break everything after.
+    let options = PoolOptions {
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(10),
+    };
+    let store = ctx.db.connect_with(&options).await;
+
+    // Act: drop admissions at many points in flight.
+    let mut dropped = 0;
+    for i in 0..40u64 {
+        let push = new_push(Some(&format!("biz-{}", i % 5)));
+        let future = store.admit(push, Some(groupcast(1000)));
+        // Half are dropped right after their first poll (always mid-flight, however
+        // loaded the machine is); the rest after a growing delay.
+        let cancelled = if i % 2 == 0 {
+            futures::FutureExt::now_or_never(future).is_none()
+        } else {
+            tokio::time::timeout(Duration::from_micros(i * 50), future)
+                .await
+                .is_err()
+        };
+        if cancelled {
+            dropped += 1;
+        }
+    }
+    assert!(
+        dropped > 0,
+        "no admission was cancelled; the test proves nothing"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Assert: the single connection still works, and no session sits in a transaction.
+    for i in 0..5 {
+        let next = admit(
+            &store,
+            new_push(Some(&format!("after-{i}"))),
+            Some(groupcast(1000)),
+        )
+        .await;
+        assert!(matches!(next, Admission::Admitted { .. }), "{next:?}");
+    }
+    let rows = list(&store, all(200)).await;
+    assert!(rows.len() >= 5);
+    assert!(store.ready().await.is_ok());
+    assert_eq!(ctx.db.idle_in_transaction().await, 0);
+    // Keys taken by dropped-but-completed admissions are consistent: each names a stored push.
+    let orphans = ctx
+        .db
+        .query_i64(
+            "select count(*) from idempotency_keys k where not exists \
+                    (select 1 from pushes p where p.id = k.push_id)",
+        )
+        .await;
+    assert_eq!(orphans, 0);
+}
+
+#[tokio::test]
+async fn postgres_sessions_carry_timeouts() {
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let (_store, db) = crate::helpers::postgres_store().await;
+    let pg = umeng_push_gateway::store::postgres::PgStore::connect(
+        db.url(),
+        &crate::helpers::test_pool_options(),
+    )
+    .await;
+    let Ok(pg) = pg else { panic!("connect failed") };
+
+    let mut settings = Vec::new();
+    for name in [
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+    ] {
+        let value: Result<String, _> = sqlx::query_scalar(&format!("show {name}"))
+            .fetch_one(pg.pool())
+            .await;
+        settings.push(value.unwrap_or_default());
+    }
+
+    assert_eq!(settings, ["5s", "2s", "10s"]);
+}
+
+/// Sequential admission latency per backend (run with `--ignored --nocapture`).
+#[tokio::test]
+#[ignore = "timing, not a check"]
+async fn admission_latency() {
+    for ctx in [StoreCtx::sqlite().await, StoreCtx::postgres().await] {
+        let store = &ctx.store;
+        let n = 500u32;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            let push = new_push(Some(&format!("biz-{i}")));
+            admitted(store, push, Some(groupcast(1_000_000))).await;
+        }
+        let per = started.elapsed() / n;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let id = admitted(store, new_push(None), Some(groupcast(1_000_000))).await;
+            finish_ok(store, &id, failed()).await;
+        }
+        let pair = started.elapsed() / n;
+        println!(
+            "{}: admit {per:?}/op, admit+finish(refund) {pair:?}/pair",
+            store.backend()
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let options = crate::helpers::test_pool_options();
+    let Ok(store) = umeng_push_gateway::store::connect("sqlite::memory:", &options).await else {
+        panic!("cannot open an in-memory database");
+    };
+    assert!(store.migrate().await.is_ok());
+
+    let id = admitted(&store, new_push(Some("biz-1")), Some(groupcast(5))).await;
+
+    assert_eq!(get(&store, &id).await.status, PushStatus::Pending);
+    assert!(store.ready().await.is_ok());
+}
+
+#[tokio::test]
+async fn ready_fails_before_migrations() {
+    let dir = tempfile::tempdir().ok();
+    let path = dir
+        .as_ref()
+        .map(|d| d.path().join("fresh.db"))
+        .unwrap_or_default();
+    let url = format!("sqlite://{}", path.display());
+    let options = crate::helpers::test_pool_options();
+    let Ok(store) = umeng_push_gateway::store::connect(&url, &options).await else {
+        panic!("cannot open {url}");
+    };
+
+    let before = store.ready().await;
+    let migrated = store.migrate().await;
+
+    assert!(
+        matches!(
+            before,
+            Err(umeng_push_gateway::store::StoreError::Migration(_))
+        ),
+        "{before:?}"
+    );
+    assert!(migrated.is_ok() && store.ready().await.is_ok());
+}
