@@ -351,7 +351,12 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        // Only `SECTION__KEY` variables are settings. Others that happen to share the prefix
+        // (Kubernetes service links such as UMENG_GATEWAY_PORT=tcp://..., or
+        // UMENG_GATEWAY_CONFIG itself) are not ours to reject.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__"),
+        );
         figment
             .extract()
             .map_err(|e| ConfigError(format!("invalid configuration: {e}")))
@@ -730,6 +735,19 @@ mod tests {
             err.contains("history.purge_batch_size must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_section_variables_are_read_from_the_environment() {
+        // Kubernetes adds <SERVICE>_PORT variables; they must not break loading.
+        std::env::set_var("UMENG_GATEWAY_PORT", "tcp://10.0.0.1:8080");
+        std::env::set_var("UMENG_GATEWAY_PORT_8080_TCP_ADDR", "10.0.0.1");
+        std::env::set_var("UMENG_GATEWAY_LOG__LEVEL", "debug");
+        let loaded = Settings::load(None);
+        std::env::remove_var("UMENG_GATEWAY_PORT");
+        std::env::remove_var("UMENG_GATEWAY_PORT_8080_TCP_ADDR");
+        std::env::remove_var("UMENG_GATEWAY_LOG__LEVEL");
+        assert_eq!(loaded.expect("loads").log.level, "debug");
     }
 
     #[test]

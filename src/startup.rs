@@ -211,7 +211,11 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 /// The banner printed in demo mode: what this is and a first push to try.
-pub fn demo_banner(addr: SocketAddr, simulator_url: &str) -> String {
+pub fn demo_banner(mut addr: SocketAddr, simulator_url: &str) -> String {
+    // Listening on every interface (containers): the curl goes to loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     format!(
         r#"
   umeng-push-gateway is running in DEMO MODE: no app is configured.
