@@ -11,8 +11,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PushQuery,
-    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskUpdate,
+    map_sqlx, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions, PoolStatus,
+    PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult,
+    TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -152,6 +153,10 @@ impl PgStore {
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::from_counts(self.pool.size(), self.pool.num_idle())
     }
 
     async fn migrate(&self) -> StoreResult<()> {
