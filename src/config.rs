@@ -49,6 +49,8 @@ pub struct ServerSettings {
     pub request_timeout_secs: u64,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Serve Prometheus metrics at `GET /metrics` on the API port (open, like the probes).
+    pub metrics_enabled: bool,
 }
 
 impl Default for ServerSettings {
@@ -58,6 +60,7 @@ impl Default for ServerSettings {
             body_limit_bytes: 12 * 1024 * 1024,
             request_timeout_secs: 90,
             shutdown_grace_secs: 30,
+            metrics_enabled: true,
         }
     }
 }
