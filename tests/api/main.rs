@@ -3,5 +3,8 @@
 mod app;
 mod gateway;
 mod helpers;
+mod observability;
+mod openapi;
+mod process;
 mod simulator;
 mod store_contract;
