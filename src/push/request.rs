@@ -6,8 +6,8 @@ use serde_json::{Map, Value};
 
 use crate::umeng::CastType;
 
-/// A push as a calling service describes it. See `prepare` for the rules and the
-/// translation to Umeng's body.
+/// A push as a calling service describes it (docs/push-request.md has the rules and the
+/// translation to Umeng's body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PushRequest {

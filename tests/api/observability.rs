@@ -468,10 +468,12 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0(backend: Backend) {
     let gw = GatewayProcess::start(&config_toml(&env)).await;
     let http = reqwest::Client::new();
     let mut in_flight = tokio::task::JoinSet::new();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..5 {
         let (http, base) = (http.clone(), gw.base.clone());
         let mut body = push_body(if i % 2 == 0 { ANDROID_APP } else { IOS_APP }, "unicast");
         body["out_biz_no"] = json!(format!("term-{i}"));
+        let answered = std::sync::Arc::clone(&answered);
         in_flight.spawn(async move {
             let r = http
                 .post(format!("{base}/v1/pushes"))
@@ -480,6 +482,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0(backend: Backend) {
                 .send()
                 .await
                 .expect("an in-flight request is answered");
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             r.status().as_u16()
         });
     }
@@ -498,17 +501,29 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0(backend: Backend) {
     // Act
     let signalled = Instant::now();
     gw.terminate();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let late = reqwest::Client::new()
-        .get(format!("{}/healthz", gw.base))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await;
+    // While the five are still waiting on Umeng, new connections are refused.
+    let refused_new_connection = loop {
+        let fresh = reqwest::Client::new()
+            .get(format!("{}/healthz", gw.base))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await;
+        if fresh.is_err() {
+            break true;
+        }
+        if answered.load(std::sync::atomic::Ordering::SeqCst) == 5 {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     let statuses = in_flight.join_all().await;
     let (code, logs) = gw.wait(Duration::from_secs(20)).await;
 
     // Assert
-    assert!(late.is_err(), "no new connection is accepted after SIGTERM");
+    assert!(
+        refused_new_connection,
+        "no new connection is accepted after SIGTERM"
+    );
     assert_eq!(statuses, vec![201; 5], "{logs}");
     assert_eq!(code, Some(0), "{logs}");
     assert!(signalled.elapsed() < Duration::from_secs(10));
