@@ -50,6 +50,8 @@ pub struct ServerSettings {
     pub request_timeout_secs: u64,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Serve Prometheus metrics at `GET /metrics` on the API port (open, like the probes).
+    pub metrics_enabled: bool,
 }
 
 impl Default for ServerSettings {
@@ -59,6 +61,7 @@ impl Default for ServerSettings {
             body_limit_bytes: 12 * 1024 * 1024,
             request_timeout_secs: 90,
             shutdown_grace_secs: 30,
+            metrics_enabled: true,
         }
     }
 }
@@ -355,7 +358,9 @@ impl Settings {
         // (Kubernetes service links such as UMENG_GATEWAY_PORT=tcp://..., or
         // UMENG_GATEWAY_CONFIG itself) are not ours to reject.
         figment = figment.merge(
-            Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__"),
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
         );
         figment
             .extract()

@@ -5,9 +5,10 @@
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
-use crate::quota::QuotaState;
+use crate::quota::{QuotaKind, QuotaState, WindowUnit};
+use crate::store::PushStatus;
 use crate::umeng::FieldError;
 
 /// Content type of every error body.
@@ -29,6 +30,9 @@ pub enum ApiError {
         detail: String,
         field: Option<String>,
     },
+    /// The body is larger than `server.body_limit_bytes`.
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
     /// The request is well-formed but breaks a rule; every field error at once.
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
@@ -73,8 +77,60 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// An RFC 9457 problem document, the body of every error answer
+/// (`application/problem+json`). Extension members appear only where they apply.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A stable URN naming the kind of problem.
+    #[serde(rename = "type")]
+    #[schema(example = "urn:umeng-push-gateway:problem:validation")]
+    pub problem_type: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// Every invalid field (400 with a field, 422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+    /// Umeng's error (502, and 409 when Umeng refused a cancel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub umeng: Option<UmengDetail>,
+    /// The push this answer is about (409, 422 mismatch, 502, 504).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_id: Option<String>,
+    /// The stored status of that push (504: `unknown`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_status: Option<PushStatus>,
+    /// The idempotency key in question (409 in flight, 422 mismatch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_biz_no: Option<String>,
+    /// 429: the app whose quota is used up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// 429: the quota bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<QuotaKind>,
+    /// 429: the bucket's limit per window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// 429: the bucket's window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowUnit>,
+    /// 429: seconds until a slot is free (also in `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<i64>,
+    /// 429: whether Umeng itself answered 2050.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_umeng: Option<bool>,
+    /// 413: the configured body limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<usize>,
+}
+
 /// Umeng's error as echoed to callers.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct UmengDetail {
     pub error_code: String,
     pub error_msg: String,
@@ -89,6 +145,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(_) | ApiError::IdempotencyMismatch { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -107,6 +164,7 @@ impl ApiError {
             ApiError::Forbidden(_) => ("forbidden", "Forbidden"),
             ApiError::NotFound(_) => ("not-found", "Not found"),
             ApiError::BadRequest { .. } => ("bad-request", "Malformed request"),
+            ApiError::PayloadTooLarge { .. } => ("payload-too-large", "Request body too large"),
             ApiError::Validation(_) => ("validation", "Invalid push request"),
             ApiError::IdempotencyMismatch { .. } => (
                 "idempotency-mismatch",
@@ -124,6 +182,11 @@ impl ApiError {
 
     /// The problem body (without headers).
     pub fn body(&self) -> Value {
+        serde_json::to_value(self.problem()).unwrap_or(Value::Null)
+    }
+
+    /// The problem document of this error.
+    pub fn problem(&self) -> Problem {
         let status = self.status();
         let (slug, title) = self.slug_and_title();
         let detail = match self {
@@ -152,21 +215,19 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = Map::new();
-        body.insert(
-            "type".into(),
-            json!(format!("urn:umeng-push-gateway:problem:{slug}")),
-        );
-        body.insert("title".into(), json!(title));
-        body.insert("status".into(), json!(status.as_u16()));
-        body.insert("detail".into(), json!(detail));
+        let mut p = Problem {
+            problem_type: format!("urn:umeng-push-gateway:problem:{slug}"),
+            title: title.to_string(),
+            status: status.as_u16(),
+            detail: detail.clone(),
+            ..Problem::default()
+        };
         match self {
             ApiError::BadRequest { field: Some(f), .. } => {
-                body.insert("errors".into(), json!([{ "field": f, "message": detail }]));
+                p.errors = Some(vec![FieldError::new(f.clone(), detail)]);
             }
-            ApiError::Validation(errors) => {
-                body.insert("errors".into(), json!(errors));
-            }
+            ApiError::PayloadTooLarge { limit } => p.limit_bytes = Some(*limit),
+            ApiError::Validation(errors) => p.errors = Some(errors.clone()),
             ApiError::IdempotencyMismatch {
                 push_id,
                 out_biz_no,
@@ -175,42 +236,38 @@ impl ApiError {
                 push_id,
                 out_biz_no,
             } => {
-                body.insert("push_id".into(), json!(push_id));
-                body.insert("out_biz_no".into(), json!(out_biz_no));
+                p.push_id = Some(push_id.clone());
+                p.out_biz_no = Some(out_biz_no.clone());
             }
-            ApiError::Conflict { umeng: Some(u), .. } => {
-                body.insert("umeng".into(), json!(u));
-            }
+            ApiError::Conflict { umeng: Some(u), .. } => p.umeng = Some(u.clone()),
             ApiError::RateLimited {
                 quota,
                 app,
                 retry_after,
                 from_umeng,
             } => {
-                body.insert("app".into(), json!(app));
+                p.app = Some(app.clone());
                 if let Some(q) = quota {
-                    body.insert("policy".into(), json!(q.kind));
-                    body.insert("limit".into(), json!(q.limit));
-                    body.insert("window".into(), json!(q.window));
+                    p.policy = Some(q.kind);
+                    p.limit = Some(q.limit);
+                    p.window = Some(q.window);
                 }
-                body.insert("retry_after".into(), json!(retry_after));
-                body.insert("from_umeng".into(), json!(from_umeng));
+                p.retry_after = Some(*retry_after);
+                p.from_umeng = Some(*from_umeng);
             }
             ApiError::Upstream { umeng, push_id, .. } => {
-                body.insert("umeng".into(), json!(umeng));
-                if let Some(id) = push_id {
-                    body.insert("push_id".into(), json!(id));
-                }
+                p.umeng = Some(umeng.clone());
+                p.push_id = push_id.clone();
             }
             ApiError::UpstreamTimeout {
                 push_id: Some(id), ..
             } => {
-                body.insert("push_id".into(), json!(id));
-                body.insert("push_status".into(), json!("unknown"));
+                p.push_id = Some(id.clone());
+                p.push_status = Some(PushStatus::Unknown);
             }
             _ => {}
         }
-        Value::Object(body)
+        p
     }
 
     /// Headers that go with this error (Retry-After, rate limits, WWW-Authenticate).

@@ -13,9 +13,11 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::Digest;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::config::{App, Config};
 use crate::error::{ApiError, UmengDetail};
+use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
 use crate::quota::QuotaState;
 use crate::store::{
@@ -49,7 +51,7 @@ pub struct PushAnswer {
 }
 
 /// The answer body for a created or replayed push.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PushView {
     pub id: String,
     pub app: String,
@@ -125,7 +127,10 @@ impl Gateway {
         raw: Value,
     ) -> Result<PushAnswer, ApiError> {
         let prepared = crate::push::prepare(&req, &app.profile, OffsetDateTime::now_utc())
-            .map_err(ApiError::Validation)?;
+            .map_err(|errors| {
+                metrics::push(&app.app.name, req.cast_type.as_str(), PushOutcome::Invalid);
+                ApiError::Validation(errors)
+            })?;
         let quota = match (prepared.production_mode, prepared.quota_kind) {
             (true, Some(kind)) => Some(QuotaClaim {
                 kind,
@@ -151,7 +156,9 @@ impl Gateway {
         // Admission and everything after it run to completion even if the caller goes away.
         let this = Arc::clone(self);
         let app = app.clone();
-        tokio::spawn(async move { this.admit_and_send(app, new, quota, prepared).await })
+        // The spawned task keeps the request's span, so its log lines carry the request id.
+        let work = async move { this.admit_and_send(app, new, quota, prepared).await };
+        tokio::spawn(work.in_current_span())
             .await
             .map_err(|e| ApiError::Internal(format!("send task failed: {e}")))?
     }
@@ -164,6 +171,9 @@ impl Gateway {
         mut prepared: PreparedPush,
     ) -> Result<PushAnswer, ApiError> {
         let out_biz_no = new.out_biz_no.clone();
+        let app_name = app.app.name.as_str();
+        let cast_type = prepared.cast_type.as_str();
+        let count = |outcome| metrics::push(app_name, cast_type, outcome);
         let admission = self.store.admit(new, quota).await.map_err(|e| match e {
             crate::store::StoreError::Unavailable(m) => {
                 ApiError::Unavailable(format!("cannot record the push, nothing was sent: {m}"))
@@ -179,28 +189,39 @@ impl Gateway {
                 if let Some(old) = reclaimed_from {
                     tracing::info!(push.id = %push_id, push.previous = %old, "retrying a key whose previous push did not go through");
                 }
+                if let Some(q) = &quota {
+                    metrics::quota_remaining(app_name, q);
+                }
                 (push_id, quota)
             }
             Admission::RateLimited { quota } => {
+                count(PushOutcome::RateLimited);
+                metrics::quota_rejection(app_name, &quota.kind.to_string(), false);
+                metrics::quota_remaining(app_name, &quota);
                 return Err(ApiError::RateLimited {
                     retry_after: quota.reset_after_secs.max(1),
                     quota: Some(quota),
                     app: app.app.name.clone(),
                     from_umeng: false,
-                })
+                });
             }
-            Admission::Replay { push } => return Ok(replay(&push)),
+            Admission::Replay { push } => {
+                count(PushOutcome::Replayed);
+                return Ok(replay(&push));
+            }
             Admission::InFlight { push_id } => {
+                count(PushOutcome::InFlight);
                 return Err(ApiError::InFlight {
                     out_biz_no: out_biz_no.unwrap_or_default(),
                     push_id,
-                })
+                });
             }
             Admission::Mismatch { push_id } => {
+                count(PushOutcome::Mismatch);
                 return Err(ApiError::IdempotencyMismatch {
                     out_biz_no: out_biz_no.unwrap_or_default(),
                     push_id,
-                })
+                });
             }
         };
 
@@ -224,6 +245,7 @@ impl Gateway {
                         push_id: Some(push_id.clone()),
                     };
                     // The send never happened: the push failed and its slot goes back.
+                    count(PushOutcome::Failed);
                     self.finish(
                         &push_id,
                         Finish {
@@ -278,6 +300,7 @@ impl Gateway {
         match attempt.result {
             Ok(ok) => {
                 tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, "umeng accepted the push");
+                count(PushOutcome::Accepted);
                 self.finish(
                     &push_id,
                     Finish {
@@ -349,6 +372,22 @@ impl Gateway {
                     ),
                 };
                 tracing::warn!(push.id = %push_id, umeng.error_code = %code, push.status = %status, "umeng call did not succeed");
+                match &err {
+                    ApiError::RateLimited { quota, .. } => {
+                        count(PushOutcome::RateLimited);
+                        let kind = prepared
+                            .quota_kind
+                            .map_or_else(|| "none".to_owned(), |k| k.to_string());
+                        metrics::quota_rejection(app_name, &kind, true);
+                        if let Some(q) = quota {
+                            let mut full = *q;
+                            full.used = full.used.max(full.limit);
+                            metrics::quota_remaining(app_name, &full);
+                        }
+                    }
+                    _ if status == PushStatus::Unknown => count(PushOutcome::Unknown),
+                    _ => count(PushOutcome::Failed),
+                }
                 self.finish(
                     &push_id,
                     Finish {

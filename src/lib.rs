@@ -11,6 +11,8 @@ pub mod error;
 pub mod gateway;
 /// The HTTP API routers.
 pub mod http;
+/// Prometheus metrics: the recorder and the metric names.
+pub mod metrics;
 /// The simplified push request callers send, and its translation to Umeng.
 pub mod push;
 /// Quota buckets and calendar windows.

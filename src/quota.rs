@@ -12,7 +12,19 @@ pub const BEIJING_OFFSET_SECS: i64 = 8 * 3600;
 
 /// A quota bucket. Unicast-class sends (unicast, listcast, customizedcast by alias) have
 /// no documented limit and no bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum QuotaKind {
     Broadcast,
@@ -73,7 +85,7 @@ impl std::fmt::Display for QuotaKind {
 }
 
 /// The length of a calendar window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WindowUnit {
     Minute,

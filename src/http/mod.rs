@@ -1,20 +1,25 @@
 //! The HTTP API: one router per resource, merged here, plus the shared middleware.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
+use axum::http::{HeaderName, Method, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::gateway::Gateway;
 
 pub mod auth;
 pub mod health;
+pub mod openapi;
 pub mod pushes;
 pub mod quotas;
 
@@ -26,24 +31,88 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let settings = &gateway.config.settings.server;
     let body_limit = settings.body_limit_bytes;
     let timeout = Duration::from_secs(settings.request_timeout_secs);
-    Router::new()
-        .merge(pushes::router())
-        .merge(quotas::router())
-        .merge(health::router())
+    if settings.metrics_enabled {
+        // The process-wide recorder; a gateway with metrics off never installs one.
+        crate::metrics::handle();
+    }
+    let (routes, _) = documented_routes(settings.metrics_enabled);
+    routes
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, timeout))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let id = req
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", http.method = %req.method(), http.path = %req.uri().path(), request.id = %id)
-            }),
-        )
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(middleware::from_fn(count_request))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-        .layer(SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            axum::http::header::AUTHORIZATION,
+        ]))
         .with_state(gateway)
+}
+
+/// Every route with its OpenAPI description (`/metrics` only when enabled). Routes are
+/// registered only through here, so none can be left out of the document.
+pub fn documented_routes(
+    metrics_enabled: bool,
+) -> (Router<Arc<Gateway>>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi as _;
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(pushes::router())
+        .merge(quotas::router())
+        .merge(health::router(metrics_enabled))
+        .merge(openapi::router())
+        .split_for_parts()
+}
+
+/// The span every log line of a request is written in: the request id (from the caller's
+/// `X-Request-Id` or made), the method and the route template. `client` is filled in once
+/// the bearer token is matched. No query string, no headers, no body.
+fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info_span!(
+        "request",
+        request.id = %id,
+        http.method = %req.method(),
+        http.route = %route_of(req),
+        client = tracing::field::Empty,
+    )
+}
+
+/// The matched path template (`/v1/pushes/{id}`), never the concrete path, so ids do not
+/// reach metric labels; `unmatched` for a 404.
+fn route_of<B>(req: &Request<B>) -> String {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// Count every answered request in `http_requests_total` and time it.
+async fn count_request(req: Request<Body>, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_of(&req);
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        // Anything else a client makes up stays out of the label set.
+        _ => "other",
+    };
+    let response = next.run(req).await;
+    crate::metrics::http_request(
+        &route,
+        method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }

@@ -7,32 +7,77 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::config::Scope;
-use crate::error::{rate_limit_headers, ApiError, UmengDetail};
-use crate::gateway::{Gateway, PushAnswer};
+use crate::error::{rate_limit_headers, ApiError, Problem, UmengDetail};
+use crate::gateway::{Gateway, PushAnswer, PushView};
 use crate::http::auth::Caller;
 use crate::push::PushRequest;
 use crate::store::{PushQuery, PushRecord, PushStatus, TaskUpdate};
 use crate::task_status::{refresh_task, RefreshError};
 use crate::umeng::UmengError;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub fn router() -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/v1/pushes", post(create_push).get(list_pushes))
-        .route("/v1/pushes/{id}", get(get_push))
-        .route("/v1/pushes/{id}/refresh", post(refresh_push))
-        .route("/v1/pushes/{id}/cancel", post(cancel_push))
+pub fn router() -> OpenApiRouter<Arc<Gateway>> {
+    OpenApiRouter::new()
+        .routes(routes!(create_push, list_pushes))
+        .routes(routes!(get_push))
+        .routes(routes!(refresh_push))
+        .routes(routes!(cancel_push))
 }
 
 /// The largest page of history.
 pub const MAX_PAGE: u32 = 200;
 
+/// Validate a push, take its quota slot, send it to Umeng and record it.
+///
+/// A repeat of an earlier request with the same `out_biz_no` is answered from history with
+/// the stored status and `Idempotent-Replayed: true`, without calling Umeng.
+#[utoipa::path(
+    post,
+    path = "/v1/pushes",
+    tag = "pushes",
+    security(("bearer" = ["send"])),
+    request_body(content = PushRequest, description = "The push; see docs/push-request.md"),
+    responses(
+        (status = 201, description = "Umeng accepted the push", body = PushView, headers(
+            ("Location" = String, description = "`/v1/pushes/{id}`"),
+            ("RateLimit-Limit" = u32, description = "Limit of the quota bucket this push counted against"),
+            ("RateLimit-Remaining" = u32, description = "Slots left in the window"),
+            ("RateLimit-Reset" = i64, description = "Seconds until the window resets"),
+            ("RateLimit-Policy" = String, description = "`\"<bucket>\";q=<limit>;w=<window seconds>`"),
+        )),
+        (status = 200, description = "A repeat of an earlier request: its stored answer (the status it was answered with, e.g. 201 or 504)", body = PushView, headers(
+            ("Location" = String, description = "`/v1/pushes/{id}`"),
+            ("Idempotent-Replayed" = String, description = "`true`"),
+        )),
+        (status = 400, description = "The body is not a JSON object", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the `send` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A push with this `out_biz_no` is in flight", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = u32, description = "Seconds to wait: 1"),
+        )),
+        (status = 413, description = "The body is larger than `server.body_limit_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A rule is broken (every field listed), or the `out_biz_no` was used for a different request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The quota window is full (locally, or Umeng answered 2050); Umeng was not called", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = i64, description = "Seconds until the window resets"),
+            ("RateLimit-Limit" = u32, description = "Limit of the bucket"),
+            ("RateLimit-Remaining" = u32, description = "0"),
+            ("RateLimit-Reset" = i64, description = "Seconds until the window resets"),
+            ("RateLimit-Policy" = String, description = "`\"<bucket>\";q=<limit>;w=<window seconds>`"),
+        )),
+        (status = 502, description = "Umeng answered FAIL, or could not be reached (`not_sent`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable (nothing was sent), or the request timed out", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = u32, description = "Seconds to wait"),
+        )),
+        (status = 504, description = "Umeng did not answer in time: the push is recorded as `unknown`", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn create_push(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
@@ -41,12 +86,8 @@ async fn create_push(
     caller.require(Scope::Send)?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::BadRequest {
-                detail: format!(
-                    "the request body is larger than the limit of {} bytes",
-                    gateway.config.settings.server.body_limit_bytes
-                ),
-                field: None,
+            ApiError::PayloadTooLarge {
+                limit: gateway.config.settings.server.body_limit_bytes,
             }
         } else {
             ApiError::BadRequest {
@@ -66,6 +107,7 @@ async fn create_push(
         });
     }
     let req: PushRequest = serde_path_to_error::deserialize(&raw).map_err(|e| {
+        count_invalid(&gateway, &raw);
         let path = e.path().to_string();
         ApiError::Validation(vec![crate::umeng::FieldError {
             field: if path == "." { "(body)".into() } else { path },
@@ -83,6 +125,23 @@ async fn create_push(
     Ok(push_answer(answer))
 }
 
+/// Count a request refused before its app was resolved, when it names a configured app
+/// (anything else would put caller text into metric labels).
+fn count_invalid(gateway: &Gateway, raw: &Value) {
+    let Some(app) = raw.get("app").and_then(Value::as_str) else {
+        return;
+    };
+    if gateway.app(app).is_none() {
+        return;
+    }
+    let cast_type = raw
+        .get("type")
+        .and_then(Value::as_str)
+        .and_then(crate::umeng::CastType::parse)
+        .map_or("invalid", |c| c.as_str());
+    crate::metrics::push(app, cast_type, crate::metrics::PushOutcome::Invalid);
+}
+
 fn push_answer(answer: PushAnswer) -> Response {
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/pushes/{}", answer.push.id)) {
@@ -98,16 +157,25 @@ fn push_answer(answer: PushAnswer) -> Response {
 }
 
 /// Query string of `GET /v1/pushes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
+    /// A configured app name.
     pub app: Option<String>,
+    /// A cast type (unicast, listcast, broadcast, groupcast, filecast, customizedcast).
     #[serde(rename = "type")]
+    #[param(rename = "type")]
     pub cast_type: Option<String>,
+    /// A push status (pending, accepted, failed, unknown, or a task state).
     pub status: Option<String>,
+    /// The sending client's configured name.
     pub client: Option<String>,
+    /// The caller's idempotency key.
     pub out_biz_no: Option<String>,
+    /// Umeng's msg_id (unicast-class pushes).
     pub msg_id: Option<String>,
+    /// Umeng's task_id (task-class pushes).
     pub task_id: Option<String>,
     /// RFC 3339; created at or after.
     pub from: Option<String>,
@@ -119,7 +187,8 @@ pub struct ListParams {
     pub limit: Option<u32>,
 }
 
-#[derive(Debug, Serialize)]
+/// One page of history, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PushPage {
     pub items: Vec<PushRecord>,
     /// Pass as `cursor` for the next (older) page; absent on the last page.
@@ -147,6 +216,22 @@ fn parse_time(field: &str, v: &Option<String>) -> Result<Option<OffsetDateTime>,
         .transpose()
 }
 
+/// History of pushes the caller may see, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/pushes",
+    tag = "pushes",
+    security(("bearer" = ["read"])),
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of pushes", body = PushPage),
+        (status = 400, description = "Unknown query parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the `read` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad filter value (limit, status, from, to)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn list_pushes(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
@@ -225,6 +310,21 @@ async fn visible_push(
     Ok(push)
 }
 
+/// The whole record of one push.
+#[utoipa::path(
+    get,
+    path = "/v1/pushes/{id}",
+    tag = "pushes",
+    security(("bearer" = ["read"])),
+    params(("id" = String, Path, description = "The push id")),
+    responses(
+        (status = 200, description = "The push", body = PushRecord),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such push visible to this client", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn get_push(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
@@ -294,6 +394,24 @@ fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
     }
 }
 
+/// Ask Umeng's `/api/status` for a task's state and store it.
+#[utoipa::path(
+    post,
+    path = "/v1/pushes/{id}/refresh",
+    tag = "pushes",
+    security(("bearer" = ["read"])),
+    params(("id" = String, Path, description = "The push id")),
+    responses(
+        (status = 200, description = "The push with its refreshed task state", body = PushRecord),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such push visible to this client", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a task-class push, no task_id, or (cancel) Umeng can no longer cancel the task (1028)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Umeng answered FAIL or could not be reached", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Umeng did not answer in time", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn refresh_push(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
@@ -317,6 +435,24 @@ async fn refresh_push(
     Ok(Json(push))
 }
 
+/// Cancel a task via Umeng's `/api/cancel`.
+#[utoipa::path(
+    post,
+    path = "/v1/pushes/{id}/cancel",
+    tag = "pushes",
+    security(("bearer" = ["cancel"])),
+    params(("id" = String, Path, description = "The push id")),
+    responses(
+        (status = 200, description = "The push, now `cancelled`", body = PushRecord),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such push visible to this client", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a task-class push, no task_id, or (cancel) Umeng can no longer cancel the task (1028)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Umeng answered FAIL or could not be reached", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Umeng did not answer in time", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn cancel_push(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,

@@ -3,28 +3,33 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::Scope;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::gateway::Gateway;
 use crate::http::auth::Caller;
 use crate::quota::{QuotaKind, WindowUnit};
 
-pub fn router() -> Router<Arc<Gateway>> {
-    Router::new().route("/v1/quotas", get(list_quotas))
+pub fn router() -> OpenApiRouter<Arc<Gateway>> {
+    OpenApiRouter::new().routes(routes!(list_quotas))
 }
 
-#[derive(Debug, Deserialize)]
+/// Query string of `GET /v1/quotas`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaQuery {
+    /// Only this app (default: every app the client may use).
     pub app: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// One quota bucket of one app, in its current window.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct QuotaEntry {
     pub app: String,
     pub kind: QuotaKind,
@@ -39,11 +44,27 @@ pub struct QuotaEntry {
     pub reset_after_secs: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// Every bucket of every app the client may see.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct QuotaList {
     pub quotas: Vec<QuotaEntry>,
 }
 
+/// Limit, used, remaining and reset time per app and quota bucket.
+#[utoipa::path(
+    get,
+    path = "/v1/quotas",
+    tag = "quotas",
+    security(("bearer" = ["read"])),
+    params(QuotaQuery),
+    responses(
+        (status = 200, description = "Quota state per app and bucket", body = QuotaList),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The client lacks the `read` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such app", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn list_quotas(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
@@ -73,6 +94,7 @@ async fn list_quotas(
                 .store
                 .quota_state(&app.app.appkey, *kind, *limit)
                 .await?;
+            crate::metrics::quota_remaining(name, &s);
             let start = OffsetDateTime::from_unix_timestamp(s.window_start)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             let end = OffsetDateTime::from_unix_timestamp(s.window_end())

@@ -6,9 +6,9 @@ use serde_json::{Map, Value};
 
 use crate::umeng::CastType;
 
-/// A push as a calling service describes it. See `prepare` for the rules and the
-/// translation to Umeng's body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A push as a calling service describes it (docs/push-request.md has the rules and the
+/// translation to Umeng's body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PushRequest {
     /// A configured app name; it fixes the platform, appkey and secret.
@@ -70,7 +70,7 @@ pub struct PushRequest {
 }
 
 /// A visible notification.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Notification {
     /// Android: required; iOS: alert title.
@@ -104,7 +104,7 @@ pub struct Notification {
 }
 
 /// A badge: a number, or a string.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Badge {
     Number(i64),
@@ -112,7 +112,7 @@ pub enum Badge {
 }
 
 /// What a tap on a notification does; set exactly one field.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Open {
     /// Open a web page (http or https). Android `go_url`.
@@ -130,7 +130,7 @@ pub struct Open {
 }
 
 /// A message that is not shown by the system.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     /// Android: `body.custom` (string or object). iOS: an object whose keys go beside `aps`
@@ -140,7 +140,7 @@ pub struct Message {
 }
 
 /// Timing and throttling.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PushPolicy {
     /// RFC 3339; task-class sends only; later than now, at most 7 days ahead.
@@ -158,7 +158,7 @@ pub struct PushPolicy {
 }
 
 /// Android-only settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AndroidOptions {
     /// Custom notification style (notifications only).
@@ -206,7 +206,7 @@ pub struct AndroidOptions {
 }
 
 /// iOS-only settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IosOptions {
     /// `aps.category` (notifications only).

@@ -35,7 +35,7 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The life of a push. Stored as the lower-case string of [`PushStatus::as_str`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PushStatus {
     /// Recorded, Umeng call in flight (or the process died during it).
@@ -265,7 +265,7 @@ pub enum PurgeTarget {
 }
 
 /// A stored push, as history shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PushRecord {
     pub id: String,
     pub app: String,
@@ -336,6 +336,9 @@ pub struct PushQuery {
 pub trait Store: Send + Sync + 'static {
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;
+
+    /// Connections the pool holds right now (for the `db_pool_connections` metric).
+    fn pool_status(&self) -> PoolStatus;
 
     /// Apply pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
@@ -436,6 +439,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+/// A snapshot of a connection pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStatus {
+    /// Open connections waiting in the pool.
+    pub idle: u32,
+    /// Open connections lent out to a query or transaction.
+    pub in_use: u32,
+}
+
+impl PoolStatus {
+    /// From sqlx's `size()` (all open connections) and `num_idle()`.
+    pub fn from_counts(size: u32, idle: usize) -> Self {
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        PoolStatus {
+            idle,
+            in_use: size - idle,
+        }
+    }
+}
+
 /// Pool settings shared by both backends.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
@@ -520,13 +543,25 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         E::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             // Postgres: class 08 (connection), 57P01-57P03 (shutdown / cannot connect now),
-            // 53300 (too many connections), 55P03 (lock_timeout), 57014 (statement_timeout).
+            // 53300 (too many connections), 55P03 (lock_timeout), 57014 (statement_timeout),
+            // 55000 and 3D000 when a new connection finds the database closed to
+            // connections (ALLOW_CONNECTIONS false) or gone.
             // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (after busy_timeout expired).
             let unavailable = code.starts_with("08")
                 || code.starts_with("57P")
                 || matches!(
                     code.as_str(),
-                    "53300" | "55P03" | "57014" | "5" | "6" | "261" | "262" | "517" | "773"
+                    "53300"
+                        | "55P03"
+                        | "57014"
+                        | "55000"
+                        | "3D000"
+                        | "5"
+                        | "6"
+                        | "261"
+                        | "262"
+                        | "517"
+                        | "773"
                 );
             if unavailable {
                 StoreError::Unavailable(err.to_string())

@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 
 use super::{
     map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
-    PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError,
-    StoreResult, TaskClaim, TaskUpdate,
+    PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
+    StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -211,6 +211,10 @@ impl PgStore {
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::from_counts(self.pool.size(), self.pool.num_idle())
     }
 
     async fn migrate(&self) -> StoreResult<()> {

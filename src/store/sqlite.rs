@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use super::postgres::missing_migration;
 use super::{
     map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
-    PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError,
-    StoreResult, TaskClaim, TaskUpdate,
+    PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
+    StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -225,6 +225,10 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::from_counts(self.pool.size(), self.pool.num_idle())
+    }
+
     async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR
             .run(&self.pool)
@@ -240,7 +244,16 @@ impl Store for SqliteStore {
                 StoreError::Database(m) => StoreError::Migration(format!("not migrated: {m}")),
                 other => other,
             })?;
-        missing_migration(&MIGRATOR, &applied)
+        missing_migration(&MIGRATOR, &applied)?;
+        // SQLite has no server to lose: what stops the gateway is a write lock it cannot
+        // get (another process holding the file), since every admission writes. Readers
+        // in WAL mode never notice that, so take the write lock and give it back at once.
+        let pool = self.pool.clone();
+        run_detached(async move {
+            let tx = pool.begin_with("begin immediate").await.map_err(map_sqlx)?;
+            tx.rollback().await.map_err(map_sqlx)
+        })
+        .await
     }
 
     async fn now(&self) -> StoreResult<OffsetDateTime> {

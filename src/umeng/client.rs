@@ -221,6 +221,14 @@ impl UmengClient {
         let signature = sign(&url, &bytes, app.master_secret.expose());
         let result = self.exchange(&url, &signature, bytes).await;
         let latency = started.elapsed();
+        crate::metrics::umeng_call(
+            endpoint_label(path),
+            latency,
+            result
+                .as_ref()
+                .err()
+                .map(|e| e.code().unwrap_or(e.metric_label())),
+        );
         match &result {
             Ok(_) => tracing::info!(
                 umeng.latency_ms = latency.as_millis() as u64,
@@ -258,6 +266,17 @@ impl UmengClient {
         let status = response.status();
         let answer = read_limited(response).await?;
         interpret(status.as_u16(), &answer)
+    }
+}
+
+/// The `endpoint` label of an Umeng path.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/api/send" => "send",
+        "/api/status" => "status",
+        "/api/cancel" => "cancel",
+        "/upload" => "upload",
+        _ => "other",
     }
 }
 

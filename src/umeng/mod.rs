@@ -56,7 +56,7 @@ impl std::fmt::Display for Platform {
 }
 
 /// Umeng's `type` field: how the audience of a send is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CastType {
     Unicast,
@@ -114,7 +114,7 @@ impl std::fmt::Display for CastType {
 }
 
 /// One validation failure: which field, and which rule it breaks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// JSON path of the field, e.g. `payload.body.url` or `device_tokens[3]`.
     pub field: String,

@@ -1,0 +1,206 @@
+//! Prometheus metrics: one recorder per process (installed on first use and shared by every
+//! gateway in it), the metric names, and small helpers that keep label sets low-cardinality.
+//!
+//! Labels only ever carry configured names (apps), fixed vocabularies (cast types, outcomes,
+//! quota kinds, route templates) or Umeng's documented error codes; never ids, tokens or
+//! anything else a caller controls.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::quota::QuotaState;
+
+/// HTTP requests answered: `route` (the matched path template, or `unmatched`), `method`,
+/// `status`.
+pub const HTTP_REQUESTS: &str = "http_requests_total";
+/// Seconds from the request's arrival to its answer: `route`, `method`.
+pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+/// Push requests by how they ended: `app`, `type`, `outcome` (see [`PushOutcome`]).
+pub const PUSHES: &str = "pushes_total";
+/// Seconds spent in one Umeng call: `endpoint` (send, status, cancel, upload).
+pub const UMENG_DURATION: &str = "umeng_request_duration_seconds";
+/// Umeng calls that did not succeed: `code` (Umeng's error code, `not_sent` or `unknown`).
+pub const UMENG_ERRORS: &str = "umeng_errors_total";
+/// Slots left in the current quota window: `app`, `kind`.
+pub const QUOTA_REMAINING: &str = "quota_remaining";
+/// Repeats answered from history without calling Umeng: `app`.
+pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
+/// Pushes refused because a quota window was full: `app`, `kind`, `source` (`local` or
+/// `umeng` for Umeng's 2050).
+pub const QUOTA_REJECTIONS: &str = "quota_rejections_total";
+/// Database pool connections at scrape time: `state` (`idle`, `in_use`).
+pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+
+/// Buckets for both latency histograms (seconds): Umeng answers in well under 2 s normally
+/// and may take up to the configured 30 s timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// How often histograms are drained outside of scrapes, so memory stays flat when nobody
+/// scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(10);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's Prometheus handle; the first call installs the global recorder. If another
+/// recorder was installed first (an embedding program's), this handle renders nothing.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(UMENG_DURATION.into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), LATENCY_BUCKETS)
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            // Only an empty bucket list fails; ours is not empty.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        if ::metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        describe();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+        }
+        handle
+    })
+}
+
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by route template, method and status"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request duration, by route template and method"
+    );
+    describe_counter!(PUSHES, "Push requests by app, cast type and outcome");
+    describe_histogram!(
+        UMENG_DURATION,
+        Unit::Seconds,
+        "Duration of Umeng API calls, by endpoint"
+    );
+    describe_counter!(
+        UMENG_ERRORS,
+        "Umeng calls that did not succeed, by error code"
+    );
+    describe_gauge!(
+        QUOTA_REMAINING,
+        "Slots left in the current quota window, by app and kind"
+    );
+    describe_counter!(
+        IDEMPOTENT_REPLAYS,
+        "Repeated out_biz_no answered from history, by app"
+    );
+    describe_counter!(
+        QUOTA_REJECTIONS,
+        "Pushes refused for a full quota window, by app, kind and source"
+    );
+    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state");
+}
+
+/// How a push request ended, as the `outcome` label of `pushes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Umeng accepted it.
+    Accepted,
+    /// Definitely not sent (Umeng FAIL, unreachable, upload failed).
+    Failed,
+    /// Sent, no definite answer (timeout, 5xx, Umeng internal error).
+    Unknown,
+    /// A quota window was full (locally or Umeng's 2050).
+    RateLimited,
+    /// A repeat answered from history.
+    Replayed,
+    /// Refused by validation before anything was spent.
+    Invalid,
+    /// The same out_biz_no is being sent right now.
+    InFlight,
+    /// The out_biz_no was used for a different request.
+    Mismatch,
+}
+
+impl PushOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushOutcome::Accepted => "accepted",
+            PushOutcome::Failed => "failed",
+            PushOutcome::Unknown => "unknown",
+            PushOutcome::RateLimited => "rate_limited",
+            PushOutcome::Replayed => "replayed",
+            PushOutcome::Invalid => "invalid",
+            PushOutcome::InFlight => "in_flight",
+            PushOutcome::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// Count one push request.
+pub fn push(app: &str, cast_type: &str, outcome: PushOutcome) {
+    ::metrics::counter!(PUSHES, "app" => app.to_owned(), "type" => cast_type.to_owned(), "outcome" => outcome.as_str())
+        .increment(1);
+    if outcome == PushOutcome::Replayed {
+        ::metrics::counter!(IDEMPOTENT_REPLAYS, "app" => app.to_owned()).increment(1);
+    }
+}
+
+/// Count a quota rejection; `from_umeng` for Umeng's 2050.
+pub fn quota_rejection(app: &str, kind: &str, from_umeng: bool) {
+    let source = if from_umeng { "umeng" } else { "local" };
+    ::metrics::counter!(QUOTA_REJECTIONS, "app" => app.to_owned(), "kind" => kind.to_owned(), "source" => source)
+        .increment(1);
+}
+
+/// Set `quota_remaining` from a window's state.
+pub fn quota_remaining(app: &str, state: &QuotaState) {
+    ::metrics::gauge!(QUOTA_REMAINING, "app" => app.to_owned(), "kind" => state.kind.to_string())
+        .set(f64::from(state.remaining()));
+}
+
+/// Record one Umeng call: its duration, and its error code when it failed.
+pub fn umeng_call(endpoint: &'static str, elapsed: Duration, error_code: Option<&str>) {
+    ::metrics::histogram!(UMENG_DURATION, "endpoint" => endpoint).record(elapsed.as_secs_f64());
+    if let Some(code) = error_code {
+        ::metrics::counter!(UMENG_ERRORS, "code" => code_label(code)).increment(1);
+    }
+}
+
+/// Umeng's numeric codes and the gateway's own `not_sent` / `unknown` pass; anything else
+/// an upstream might put there becomes `other`, so it cannot blow up the label set.
+fn code_label(code: &str) -> String {
+    let numeric = !code.is_empty() && code.len() <= 6 && code.bytes().all(|b| b.is_ascii_digit());
+    if numeric || matches!(code, "not_sent" | "unknown") {
+        code.to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// Record one answered HTTP request.
+pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
+    ::metrics::counter!(HTTP_REQUESTS, "route" => route.to_owned(), "method" => method.to_owned(), "status" => status.to_string())
+        .increment(1);
+    ::metrics::histogram!(HTTP_DURATION, "route" => route.to_owned(), "method" => method.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// Set `db_pool_connections` from the pool's current state.
+pub fn db_pool(idle: u32, in_use: u32) {
+    ::metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    ::metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+}
