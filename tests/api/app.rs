@@ -290,3 +290,32 @@ pub fn push_body(app: &str, cast: &str) -> Value {
     }
     body
 }
+
+/// Write a gateway case once (`async fn name(backend: Backend)` in the calling module) and
+/// get `sqlite::name` and `postgres::name` tests. PostgreSQL tests fail when the server is
+/// unreachable unless `UMGW_SKIP_POSTGRES=1`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::app::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if crate::helpers::skip_postgres() {
+                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
+                        return;
+                    }
+                    super::$name(crate::app::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;

@@ -10,31 +10,6 @@ use umeng_push_gateway::simulator::{Fault, FaultKind};
 
 use crate::app::*;
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::app::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if crate::helpers::skip_postgres() {
-                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
-                        return;
-                    }
-                    super::$name(crate::app::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     poller_moves_a_task_to_done_without_any_caller_action,
     two_instances_poll_each_task_one_at_a_time,

@@ -8,31 +8,6 @@ use umeng_push_gateway::simulator::{Fault, FaultKind};
 
 use crate::app::*;
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::app::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if crate::helpers::skip_postgres() {
-                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
-                        return;
-                    }
-                    super::$name(crate::app::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     every_type_on_both_platforms_reaches_umeng_and_history,
     quota_is_exact_across_two_instances,

@@ -16,31 +16,6 @@ use crate::app::*;
 use crate::helpers::TestDb;
 use crate::process::{config_toml, GatewayProcess};
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::app::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if crate::helpers::skip_postgres() {
-                        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
-                        return;
-                    }
-                    super::$name(crate::app::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     metrics_count_pushes_by_outcome,
     logs_carry_the_request_id_and_no_secret_sign_or_token,
