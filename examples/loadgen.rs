@@ -83,10 +83,20 @@ struct RunArgs {
     /// direct: the appkey and app master secret the simulator knows.
     #[arg(long, default_value = "")]
     appkey: String,
-    #[arg(long, default_value = "", env = "LOADGEN_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        default_value = "",
+        env = "LOADGEN_SECRET",
+        hide_env_values = true
+    )]
     secret: String,
     /// gateway, groupcast-flood: the bearer token and the configured app name.
-    #[arg(long, default_value = "", env = "LOADGEN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        default_value = "",
+        env = "LOADGEN_TOKEN",
+        hide_env_values = true
+    )]
     token: String,
     #[arg(long, default_value = "")]
     app: String,
@@ -395,7 +405,14 @@ fn device_token(w: usize) -> String {
 }
 
 /// Writes the request path and body into the reused buffers.
-fn build_request(plan: &Plan, w: usize, seq: u64, token: &str, path: &mut String, body: &mut String) {
+fn build_request(
+    plan: &Plan,
+    w: usize,
+    seq: u64,
+    token: &str,
+    path: &mut String,
+    body: &mut String,
+) {
     path.clear();
     body.clear();
     match plan.mode {
@@ -447,7 +464,11 @@ fn own_cpu_secs() -> f64 {
     // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(14) + ticks(15)) / 100.0
 }
 
@@ -543,7 +564,9 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let mut checks = Vec::new();
     for &c in &levels {
-        let direct = find(&|v| s(v, "mode") == "direct" && s(v, "scenario") == "main" && u(v, "concurrency") == c);
+        let direct = find(&|v| {
+            s(v, "mode") == "direct" && s(v, "scenario") == "main" && u(v, "concurrency") == c
+        });
         let pgb = find(&|v| kind(v) == "pgbench" && u(v, "concurrency") == c);
         let mut rows: Vec<(&str, &Value)> = Vec::new();
         if let Some(d) = direct {
@@ -600,7 +623,11 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
             if is_gw && c == 16 {
                 if let Some(d) = direct {
                     let r = f(v, "ok_rps") / f(d, "rps");
-                    let want = if s(v, "backend") == "postgres" { 0.4 } else { 0.6 };
+                    let want = if s(v, "backend") == "postgres" {
+                        0.4
+                    } else {
+                        0.6
+                    };
                     checks.push(format!(
                         "{title}: {r:.2}× direct (target ≥ {want}) {}; added p99 {:+.2} ms (target ≤ 5) {}",
                         verdict(r >= want),
@@ -637,9 +664,15 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
         println!("| backend | unicast clients | alone req/s | alone p50 / p99 ms | with flood req/s | with flood p50 / p99 ms | flood sent req/s | flood answers |");
         println!("|---|---:|---:|---:|---:|---:|---:|---|");
         for backend in ["sqlite", "postgres"] {
-            let alone = quota.iter().find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-alone");
-            let with = quota.iter().find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-flood");
-            let flood = quota.iter().find(|v| s(v, "backend") == backend && s(v, "scenario") == "flood");
+            let alone = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-alone");
+            let with = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-flood");
+            let flood = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "flood");
             if let (Some(a), Some(w), Some(fl)) = (alone, with, flood) {
                 println!(
                     "| {backend} | {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {:.0} | {} |",
