@@ -220,7 +220,8 @@ impl UmengClient {
         let result = self.exchange(&url, &signature, bytes).await;
         let latency = started.elapsed();
         match &result {
-            Ok(_) => tracing::info!(
+            // The caller logs the outcome at info (with the push id); this is the detail.
+            Ok(_) => tracing::debug!(
                 umeng.latency_ms = latency.as_millis() as u64,
                 "umeng answered SUCCESS"
             ),
