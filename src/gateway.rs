@@ -299,7 +299,7 @@ impl Gateway {
         };
         match attempt.result {
             Ok(ok) => {
-                tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, "umeng accepted the push");
+                tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, umeng.latency_ms = attempt.latency.as_millis() as u64, "umeng accepted the push");
                 count(PushOutcome::Accepted);
                 self.finish(
                     &push_id,

@@ -1,7 +1,7 @@
 //! The simulator's memory: apps, recorded requests, faults, uploaded files, tasks, quota
 //! counters and `out_biz_no` keys, and the Umeng operations on them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ pub(crate) struct State {
 struct Inner {
     next_seq: u64,
     next_id: u64,
-    records: Vec<RecordedRequest>,
+    records: VecDeque<RecordedRequest>,
     faults: Vec<Fault>,
     /// file_id → (appkey, number of entries).
     files: HashMap<String, (String, u64)>,
@@ -194,7 +194,7 @@ impl State {
         let mut inner = self.lock();
         inner.next_seq += 1;
         let seq = inner.next_seq;
-        inner.records.push(RecordedRequest {
+        inner.records.push_back(RecordedRequest {
             seq,
             path: path.to_owned(),
             sign,

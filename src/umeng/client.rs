@@ -230,7 +230,8 @@ impl UmengClient {
                 .map(|e| e.code().unwrap_or(e.metric_label())),
         );
         match &result {
-            Ok(_) => tracing::info!(
+            // The caller logs the outcome at info (with the push id); this is the detail.
+            Ok(_) => tracing::debug!(
                 umeng.latency_ms = latency.as_millis() as u64,
                 "umeng answered SUCCESS"
             ),

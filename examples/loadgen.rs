@@ -1,0 +1,701 @@
+//! Closed-loop HTTP load generator for `bench/run.sh`.
+//!
+//! `--concurrency` workers each own one keep-alive HTTP/1.1 connection (opened once, reused
+//! for every request) and send the next request as soon as the previous answer is read, for
+//! `--warmup` seconds (not recorded) and then `--duration` seconds. Latencies go into an HDR
+//! histogram (microseconds, 3 significant digits). One JSON line per run goes to stdout.
+//!
+//! Modes:
+//! - `direct`: signed Umeng unicast sends to `<target>/api/send`, signed like Umeng's own
+//!   clients: `md5("POST" + url + body + secret)` over a body with a fresh 13-digit
+//!   timestamp; `--target` must be the base URL the simulator signs against;
+//! - `gateway`: the same unicast as `POST /v1/pushes` (test mode, so no quota), with
+//!   `--unique-biz-no` a fresh `out_biz_no` per request;
+//! - `groupcast-flood`: production groupcasts for one app, far over its quota (mostly 429).
+//!
+//! Being closed-loop, it measures latency at the throughput the system sustains (no
+//! coordinated-omission correction: there is no target rate).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use md5::{Digest, Md5};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Direct,
+    Gateway,
+    GroupcastFlood,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Closed-loop load generator for umeng-push-gateway and its simulator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send load and print one JSON result line.
+    Run(RunArgs),
+    /// Turn pgbench per-transaction logs (`pgbench -l`) into a result line.
+    Pgbench(PgbenchArgs),
+    /// Print the markdown report of a file of result lines.
+    Report {
+        /// The JSON lines written by `run`, `pgbench` and bench/run.sh.
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Base URL, `http://127.0.0.1:PORT` (plain HTTP, an IP address).
+    #[arg(long)]
+    target: String,
+    /// Concurrent workers, one connection each.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Unrecorded seconds before the measurement.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Total requests per second over all workers; 0 = as fast as answers come back.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Runtime worker threads of the load generator itself.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// direct: the appkey and app master secret the simulator knows.
+    #[arg(long, default_value = "")]
+    appkey: String,
+    #[arg(
+        long,
+        default_value = "",
+        env = "LOADGEN_SECRET",
+        hide_env_values = true
+    )]
+    secret: String,
+    /// gateway, groupcast-flood: the bearer token and the configured app name.
+    #[arg(
+        long,
+        default_value = "",
+        env = "LOADGEN_TOKEN",
+        hide_env_values = true
+    )]
+    token: String,
+    #[arg(long, default_value = "")]
+    app: String,
+    /// gateway: a fresh `out_biz_no` on every request.
+    #[arg(long)]
+    unique_biz_no: bool,
+    /// A unique name for this run (joins the CPU lines of bench/run.sh).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Copied into the result: `sqlite`, `postgres` or empty.
+    #[arg(long, default_value = "")]
+    backend: String,
+    /// Copied into the result: `main`, `quota-alone`, `quota-flood`, `flood`.
+    #[arg(long, default_value = "main")]
+    scenario: String,
+    /// Prefix of generated `out_biz_no`s (default: from the clock, unique per run).
+    #[arg(long)]
+    run_id: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct PgbenchArgs {
+    #[arg(long, default_value = "pgbench")]
+    label: String,
+    #[arg(long)]
+    concurrency: usize,
+    /// The `-T` of the pgbench run, seconds.
+    #[arg(long)]
+    duration: f64,
+    /// Log files (`pgbench -l --log-prefix`): `client_id tx_no latency_us script epoch us`.
+    #[arg(required = true)]
+    logs: Vec<std::path::PathBuf>,
+}
+
+/// Everything a worker needs, built once.
+struct Plan {
+    mode: Mode,
+    addr: SocketAddr,
+    host: String,
+    /// `http://host:port/api/send`, what is signed in direct mode.
+    sign_url: String,
+    appkey: String,
+    secret: String,
+    auth: String,
+    app: String,
+    unique_biz_no: bool,
+    run_id: String,
+    /// Time between two requests of one worker (paced runs only).
+    pace: Option<Duration>,
+}
+
+#[derive(Default)]
+struct Stats {
+    hist: Option<Histogram<u64>>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            hist: Some(Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")),
+            ..Default::default()
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        if let (Some(h), Some(o)) = (self.hist.as_mut(), other.hist.as_ref()) {
+            h.add(o).expect("same bounds");
+        }
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Pgbench(args) => pgbench(args),
+        Command::Report { file } => report(&file),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let url = url::Url::parse(&args.target)?;
+    anyhow::ensure!(url.scheme() == "http", "--target must be plain http://");
+    let host = url
+        .host_str()
+        .ok_or_else(|| anyhow::anyhow!("--target has no host"))?
+        .to_owned();
+    let port = url.port_or_known_default().unwrap_or(80);
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--target host must be an IP address"))?;
+    match args.mode {
+        Mode::Direct => anyhow::ensure!(
+            !args.appkey.is_empty() && !args.secret.is_empty(),
+            "direct mode needs --appkey and --secret"
+        ),
+        Mode::Gateway | Mode::GroupcastFlood => anyhow::ensure!(
+            !args.token.is_empty() && !args.app.is_empty(),
+            "gateway modes need --token and --app"
+        ),
+    }
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let run_id = args.run_id.clone().unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("r{:x}", nanos % (1 << 48))
+    });
+    let plan = Arc::new(Plan {
+        mode: args.mode,
+        addr,
+        host: format!("{host}:{port}"),
+        sign_url: format!("{}/api/send", args.target.trim_end_matches('/')),
+        appkey: args.appkey.clone(),
+        secret: args.secret.clone(),
+        auth: format!("Bearer {}", args.token),
+        app: args.app.clone(),
+        unique_biz_no: args.unique_biz_no,
+        run_id,
+        pace: (args.rate > 0.0)
+            .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate)),
+    });
+    let cpu_before = own_cpu_secs();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
+    let duration = Duration::from_secs_f64(args.duration.max(0.1));
+    let (stats, elapsed) = runtime.block_on(async {
+        let start = Instant::now();
+        let measure_from = start + warmup;
+        let deadline = measure_from + duration;
+        let mut tasks = Vec::with_capacity(args.concurrency);
+        for w in 0..args.concurrency {
+            let plan = Arc::clone(&plan);
+            tasks.push(tokio::spawn(worker(plan, w, measure_from, deadline)));
+        }
+        let mut all = Stats::new();
+        for t in tasks {
+            match t.await {
+                Ok(s) => all.merge(s),
+                Err(e) => {
+                    all.errors += 1;
+                    all.first_error.get_or_insert(e.to_string());
+                }
+            }
+        }
+        let elapsed = Instant::now().saturating_duration_since(measure_from);
+        (all, elapsed)
+    });
+
+    let hist = stats.hist.expect("histogram");
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let count = hist.len();
+    let secs = elapsed.as_secs_f64().max(duration.as_secs_f64());
+    let ok = stats
+        .statuses
+        .iter()
+        .filter(|(s, _)| (200..300).contains(*s))
+        .map(|(_, n)| n)
+        .sum::<u64>();
+    let statuses: serde_json::Map<String, serde_json::Value> = stats
+        .statuses
+        .iter()
+        .map(|(k, v)| (k.to_string(), (*v).into()))
+        .collect();
+    let cpu = own_cpu_secs() - cpu_before;
+    let line = serde_json::json!({
+        "kind": "run",
+        "label": args.label,
+        "backend": args.backend,
+        "scenario": args.scenario,
+        "rate": args.rate,
+        "mode": match args.mode { Mode::Direct => "direct", Mode::Gateway => "gateway", Mode::GroupcastFlood => "groupcast-flood" },
+        "unique_biz_no": args.unique_biz_no,
+        "concurrency": args.concurrency,
+        "duration_s": (secs * 100.0).round() / 100.0,
+        "requests": count,
+        "ok": ok,
+        "rps": (count as f64 / secs * 10.0).round() / 10.0,
+        "ok_rps": (ok as f64 / secs * 10.0).round() / 10.0,
+        "p50_ms": ms(0.50),
+        "p90_ms": ms(0.90),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": hist.max() as f64 / 1000.0,
+        "mean_ms": (hist.mean() / 10.0).round() / 100.0,
+        "status": statuses,
+        "errors": stats.errors,
+        "first_error": stats.first_error,
+        "loadgen_cpu_pct": (cpu / secs * 1000.0).round() / 10.0,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// One connection, one request at a time, until `deadline`. Reconnects (after a short
+/// pause) when the connection fails; such failures are counted as errors.
+async fn worker(plan: Arc<Plan>, w: usize, measure_from: Instant, deadline: Instant) -> Stats {
+    let mut stats = Stats::new();
+    let hist = stats.hist.as_mut().expect("histogram");
+    let mut body = String::with_capacity(1024);
+    let mut path = String::with_capacity(128);
+    let token = device_token(w);
+    let mut seq: u64 = 0;
+    let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
+    // Paced workers start spread over one interval.
+    let mut next = plan
+        .pace
+        .map(|p| Instant::now() + p.mul_f64((w % 64) as f64 / 64.0));
+    while Instant::now() < deadline {
+        if let (Some(at), Some(pace)) = (next.as_mut(), plan.pace) {
+            tokio::time::sleep_until((*at).into()).await;
+            *at += pace;
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        let s = match sender.as_mut() {
+            Some(s) => s,
+            None => match connect(plan.addr).await {
+                Ok(s) => sender.insert(s),
+                Err(e) => {
+                    if Instant::now() >= measure_from {
+                        stats.errors += 1;
+                        stats.first_error.get_or_insert(format!("connect: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        seq += 1;
+        build_request(&plan, w, seq, &token, &mut path, &mut body);
+        let mut req = hyper::Request::post(path.as_str())
+            .header(hyper::header::HOST, plan.host.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if plan.mode != Mode::Direct {
+            req = req.header(hyper::header::AUTHORIZATION, plan.auth.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+            .expect("a valid request");
+        let started = Instant::now();
+        let result = async {
+            s.ready().await?;
+            let resp = s.send_request(req).await?;
+            let status = resp.status().as_u16();
+            resp.into_body().collect().await?;
+            Ok::<u16, hyper::Error>(status)
+        }
+        .await;
+        let done = Instant::now();
+        let recording = started >= measure_from && done <= deadline;
+        match result {
+            Ok(status) => {
+                if recording {
+                    let us = done.duration_since(started).as_micros() as u64;
+                    hist.saturating_record(us.max(1));
+                    *stats.statuses.entry(status).or_default() += 1;
+                }
+            }
+            Err(e) => {
+                sender = None;
+                if recording {
+                    stats.errors += 1;
+                    stats.first_error.get_or_insert(format!("request: {e}"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    stats
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// A 44-character Android device token, distinct per worker.
+fn device_token(w: usize) -> String {
+    let mut t = format!("Bench{w:06}");
+    while t.len() < 44 {
+        t.push_str("AaBbCcDdEeFfGgHhIiJjKkLlMmNnOoPpQqRrSsTtUuVv");
+    }
+    t.truncate(44);
+    t
+}
+
+/// Writes the request path and body into the reused buffers.
+fn build_request(
+    plan: &Plan,
+    w: usize,
+    seq: u64,
+    token: &str,
+    path: &mut String,
+    body: &mut String,
+) {
+    path.clear();
+    body.clear();
+    match plan.mode {
+        Mode::Direct => {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            let _ = write!(
+                body,
+                r#"{{"appkey":"{}","timestamp":"{ts}","type":"unicast","device_tokens":"{token}","payload":{{"display_type":"notification","body":{{"ticker":"Your order shipped","title":"Your order shipped","text":"Order 42 is on its way","after_open":"go_url","url":"https://shop.example/orders/42"}},"extra":{{"order":"42"}}}},"production_mode":"false","description":"bench w{w} n{seq}"}}"#,
+                plan.appkey
+            );
+            let mut h = Md5::new();
+            h.update(b"POST");
+            h.update(plan.sign_url.as_bytes());
+            h.update(body.as_bytes());
+            h.update(plan.secret.as_bytes());
+            let _ = write!(path, "/api/send?sign={}", hex::encode(h.finalize()));
+        }
+        Mode::Gateway => {
+            path.push_str("/v1/pushes");
+            let _ = write!(
+                body,
+                r#"{{"app":"{}","type":"unicast","device_tokens":["{token}"],"notification":{{"title":"Your order shipped","text":"Order 42 is on its way","open":{{"url":"https://shop.example/orders/42"}},"extra":{{"order":"42"}}}},"production_mode":false,"description":"bench w{w} n{seq}""#,
+                plan.app
+            );
+            if plan.unique_biz_no {
+                let _ = write!(body, r#","out_biz_no":"{}-{w}-{seq}""#, plan.run_id);
+            }
+            body.push('}');
+        }
+        Mode::GroupcastFlood => {
+            path.push_str("/v1/pushes");
+            let _ = write!(
+                body,
+                r#"{{"app":"{}","type":"groupcast","filter":{{"where":{{"and":[{{"tag":"vip"}}]}}}},"notification":{{"title":"Flash sale","text":"Everything must go"}},"production_mode":true,"description":"flood w{w} n{seq}"}}"#,
+                plan.app
+            );
+        }
+    }
+}
+
+/// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
+fn own_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// pgbench per-transaction logs to one result line.
+fn pgbench(args: PgbenchArgs) -> anyhow::Result<()> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut failed = 0u64;
+    for path in &args.logs {
+        let text = std::fs::read_to_string(path)?;
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            let latency = f.nth(2);
+            match latency.and_then(|v| v.parse::<u64>().ok()) {
+                Some(us) => hist.saturating_record(us.max(1)),
+                None => failed += 1,
+            }
+        }
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let line = serde_json::json!({
+        "kind": "pgbench",
+        "label": args.label,
+        "backend": "postgres",
+        "scenario": "main",
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "requests": hist.len(),
+        "ok": hist.len(),
+        "rps": (hist.len() as f64 / args.duration * 10.0).round() / 10.0,
+        "p50_ms": ms(0.50),
+        "p90_ms": ms(0.90),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": hist.max() as f64 / 1000.0,
+        "errors": failed,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// The markdown report: one table for the main runs, one for the quota path, the peak RSS
+/// and the targets.
+fn report(file: &std::path::Path) -> anyhow::Result<()> {
+    use serde_json::Value;
+    let text = std::fs::read_to_string(file)?;
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    let u = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let kind = |v: &Value| s(v, "kind");
+    let runs: Vec<&Value> = lines
+        .iter()
+        .filter(|v| kind(v) == "run" || kind(v) == "pgbench")
+        .collect();
+    let find = |pred: &dyn Fn(&Value) -> bool| runs.iter().copied().find(|v| pred(v));
+    let cpu_of = |label: &str| {
+        lines
+            .iter()
+            .find(|v| kind(v) == "cpu" && s(v, "label") == label)
+            .map(|v| f(v, "cpu_secs"))
+    };
+    let rss_of = |backend: &str| {
+        lines
+            .iter()
+            .find(|v| kind(v) == "rss" && s(v, "backend") == backend)
+            .map(|v| u(v, "vmhwm_kib"))
+    };
+    let statuses = |v: &Value| {
+        let mut out = String::new();
+        if let Some(m) = v.get("status").and_then(Value::as_object) {
+            for (k, n) in m {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                let _ = write!(out, "{k}×{n}");
+            }
+        }
+        let e = u(v, "errors");
+        if e > 0 {
+            let _ = write!(out, " err×{e}");
+        }
+        out
+    };
+    let mut levels: Vec<u64> = runs.iter().map(|v| u(v, "concurrency")).collect();
+    levels.sort_unstable();
+    levels.dedup();
+
+    println!("| run | clients | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | × direct | × pgbench | gateway CPU µs/req | answers |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let mut checks = Vec::new();
+    for &c in &levels {
+        let direct = find(&|v| {
+            s(v, "mode") == "direct" && s(v, "scenario") == "main" && u(v, "concurrency") == c
+        });
+        let pgb = find(&|v| kind(v) == "pgbench" && u(v, "concurrency") == c);
+        let mut rows: Vec<(&str, &Value)> = Vec::new();
+        if let Some(d) = direct {
+            rows.push(("direct to simulator", d));
+        }
+        if let Some(p) = pgb {
+            rows.push(("pgbench INSERT (1.5 KB row)", p));
+        }
+        for v in runs.iter().copied().filter(|v| {
+            s(v, "mode") == "gateway" && s(v, "scenario") == "main" && u(v, "concurrency") == c
+        }) {
+            rows.push(("", v));
+        }
+        for (name, v) in rows {
+            let is_gw = s(v, "mode") == "gateway";
+            let title = if is_gw {
+                format!(
+                    "gateway + {}{}",
+                    s(v, "backend"),
+                    if v.get("unique_biz_no").and_then(Value::as_bool) == Some(true) {
+                        ", out_biz_no"
+                    } else {
+                        ""
+                    }
+                )
+            } else {
+                name.to_owned()
+            };
+            let rel = |base: Option<&Value>, k: &str| match base {
+                Some(b) if is_gw => format!("{:+.2}", f(v, k) - f(b, k)),
+                _ => String::new(),
+            };
+            let ratio = |base: Option<&Value>| match base {
+                Some(b) if is_gw => format!("{:.2}", f(v, "ok_rps") / f(b, "rps")),
+                _ => String::new(),
+            };
+            let cpu = cpu_of(&s(v, "label"))
+                .filter(|_| u(v, "requests") > 0)
+                .map(|c| format!("{:.0}", c * 1e6 / u(v, "requests") as f64))
+                .unwrap_or_default();
+            println!(
+                "| {title} | {c} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {cpu} | {} |",
+                f(v, "rps"),
+                f(v, "p50_ms"),
+                f(v, "p90_ms"),
+                f(v, "p99_ms"),
+                f(v, "p999_ms"),
+                rel(direct, "p50_ms"),
+                rel(direct, "p99_ms"),
+                ratio(direct),
+                ratio(pgb),
+                statuses(v),
+            );
+            if is_gw && c == 16 {
+                if let Some(d) = direct {
+                    let r = f(v, "ok_rps") / f(d, "rps");
+                    let want = if s(v, "backend") == "postgres" {
+                        0.4
+                    } else {
+                        0.6
+                    };
+                    checks.push(format!(
+                        "{title}: {r:.2}× direct (target ≥ {want}) {}; added p99 {:+.2} ms (target ≤ 5) {}",
+                        verdict(r >= want),
+                        f(v, "p99_ms") - f(d, "p99_ms"),
+                        verdict(f(v, "p99_ms") - f(d, "p99_ms") <= 5.0),
+                    ));
+                }
+            }
+        }
+    }
+    println!();
+    for backend in ["sqlite", "postgres"] {
+        if let Some(kib) = rss_of(backend) {
+            let mib = kib as f64 / 1024.0;
+            println!(
+                "- gateway + {backend} peak RSS (VmHWM after all its runs): {mib:.1} MiB (target ≤ 64) {}",
+                verdict(mib <= 64.0)
+            );
+        }
+    }
+    for c in checks {
+        println!("- {c}");
+    }
+
+    let quota: Vec<&Value> = runs
+        .iter()
+        .copied()
+        .filter(|v| s(v, "scenario").starts_with("quota") || s(v, "scenario") == "flood")
+        .collect();
+    if !quota.is_empty() {
+        println!();
+        println!("Quota path: unicast pushes of one app, alone and during a flood of production groupcasts of another app (quota 5/minute).");
+        println!();
+        println!("| backend | unicast clients | alone req/s | alone p50 / p99 ms | with flood req/s | with flood p50 / p99 ms | flood sent req/s | flood answers |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---|");
+        for backend in ["sqlite", "postgres"] {
+            let alone = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-alone");
+            let with = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-flood");
+            let flood = quota
+                .iter()
+                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "flood");
+            if let (Some(a), Some(w), Some(fl)) = (alone, with, flood) {
+                println!(
+                    "| {backend} | {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {:.0} | {} |",
+                    u(a, "concurrency"),
+                    f(a, "rps"),
+                    f(a, "p50_ms"),
+                    f(a, "p99_ms"),
+                    f(w, "rps"),
+                    f(w, "p50_ms"),
+                    f(w, "p99_ms"),
+                    f(fl, "rps"),
+                    statuses(fl),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
