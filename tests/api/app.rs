@@ -14,6 +14,7 @@ use umeng_push_gateway::startup::Application;
 use umeng_push_gateway::umeng::Platform;
 
 use crate::helpers::{postgres_store, sqlite_store, TestDb};
+use crate::proxy::Proxy;
 
 pub const ANDROID_APP: &str = "test-android";
 pub const IOS_APP: &str = "test-ios";
@@ -45,9 +46,43 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(backend: Backend) -> TestEnv {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_simulator(backend, listener, None, true).await
+    }
+
+    /// An env whose simulator is reached through a fault-injecting [`Proxy`]: the
+    /// gateway's `umeng.base_url` (from [`TestEnv::settings`]) is the proxy's. The
+    /// simulator does not enforce Umeng's quotas here: the gateway's own count is tested.
+    pub async fn with_proxy(backend: Backend) -> (TestEnv, Proxy) {
+        let (proxy_listener, proxy_addr) = Proxy::bind().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim_addr = listener.local_addr().unwrap();
+        let env = Self::with_simulator(
+            backend,
+            listener,
+            Some(format!("http://{proxy_addr}")),
+            false,
+        )
+        .await;
+        (env, Proxy::start(proxy_listener, sim_addr))
+    }
+
+    /// An env whose simulator does not enforce Umeng's quotas (only the gateway's count).
+    pub async fn without_sim_quotas(backend: Backend) -> TestEnv {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_simulator(backend, listener, None, false).await
+    }
+
+    async fn with_simulator(
+        backend: Backend,
+        listener: tokio::net::TcpListener,
+        public_url: Option<String>,
+        quotas: bool,
+    ) -> TestEnv {
         let sim = simulator::start(
             listener,
             SimulatorConfig {
+                public_url,
+                quotas,
                 apps: vec![
                     SimApp {
                         appkey: ANDROID_KEY.into(),

@@ -3,5 +3,7 @@
 mod app;
 mod gateway;
 mod helpers;
+mod proxy;
+mod reliability;
 mod simulator;
 mod store_contract;
