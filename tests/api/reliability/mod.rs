@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
 }
 
 mod faults;
+mod replicas;
 
 use serde_json::Value;
 
