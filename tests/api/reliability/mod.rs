@@ -29,6 +29,7 @@ macro_rules! on_both_backends {
     };
 }
 
+mod bad_input;
 mod faults;
 mod replicas;
 
