@@ -452,13 +452,23 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
         E::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             // Postgres: class 08 (connection), 57P01-57P03 (shutdown / cannot connect now),
-            // 53300 (too many connections), 55P03 (lock_timeout), 57014 (statement_timeout).
+            // 53300 (too many connections), 55000 (database not accepting connections,
+            // e.g. ALLOW_CONNECTIONS false), 55P03 (lock_timeout), 57014 (statement_timeout).
             // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (after busy_timeout expired).
             let unavailable = code.starts_with("08")
                 || code.starts_with("57P")
                 || matches!(
                     code.as_str(),
-                    "53300" | "55P03" | "57014" | "5" | "6" | "261" | "262" | "517" | "773"
+                    "53300"
+                        | "55000"
+                        | "55P03"
+                        | "57014"
+                        | "5"
+                        | "6"
+                        | "261"
+                        | "262"
+                        | "517"
+                        | "773"
                 );
             if unavailable {
                 StoreError::Unavailable(err.to_string())
