@@ -31,6 +31,7 @@ macro_rules! on_both_backends {
 
 mod bad_input;
 mod faults;
+mod outage;
 mod replicas;
 
 use serde_json::Value;
