@@ -72,6 +72,8 @@ async fn outage_under_load(outage: Duration, workers: u64) {
     let env = TestEnv::new(Backend::Postgres).await;
     let mut s = env.settings();
     s.database.acquire_timeout_ms = 500;
+    // Outcomes are re-recorded in the background for 3/4 of this after a long outage.
+    s.history.pending_timeout_secs = 60;
     let app = env.spawn_app_with(s).await;
     // Umeng takes a little while, so some pushes are mid-call when the database goes.
     env.sim.add_fault(Fault {
@@ -157,8 +159,18 @@ async fn outage_under_load(outage: Duration, workers: u64) {
         .collect();
     let _ = sends_before;
 
-    // Let any outcome still being recorded land, then check the books.
+    // Let any outcome still being recorded (retries back off to 5 s) land.
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    for _ in 0..40 {
+        let pending = env
+            .db
+            .query_i64("select count(*) from pushes where status = 'pending'")
+            .await;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let sends = env.sends();
     let accepted: HashSet<String> = sends
         .iter()
