@@ -429,7 +429,12 @@ pub fn replay(push: &PushRecord) -> PushAnswer {
     let status = push
         .http_status
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::OK);
+        .unwrap_or(match push.status {
+            // Marked unknown by the sweeper (its process died mid-call): the answer that
+            // an unknown outcome gets.
+            PushStatus::Unknown => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::OK,
+        });
     PushAnswer {
         status,
         push: PushView::from_record(push),
