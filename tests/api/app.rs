@@ -78,6 +78,7 @@ impl TestEnv {
         public_url: Option<String>,
         quotas: bool,
     ) -> TestEnv {
+        init_test_log();
         let sim = simulator::start(
             listener,
             SimulatorConfig {
@@ -184,6 +185,17 @@ impl TestEnv {
             .into_iter()
             .filter(|r| r.path == "/api/send")
             .collect()
+    }
+}
+
+/// With `TEST_LOG=1`, the gateways and simulators of this test binary log to stderr
+/// (`RUST_LOG` filter, default `debug`): `reliability/check-secrets.sh` greps that output.
+pub fn init_test_log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        umeng_push_gateway::telemetry::init(&umeng_push_gateway::config::LogSettings {
+            level: "debug".into(),
+            ..Default::default()
+        });
     }
 }
 

@@ -30,6 +30,7 @@ macro_rules! on_both_backends {
 }
 
 mod bad_input;
+mod crash;
 mod faults;
 mod outage;
 mod replicas;
