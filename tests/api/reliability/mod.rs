@@ -32,6 +32,9 @@ macro_rules! on_both_backends {
 mod bad_input;
 mod crash;
 mod faults;
+#[path = "../../../fuzz/src/check.rs"]
+mod fuzz_check;
+mod fuzz_seeds;
 mod outage;
 mod replicas;
 
