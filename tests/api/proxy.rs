@@ -252,7 +252,7 @@ fn rewrite(head: &str, body: &[u8]) -> Vec<u8> {
 }
 
 fn reset(stream: TcpStream) {
-    let _ = stream.set_linger(Some(Duration::ZERO));
+    let _ = stream.set_zero_linger();
     drop(stream);
 }
 

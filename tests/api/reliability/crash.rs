@@ -107,14 +107,17 @@ async fn start(config: &Path, port: u16, log: &Path) -> Gateway {
         .expect("the gateway binary starts");
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
+    let mut gw = Gateway { child, base };
     for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+        if let Ok(r) = http.get(format!("{}/readyz", gw.base)).send().await {
             if r.status() == 200 {
-                return Gateway { child, base };
+                return gw;
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    gw.child.kill().ok();
+    let _ = gw.child.wait();
     panic!("the gateway did not become ready; see {}", log.display());
 }
 
