@@ -264,6 +264,7 @@ pub struct PushRecord {
     pub quota_refunded: bool,
     /// Last `/api/status` answer (`data` object), for task-class pushes.
     pub task_status: Option<Value>,
+    #[serde(with = "time::serde::rfc3339::option")]
     pub task_checked_at: Option<OffsetDateTime>,
     pub latency_ms: Option<i64>,
     #[serde(with = "time::serde::rfc3339")]

@@ -622,6 +622,7 @@ async fn task_refresh_and_cancel(backend: Backend) {
     }
     assert_eq!(last["status"], "done", "{last}");
     assert!(last["task_status"].is_object());
+    assert!(last["task_checked_at"].is_string(), "{last}");
     // Cancelling a finished task is refused by Umeng (1028) -> 409.
     let r = app
         .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel"))
