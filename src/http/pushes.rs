@@ -67,7 +67,12 @@ async fn create_push(
     let req: PushRequest = serde_path_to_error::deserialize(&raw).map_err(|e| {
         let path = e.path().to_string();
         ApiError::Validation(vec![crate::umeng::FieldError {
-            field: if path == "." { "(body)".into() } else { path },
+            // "." is the body itself; "" an unknown field whose name is empty.
+            field: if path == "." || path.is_empty() {
+                "(body)".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }])
     })?;
