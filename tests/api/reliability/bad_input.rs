@@ -128,6 +128,12 @@ fn corpus() -> Vec<Case> {
     }
     // Unknown fields, top level and nested.
     c.push(js("unknown top", &with(&["titel"], json!("x"), &uni), None));
+    // Found by cargo fuzz: an unknown field named "" gave a 422 with an empty field name.
+    c.push(js(
+        "empty field name",
+        &with(&[""], json!("a"), &uni),
+        Some("(body)"),
+    ));
     c.push(js(
         "unknown nested",
         &with(&["notification", "colour"], json!("red"), &uni),
