@@ -422,9 +422,11 @@ impl Gateway {
         Ok(id)
     }
 
-    /// Record the outcome; retried briefly, because the Umeng call already happened.
-    /// If the database stays unreachable the row stays `pending` and the sweeper marks it
-    /// `unknown` later; the caller still gets the real outcome.
+    /// Record the outcome; retried briefly, because the Umeng call already happened. If
+    /// the database is still unreachable the caller gets the real outcome anyway and the
+    /// record keeps being retried in the background (backing off to 5 s) for three
+    /// quarters of `history.pending_timeout_secs`, before the sweeper would mark the row
+    /// `unknown`; only an outage longer than that leaves the row to the sweeper.
     async fn finish(&self, push_id: &str, finish: Finish) {
         for delay_ms in [0u64, 100, 500, 2000] {
             if delay_ms > 0 {
@@ -437,6 +439,27 @@ impl Gateway {
                 }
             }
         }
+        let store = Arc::clone(&self.store);
+        let push_id = push_id.to_string();
+        let budget = Duration::from_secs(self.config.settings.history.pending_timeout_secs * 3 / 4);
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + budget;
+            let mut delay = Duration::from_secs(1);
+            while tokio::time::Instant::now() + delay < deadline {
+                tokio::time::sleep(delay).await;
+                match store.finish(&push_id, finish.clone()).await {
+                    Ok(_) => {
+                        tracing::info!(push.id = %push_id, "push outcome recorded after a retry");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(push.id = %push_id, error = %e, "recording the push outcome failed again")
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            tracing::error!(push.id = %push_id, "gave up recording the push outcome; the sweeper will mark it unknown");
+        });
     }
 }
 
@@ -445,7 +468,12 @@ pub fn replay(push: &PushRecord) -> PushAnswer {
     let status = push
         .http_status
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::OK);
+        .unwrap_or(match push.status {
+            // Marked unknown by the sweeper (its process died mid-call): the answer that
+            // an unknown outcome gets.
+            PushStatus::Unknown => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::OK,
+        });
     PushAnswer {
         status,
         push: PushView::from_record(push),

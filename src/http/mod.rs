@@ -37,6 +37,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     }
     let (routes, _) = documented_routes(settings.metrics_enabled);
     routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -115,4 +117,26 @@ async fn count_request(req: Request<Body>, next: Next) -> Response {
         started.elapsed(),
     );
     response
+}
+
+/// Unknown paths: a problem+json 404 like every other error.
+async fn not_found(uri: axum::http::Uri) -> crate::error::ApiError {
+    crate::error::ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+/// Known path, wrong method: a problem+json 405.
+async fn method_not_allowed(method: axum::http::Method) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({
+        "type": "urn:umeng-push-gateway:problem:method-not-allowed",
+        "title": "Method not allowed",
+        "status": 405,
+        "detail": format!("{method} is not allowed on this path"),
+    });
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        [(axum::http::header::CONTENT_TYPE, crate::error::PROBLEM_JSON)],
+        body.to_string(),
+    )
+        .into_response()
 }

@@ -110,7 +110,12 @@ async fn create_push(
         count_invalid(&gateway, &raw);
         let path = e.path().to_string();
         ApiError::Validation(vec![crate::umeng::FieldError {
-            field: if path == "." { "(body)".into() } else { path },
+            // "." is the body itself; "" an unknown field whose name is empty.
+            field: if path == "." || path.is_empty() {
+                "(body)".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }])
     })?;
@@ -242,6 +247,20 @@ async fn list_pushes(
         detail: e.body_text(),
         field: None,
     })?;
+    // U+0000 cannot match anything stored (and PostgreSQL rejects it in a parameter).
+    for (field, v) in [
+        ("app", &p.app),
+        ("type", &p.cast_type),
+        ("client", &p.client),
+        ("out_biz_no", &p.out_biz_no),
+        ("msg_id", &p.msg_id),
+        ("task_id", &p.task_id),
+        ("cursor", &p.cursor),
+    ] {
+        if v.as_deref().is_some_and(|s| s.contains('\0')) {
+            return Err(field_error(field, "must not contain the NUL character"));
+        }
+    }
     let limit = p.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(field_error(
@@ -303,6 +322,9 @@ async fn visible_push(
     id: &str,
 ) -> Result<PushRecord, ApiError> {
     let not_found = || ApiError::NotFound(format!("no push with id {id:?}"));
+    if id.contains('\0') {
+        return Err(not_found());
+    }
     let push = gateway.store.get_push(id).await?.ok_or_else(not_found)?;
     if !caller.0.may_use_app(&push.app) {
         return Err(not_found());

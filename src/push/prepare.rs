@@ -87,6 +87,10 @@ pub fn prepare(
     now: OffsetDateTime,
 ) -> Result<PreparedPush, Vec<FieldError>> {
     let mut out_errors = Vec::new();
+    // U+0000 cannot be stored (PostgreSQL text and jsonb reject it): refuse it up front.
+    if let Ok(v) = serde_json::to_value(req) {
+        nul_characters(&v, &mut String::new(), &mut out_errors);
+    }
     let body = translate(req, app, &mut out_errors);
 
     let Some(body) = body else {
@@ -126,6 +130,46 @@ pub fn prepare(
         upload_content,
         body,
     })
+}
+
+/// An error for every string (or object key) under `v` that holds U+0000, named by its
+/// caller path (`notification.title`, `device_tokens[2]`, `notification.extra`).
+fn nul_characters(v: &Value, path: &mut String, errors: &mut Vec<FieldError>) {
+    const MESSAGE: &str = "must not contain the NUL character (U+0000)";
+    match v {
+        Value::String(s) if s.contains('\0') => errors.push(FieldError::new(path.clone(), MESSAGE)),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                nul_characters(item, path, errors);
+                path.truncate(len);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                if k.contains('\0') {
+                    errors.push(FieldError::new(
+                        if path.is_empty() {
+                            "(body)".into()
+                        } else {
+                            path.clone()
+                        },
+                        format!("keys {MESSAGE}"),
+                    ));
+                    continue;
+                }
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+                nul_characters(item, path, errors);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn upload_content(lines: &[String]) -> String {

@@ -14,6 +14,7 @@ use umeng_push_gateway::startup::Application;
 use umeng_push_gateway::umeng::Platform;
 
 use crate::helpers::{postgres_store, sqlite_store, TestDb};
+use crate::proxy::Proxy;
 
 pub const ANDROID_APP: &str = "test-android";
 pub const IOS_APP: &str = "test-ios";
@@ -36,6 +37,9 @@ pub enum Backend {
     Postgres,
 }
 
+/// How fast simulated tasks move from one status to the next, unless a test says otherwise.
+const DEFAULT_TASK_STEP: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A simulator and a database that gateway instances share.
 pub struct TestEnv {
     pub sim: Arc<SimulatorHandle>,
@@ -44,15 +48,52 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(backend: Backend) -> TestEnv {
-        Self::with_task_step(backend, std::time::Duration::from_millis(200)).await
+        Self::with_task_step(backend, DEFAULT_TASK_STEP).await
     }
 
     /// A simulator whose tasks move one status every `task_step`.
     pub async fn with_task_step(backend: Backend, task_step: std::time::Duration) -> TestEnv {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_simulator(backend, listener, None, true, task_step).await
+    }
+
+    /// An env whose simulator is reached through a fault-injecting [`Proxy`]: the
+    /// gateway's `umeng.base_url` (from [`TestEnv::settings`]) is the proxy's. The
+    /// simulator does not enforce Umeng's quotas here: the gateway's own count is tested.
+    pub async fn with_proxy(backend: Backend) -> (TestEnv, Proxy) {
+        let (proxy_listener, proxy_addr) = Proxy::bind().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim_addr = listener.local_addr().unwrap();
+        let env = Self::with_simulator(
+            backend,
+            listener,
+            Some(format!("http://{proxy_addr}")),
+            false,
+            DEFAULT_TASK_STEP,
+        )
+        .await;
+        (env, Proxy::start(proxy_listener, sim_addr))
+    }
+
+    /// An env whose simulator does not enforce Umeng's quotas (only the gateway's count).
+    pub async fn without_sim_quotas(backend: Backend) -> TestEnv {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::with_simulator(backend, listener, None, false, DEFAULT_TASK_STEP).await
+    }
+
+    async fn with_simulator(
+        backend: Backend,
+        listener: tokio::net::TcpListener,
+        public_url: Option<String>,
+        quotas: bool,
+        task_step: std::time::Duration,
+    ) -> TestEnv {
+        init_test_log();
         let sim = simulator::start(
             listener,
             SimulatorConfig {
+                public_url,
+                quotas,
                 apps: vec![
                     SimApp {
                         appkey: ANDROID_KEY.into(),
@@ -154,6 +195,17 @@ impl TestEnv {
             .into_iter()
             .filter(|r| r.path == "/api/send")
             .collect()
+    }
+}
+
+/// With `TEST_LOG=1`, the gateways and simulators of this test binary log to stderr
+/// (`RUST_LOG` filter, default `debug`): `reliability/check-secrets.sh` greps that output.
+pub fn init_test_log() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        umeng_push_gateway::telemetry::init(&umeng_push_gateway::config::LogSettings {
+            level: "debug".into(),
+            ..Default::default()
+        });
     }
 }
 

@@ -762,6 +762,25 @@ fn arb_mostly_valid() -> impl Strategy<Value = Value> {
         .prop_map(|(is_ios, patch)| if is_ios { ios(patch) } else { android(patch) })
 }
 
+#[test]
+fn nul_characters_are_refused_with_their_field() {
+    let req: PushRequest = serde_json::from_value(android(json!({
+        "notification": {"title": "a\u{0}b", "extra": {"k\u{0}": "v", "ok": ["x", "\u{0}"]}},
+        "description": "\u{0}"
+    })))
+    .expect("parses");
+    let errors = prepare(&req, &android_app(), now()).expect_err("refused");
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    for f in [
+        "notification.title",
+        "notification.extra",
+        "notification.extra.ok[1]",
+        "description",
+    ] {
+        assert!(fields.contains(&f), "{f} in {fields:?}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
