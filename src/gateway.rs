@@ -422,29 +422,24 @@ impl Gateway {
         Ok(id)
     }
 
-    /// Record the outcome; retried briefly, because the Umeng call already happened. If
-    /// the database is still unreachable the caller gets the real outcome anyway and the
+    /// Record the outcome (the Umeng call already happened, so it must not be lost). If
+    /// the database is unreachable the caller gets the real outcome anyway and the
     /// record keeps being retried in the background (backing off to 5 s) for three
     /// quarters of `history.pending_timeout_secs`, before the sweeper would mark the row
     /// `unknown`; only an outage longer than that leaves the row to the sweeper.
     async fn finish(&self, push_id: &str, finish: Finish) {
-        for delay_ms in [0u64, 100, 500, 2000] {
-            if delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            }
-            match self.store.finish(push_id, finish.clone()).await {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed")
-                }
-            }
-        }
+        let Err(e) = self.store.finish(push_id, finish.clone()).await else {
+            return;
+        };
+        tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed; retrying in the background");
+        // The caller gets the real outcome now; the record follows as soon as the database
+        // is back, within 3/4 of the pending timeout so the sweeper does not overtake it.
         let store = Arc::clone(&self.store);
         let push_id = push_id.to_string();
         let budget = Duration::from_secs(self.config.settings.history.pending_timeout_secs * 3 / 4);
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + budget;
-            let mut delay = Duration::from_secs(1);
+            let mut delay = Duration::from_millis(100);
             while tokio::time::Instant::now() + delay < deadline {
                 tokio::time::sleep(delay).await;
                 match store.finish(&push_id, finish.clone()).await {
