@@ -173,6 +173,7 @@ pub struct ListParams {
     #[param(rename = "type")]
     pub cast_type: Option<String>,
     /// A push status (pending, accepted, failed, unknown, or a task state).
+    #[param(value_type = Option<crate::store::PushStatus>)]
     pub status: Option<String>,
     /// The sending client's configured name.
     pub client: Option<String>,
@@ -183,12 +184,15 @@ pub struct ListParams {
     /// Umeng's task_id (task-class pushes).
     pub task_id: Option<String>,
     /// RFC 3339; created at or after.
+    #[param(format = DateTime)]
     pub from: Option<String>,
     /// RFC 3339; created before.
+    #[param(format = DateTime)]
     pub to: Option<String>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// 1..=200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
 }
 

@@ -59,6 +59,7 @@ pub struct QuotaList {
     params(QuotaQuery),
     responses(
         (status = 200, description = "Quota state per app and bucket", body = QuotaList),
+        (status = 400, description = "Unknown query parameter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The client lacks the `read` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such app", body = Problem, content_type = "application/problem+json"),
@@ -68,9 +69,13 @@ pub struct QuotaList {
 async fn list_quotas(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
-    Query(q): Query<QuotaQuery>,
+    query: Result<Query<QuotaQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<QuotaList>, ApiError> {
     caller.require(Scope::Read)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest {
+        detail: e.body_text(),
+        field: None,
+    })?;
     let mut names: Vec<&String> = match &q.app {
         Some(name) => {
             let app = gateway

@@ -522,6 +522,9 @@ async fn history_filters_and_pagination(backend: Backend) {
     assert_eq!(app.get("/v1/pushes?status=bogus").await.status(), 422);
     assert_eq!(app.get("/v1/pushes?from=yesterday").await.status(), 422);
     assert_eq!(app.get("/v1/pushes/nope").await.status(), 404);
+    let r = app.get("/v1/quotas?bogus=1").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
 
 async fn task_refresh_and_cancel(backend: Backend) {
