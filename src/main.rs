@@ -111,6 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 public_url,
                 apps,
                 Duration::from_millis(task_step_ms),
+                shutdown_signal(),
             )
             .await
         }

@@ -342,13 +342,14 @@ impl SimulatorHandle {
 }
 
 /// Runs the simulator as a program: binds `listen`, logs the base URL and the apps (never
-/// their secrets) and serves until Ctrl-C or SIGTERM. With no app given it serves
-/// [`demo_apps`].
+/// their secrets) and serves until `shutdown` resolves (the binary passes Ctrl-C or
+/// SIGTERM). With no app given it serves [`demo_apps`].
 pub async fn run_cli(
     listen: SocketAddr,
     public_url: Option<String>,
     apps: Vec<SimApp>,
     task_step: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let apps = if apps.is_empty() {
         tracing::warn!("no simulator app configured; serving the demo apps of umeng-api.md");
@@ -379,34 +380,10 @@ pub async fn run_cli(
         simulator.apps = %app_list.join(", "),
         "umeng simulator listening"
     );
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("umeng simulator shutting down");
     handle.shutdown().await;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or (on Unix) SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }
 
 #[cfg(test)]
