@@ -420,6 +420,33 @@ fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
     }
 }
 
+/// The error answers refresh and cancel share: both look a push up and call Umeng.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documents answers; the values are built by `ApiError`
+enum TaskCallProblems {
+    /// No or unknown bearer token
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// The client lacks the scope
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// No such push visible to this client
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    /// The database is unreachable
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+    /// Not a task-class push, no task_id, or (cancel) Umeng can no longer cancel the task (1028)
+    #[response(status = 409, content_type = "application/problem+json")]
+    Conflict(Problem),
+    /// Umeng answered FAIL or could not be reached
+    #[response(status = 502, content_type = "application/problem+json")]
+    Upstream(Problem),
+    /// Umeng did not answer in time
+    #[response(status = 504, content_type = "application/problem+json")]
+    Timeout(Problem),
+}
+
 /// Ask Umeng's `/api/status` for a task's state and store it.
 #[utoipa::path(
     post,
@@ -429,13 +456,7 @@ fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
     params(("id" = String, Path, description = "The push id")),
     responses(
         (status = 200, description = "The push with its refreshed task state", body = PushRecord),
-        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The client lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such push visible to this client", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not a task-class push, no task_id, or (cancel) Umeng can no longer cancel the task (1028)", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "Umeng answered FAIL or could not be reached", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "Umeng did not answer in time", body = Problem, content_type = "application/problem+json"),
+        TaskCallProblems,
     ),
 )]
 async fn refresh_push(
@@ -470,13 +491,7 @@ async fn refresh_push(
     params(("id" = String, Path, description = "The push id")),
     responses(
         (status = 200, description = "The push, now `cancelled`", body = PushRecord),
-        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The client lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such push visible to this client", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not a task-class push, no task_id, or (cancel) Umeng can no longer cancel the task (1028)", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "Umeng answered FAIL or could not be reached", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "Umeng did not answer in time", body = Problem, content_type = "application/problem+json"),
+        TaskCallProblems,
     ),
 )]
 async fn cancel_push(
