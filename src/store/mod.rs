@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
+use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
 pub mod postgres;
 pub mod sqlite;
@@ -193,7 +193,9 @@ pub enum Admission {
 }
 
 /// How a push ended its Umeng call. Applied by [`Store::finish`] only while the push is
-/// still `pending` (a late or duplicate finisher cannot overwrite a final state).
+/// still `pending`, or `unknown` by the sweeper's guess (`stale_pending`) and still the
+/// owner of its key: a late real answer replaces the guess, but a duplicate finisher cannot
+/// overwrite a real outcome, nor a push whose key a retry has taken over.
 #[derive(Debug, Clone)]
 pub struct Finish {
     /// Accepted, Failed or Unknown.
@@ -223,9 +225,10 @@ pub enum QuotaAction {
     Keep,
     /// Give the slot back to the window it was taken from, exactly once.
     Refund,
-    /// Umeng said 2050: mark the window it was taken from as full (`used = max(used, limit)`).
-    /// The slot itself is kept.
-    Saturate,
+    /// Umeng said 2050: mark the bucket's window containing the database's `now` as full
+    /// (`used = max(used, limit)`), whichever window the slot came from. The slot itself is
+    /// kept. The unit is the bucket's window length.
+    Saturate(WindowUnit),
 }
 
 /// A task status read from `/api/status`.
@@ -357,16 +360,19 @@ pub trait Store: Send + Sync + 'static {
     /// - fingerprint differs -> `Mismatch`;
     /// - owner `pending` -> `InFlight`;
     /// - owner `failed`, or `unknown` and `task_class` -> the key moves to the new push
-    ///   (`Admitted` with `reclaimed_from`), quota taken as for a new push;
+    ///   (`Admitted` with `reclaimed_from`), quota taken as for a new push; the slot an
+    ///   `unknown` owner kept is given back first (Umeng dedupes the retry into the same
+    ///   task, so one logical push holds one slot);
     /// - otherwise (accepted, task states, unknown unicast-class) -> `Replay`.
     ///
     /// The quota window is the Beijing-time calendar window containing the database's
     /// `now`; a full window gives `RateLimited` and leaves no trace (the key stays free).
+    /// The push row is written last: a rejected request writes nothing.
     async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission>;
 
-    /// Record how the Umeng call ended (only if the push is still `pending`), and apply the
-    /// quota action to the window the slot came from. Returns false when the push was not
-    /// pending (nothing changed).
+    /// Record how the Umeng call ended, and apply the quota action (see [`Finish`] for when
+    /// it applies). Returns false when nothing changed: the push already has a real outcome,
+    /// or the sweeper marked it `unknown` and a retry has since taken its key over.
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool>;
 
     /// Store a task status read from Umeng (also used after a cancel). A push in a final
@@ -429,6 +435,14 @@ pub trait Store: Send + Sync + 'static {
         content_sha256: &str,
         max_age_secs: i64,
     ) -> StoreResult<Option<String>>;
+
+    /// Forget a remembered upload, if it still names `file_id` (Umeng no longer knows it).
+    async fn forget_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()>;
 
     /// Remember an uploaded file (replaces an older entry for the same content).
     async fn save_upload(

@@ -41,7 +41,10 @@ const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start
      from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
 /// Guarded finish plus the quota action, in one statement. `o.was_refunded` is the flag
-/// before this statement, so the refund happens at most once.
+/// before this statement, so the refund happens at most once. A row the sweeper marked
+/// `unknown` (`stale_pending`, a guess) takes the real outcome too, unless its key has
+/// moved on to a newer push. A 2050 (`saturate`) marks the window of the database's `now`
+/// full: that is the window Umeng just called full.
 const FINISH: &str = "with o as (
     select id, quota_refunded as was_refunded from pushes where id = $1
 ), f as (
@@ -53,15 +56,28 @@ const FINISH: &str = "with o as (
                or ($13::text = 'refund' and p.quota_window is not null),
            finished_at = now(), updated_at = now()
       from o
-     where p.id = o.id and p.status = 'pending'
+     where p.id = o.id
+       and (p.status = 'pending'
+            or (p.status = 'unknown' and p.error_code = 'stale_pending'
+                and (p.out_biz_no is null
+                     or exists (select 1 from idempotency_keys k where k.push_id = p.id))))
  returning p.appkey, p.quota_kind, p.quota_window, p.quota_limit, o.was_refunded
-), q as (
+), r as (
     update quota_counters c
-       set used = case when $13::text = 'refund' then greatest(c.used - 1, 0)
-                       else greatest(c.used, f.quota_limit) end
+       set used = greatest(c.used - 1, 0)
       from f
-     where c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
-       and (($13::text = 'refund' and not f.was_refunded) or $13::text = 'saturate')
+     where $13::text = 'refund' and not f.was_refunded
+       and c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
+), s as (
+    insert into quota_counters as c (appkey, kind, window_start, used)
+    select f.appkey, f.quota_kind,
+           (floor((extract(epoch from now()) + 28800) / $14::bigint) * $14::bigint
+               - 28800)::bigint,
+           f.quota_limit
+      from f
+     where $13::text = 'saturate' and f.quota_kind is not null and f.quota_limit is not null
+    on conflict (appkey, kind, window_start)
+    do update set used = greatest(c.used, excluded.used)
 )
 select count(*) from f";
 
@@ -150,6 +166,9 @@ select w.ws as window_start,
 const FIND_UPLOAD: &str = "select file_id from uploads
  where appkey = $1 and content_sha256 = $2
    and created_at > now() - $3::bigint * interval '1 second'";
+
+const FORGET_UPLOAD: &str =
+    "delete from uploads where appkey = $1 and content_sha256 = $2 and file_id = $3";
 
 const SAVE_UPLOAD: &str = "insert into uploads (appkey, content_sha256, file_id)
 values ($1, $2, $3)
@@ -253,7 +272,11 @@ impl Store for PgStore {
         let action = match finish.quota {
             QuotaAction::Keep => "keep",
             QuotaAction::Refund => "refund",
-            QuotaAction::Saturate => "saturate",
+            QuotaAction::Saturate(_) => "saturate",
+        };
+        let unit = match finish.quota {
+            QuotaAction::Saturate(window) => window.seconds(),
+            _ => 60,
         };
         let query = sqlx::query_scalar::<_, i64>(FINISH)
             .bind(push_id.to_owned())
@@ -268,7 +291,8 @@ impl Store for PgStore {
             .bind(i32::from(finish.http_status))
             .bind(finish.latency_ms)
             .bind(finish.sent_at)
-            .bind(action);
+            .bind(action)
+            .bind(unit);
         let pool = self.pool.clone();
         let changed =
             run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
@@ -447,6 +471,22 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(map_sqlx)
+    }
+
+    async fn forget_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(FORGET_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(file_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
     }
 
     async fn save_upload(

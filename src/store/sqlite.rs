@@ -60,24 +60,46 @@ on conflict (appkey, kind, window_start)
 do update set used = q.used + 1 where q.used < ?4
 returning used";
 
+const REFUND_UNKNOWN_OWNER: &str = "update pushes set quota_refunded = 1, updated_at = ?2
+ where id = ?1 and status = 'unknown' and quota_window is not null and not quota_refunded
+returning appkey, quota_kind, quota_window";
+
 const SLOT_USED: &str =
     "select used from quota_counters where appkey = ?1 and kind = ?2 and window_start = ?3";
 
-const PENDING_QUOTA: &str = "select appkey, quota_kind, quota_window, quota_limit, quota_refunded
-  from pushes where id = ?1 and status = 'pending'";
+/// Which rows a finish may still write: `pending`, or `unknown` by the sweeper's guess
+/// while the push still owns its key (a late real answer replaces the guess).
+macro_rules! finishable {
+    () => {
+        "(status = 'pending'
+      or (status = 'unknown' and error_code = 'stale_pending'
+          and (out_biz_no is null
+               or exists (select 1 from idempotency_keys k where k.push_id = pushes.id))))"
+    };
+}
 
-const FINISH: &str = "update pushes
+const PENDING_QUOTA: &str = concat!(
+    "select appkey, quota_kind, quota_window, quota_limit, quota_refunded
+  from pushes where id = ?1 and ",
+    finishable!()
+);
+
+const FINISH: &str = concat!(
+    "update pushes
    set status = ?2, umeng_request = ?3, umeng_response = ?4, msg_id = ?5, task_id = ?6,
        file_id = ?7, error_code = ?8, error_msg = ?9, http_status = ?10, latency_ms = ?11,
        sent_at = ?12, quota_refunded = (quota_refunded or ?13), finished_at = ?14,
        updated_at = ?14
- where id = ?1 and status = 'pending'";
+ where id = ?1 and ",
+    finishable!()
+);
 
 const REFUND: &str = "update quota_counters set used = max(used - 1, 0)
  where appkey = ?1 and kind = ?2 and window_start = ?3";
 
-const SATURATE: &str = "update quota_counters set used = max(used, ?4)
- where appkey = ?1 and kind = ?2 and window_start = ?3";
+const SATURATE: &str = "insert into quota_counters as q (appkey, kind, window_start, used)
+values (?1, ?2, ?3, ?4)
+on conflict (appkey, kind, window_start) do update set used = max(q.used, excluded.used)";
 
 const UPDATE_TASK: &str = "update pushes
    set status = ?2, task_status = ?3, task_checked_at = ?5, updated_at = ?5,
@@ -123,6 +145,9 @@ const SWEEP: &str = "update pushes
 
 const FIND_UPLOAD: &str = "select file_id from uploads
  where appkey = ?1 and content_sha256 = ?2 and created_at > ?3";
+
+const FORGET_UPLOAD: &str =
+    "delete from uploads where appkey = ?1 and content_sha256 = ?2 and file_id = ?3";
 
 const SAVE_UPLOAD: &str = "insert into uploads (appkey, content_sha256, file_id, created_at)
 values (?1, ?2, ?3, ?4)
@@ -459,6 +484,22 @@ impl Store for SqliteStore {
             .map_err(map_sqlx)
     }
 
+    async fn forget_upload(
+        &self,
+        appkey: &str,
+        content_sha256: &str,
+        file_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(FORGET_UPLOAD)
+            .bind(appkey)
+            .bind(content_sha256)
+            .bind(file_id)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
     async fn save_upload(
         &self,
         appkey: &str,
@@ -536,6 +577,45 @@ async fn admit(
         }
     }
 
+    if let Some(old_owner) = &reclaimed_from {
+        // One logical push holds one slot: Umeng dedupes a retry of an unknown task-class
+        // push into the same task, so the slot the unknown attempt kept goes back first.
+        refund_unknown_owner(&mut tx, old_owner).await?;
+    }
+
+    let mut state = None;
+    if let (Some(claim), Some(mut window)) = (quota, window) {
+        let taken: Option<i64> = if claim.limit.limit > 0 {
+            sqlx::query_scalar(TAKE_SLOT)
+                .bind(&push.appkey)
+                .bind(claim.kind.as_str())
+                .bind(window.window_start)
+                .bind(i64::from(claim.limit.limit))
+                .fetch_optional(&mut *tx)
+                .await?
+        } else {
+            None
+        };
+        match taken {
+            Some(used) => {
+                window.used = u32::try_from(used).unwrap_or(u32::MAX);
+                state = Some(window);
+            }
+            None => {
+                let used: Option<i64> = sqlx::query_scalar(SLOT_USED)
+                    .bind(&push.appkey)
+                    .bind(claim.kind.as_str())
+                    .bind(window.window_start)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.rollback().await?;
+                window.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
+                return Ok(Admission::RateLimited { quota: window });
+            }
+        }
+    }
+
+    // The row goes in last, once nothing can reject the request.
     insert_push(&mut tx, &push, quota.zip(window), now).await?;
 
     if let Some(key) = &push.out_biz_no {
@@ -571,44 +651,36 @@ async fn admit(
         }
     }
 
-    let mut state = None;
-    if let (Some(claim), Some(mut window)) = (quota, window) {
-        let taken: Option<i64> = if claim.limit.limit > 0 {
-            sqlx::query_scalar(TAKE_SLOT)
-                .bind(&push.appkey)
-                .bind(claim.kind.as_str())
-                .bind(window.window_start)
-                .bind(i64::from(claim.limit.limit))
-                .fetch_optional(&mut *tx)
-                .await?
-        } else {
-            None
-        };
-        match taken {
-            Some(used) => {
-                window.used = u32::try_from(used).unwrap_or(u32::MAX);
-                state = Some(window);
-            }
-            None => {
-                let used: Option<i64> = sqlx::query_scalar(SLOT_USED)
-                    .bind(&push.appkey)
-                    .bind(claim.kind.as_str())
-                    .bind(window.window_start)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                window.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
-                return Ok(Admission::RateLimited { quota: window });
-            }
-        }
-    }
-
     tx.commit().await?;
     Ok(Admission::Admitted {
         push_id: push.id,
         quota: state,
         reclaimed_from,
     })
+}
+
+/// Gives back the slot an `unknown` push kept, once (its `quota_refunded` flag).
+async fn refund_unknown_owner(
+    conn: &mut SqliteConnection,
+    push_id: &str,
+) -> Result<(), sqlx::Error> {
+    let slot = sqlx::query(REFUND_UNKNOWN_OWNER)
+        .bind(push_id)
+        .bind(now_ms())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = slot {
+        let appkey: String = row.try_get("appkey")?;
+        let kind: String = row.try_get("quota_kind")?;
+        let window: i64 = row.try_get("quota_window")?;
+        sqlx::query(REFUND)
+            .bind(appkey)
+            .bind(kind)
+            .bind(window)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The claim in one `begin immediate` transaction (one writer at a time).
@@ -742,12 +814,15 @@ async fn finish_push(
             .bind(window)
             .execute(&mut *tx)
             .await?;
-    } else if quota_action == QuotaAction::Saturate && has_slot {
+    } else if let (QuotaAction::Saturate(unit), Some(kind), Some(limit)) =
+        (quota_action, &kind, limit)
+    {
+        // Umeng called the window of now full, whichever window the slot came from.
         sqlx::query(SATURATE)
             .bind(&appkey)
-            .bind(&kind)
-            .bind(window)
-            .bind(limit.unwrap_or(0))
+            .bind(kind)
+            .bind(unit.window_start(now.div_euclid(1000)))
+            .bind(limit)
             .execute(&mut *tx)
             .await?;
     }

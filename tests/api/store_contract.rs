@@ -33,6 +33,11 @@ crate::store_cases!(
     uploads_are_found_until_they_expire,
     update_task_records_status_and_times,
     cancelled_admissions_leave_no_open_transaction,
+    late_outcome_replaces_the_sweepers_guess,
+    late_outcome_after_a_reclaim_is_not_recorded,
+    reclaiming_an_unknown_task_keeps_one_slot,
+    saturate_marks_the_window_of_now,
+    forgotten_uploads_are_not_found,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -723,7 +728,7 @@ async fn saturate_fills_the_window(ctx: StoreCtx) {
     let quota_full = Finish {
         error_code: Some("2050".into()),
         http_status: 429,
-        ..finish(PushStatus::Failed, QuotaAction::Saturate)
+        ..finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day))
     };
 
     assert!(finish_ok(store, &id, quota_full).await);
@@ -747,7 +752,7 @@ async fn finish_on_a_final_push_changes_nothing(ctx: StoreCtx) {
     let saturate = finish_ok(
         store,
         &id,
-        finish(PushStatus::Failed, QuotaAction::Saturate),
+        finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day)),
     )
     .await;
 
@@ -786,8 +791,18 @@ async fn sweep_marks_stale_pending_unknown(ctx: StoreCtx) {
     assert_eq!(used(store, 5).await, 1, "quota kept");
     assert_eq!(get(store, &done).await.status, PushStatus::Accepted);
     assert!(
-        !finish_ok(store, &stale, failed()).await,
-        "a late finish is ignored"
+        finish_ok(store, &stale, failed()).await,
+        "a late real outcome replaces the sweeper's guess"
+    );
+    assert_eq!(get(store, &stale).await.status, PushStatus::Failed);
+    assert!(
+        !finish_ok(
+            store,
+            &stale,
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        )
+        .await,
+        "but not another real outcome"
     );
 }
 
@@ -982,6 +997,185 @@ async fn cancelled_admissions_leave_no_open_transaction(ctx: StoreCtx) {
         )
         .await;
     assert_eq!(orphans, 0);
+}
+
+async fn late_outcome_replaces_the_sweepers_guess(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(Some("slow-1")), Some(groupcast(5))).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.sweep_stale_pending(0).await.ok(), Some(1));
+    assert_eq!(get(store, &id).await.status, PushStatus::Unknown);
+
+    let late = finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await;
+
+    assert!(late, "the real outcome is recorded");
+    let r = get(store, &id).await;
+    assert_eq!(r.status, PushStatus::Accepted);
+    assert_eq!(r.task_id.as_deref(), Some("t-1"));
+    assert_eq!(r.error_code, None);
+    assert_eq!(used(store, 5).await, 1, "one slot, kept");
+    // The repeat replays the real outcome.
+    match admit(store, new_push(Some("slow-1")), Some(groupcast(5))).await {
+        Admission::Replay { push } => assert_eq!(push.status, PushStatus::Accepted),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+}
+
+async fn late_outcome_after_a_reclaim_is_not_recorded(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let first = admitted(store, new_push(Some("slow-2")), None).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.sweep_stale_pending(0).await.ok(), Some(1));
+    let retry = admit(store, new_push(Some("slow-2")), None).await;
+    assert!(
+        matches!(&retry, Admission::Admitted { reclaimed_from: Some(old), .. } if *old == first),
+        "{retry:?}"
+    );
+
+    let late = finish_ok(
+        store,
+        &first,
+        finish(PushStatus::Accepted, QuotaAction::Keep),
+    )
+    .await;
+
+    assert!(!late, "the key belongs to the retry now");
+    assert_eq!(get(store, &first).await.status, PushStatus::Unknown);
+}
+
+async fn reclaiming_an_unknown_task_keeps_one_slot(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let unknown = Finish {
+        error_code: Some("timeout".into()),
+        ..finish(PushStatus::Unknown, QuotaAction::Keep)
+    };
+    let first = admitted(store, new_push(Some("t-unknown")), Some(groupcast(1))).await;
+    assert!(finish_ok(store, &first, unknown.clone()).await);
+    assert_eq!(used(store, 1).await, 1);
+
+    // The window is full, but the retry is the same logical push (Umeng dedupes it by
+    // out_biz_no): it takes over the slot instead of a second one.
+    let retry = admit(store, new_push(Some("t-unknown")), Some(groupcast(1))).await;
+    let second = match retry {
+        Admission::Admitted {
+            push_id,
+            reclaimed_from,
+            quota,
+        } => {
+            assert_eq!(reclaimed_from.as_deref(), Some(first.as_str()));
+            assert_eq!(quota.map(|q| q.used), Some(1));
+            push_id
+        }
+        other => panic!("expected Admitted, got {other:?}"),
+    };
+    assert_eq!(used(store, 1).await, 1);
+    assert!(get(store, &first).await.quota_refunded);
+
+    // Unknown again, and again retried: still one slot.
+    assert!(finish_ok(store, &second, unknown).await);
+    assert!(matches!(
+        admit(store, new_push(Some("t-unknown")), Some(groupcast(1))).await,
+        Admission::Admitted { .. }
+    ));
+    assert_eq!(used(store, 1).await, 1);
+    // Another push still finds the window full.
+    assert!(matches!(
+        admit(store, new_push(None), Some(groupcast(1))).await,
+        Admission::RateLimited { .. }
+    ));
+}
+
+async fn saturate_marks_the_window_of_now(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, new_push(None), Some(groupcast(5))).await;
+    // The slot came from yesterday's window (the send straddled midnight).
+    ctx.db
+        .execute("update pushes set quota_window = quota_window - 86400")
+        .await;
+    ctx.db
+        .execute("update quota_counters set window_start = window_start - 86400")
+        .await;
+    let quota_full = Finish {
+        error_code: Some("2050".into()),
+        ..finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day))
+    };
+
+    assert!(finish_ok(store, &id, quota_full).await);
+
+    assert_eq!(used(store, 5).await, 5, "today's window is full");
+    let yesterday = "select cast(used as bigint) from quota_counters where window_start = \
+                     (select min(window_start) from quota_counters)";
+    assert_eq!(
+        ctx.db.query_i64(yesterday).await,
+        1,
+        "yesterday's untouched"
+    );
+}
+
+async fn forgotten_uploads_are_not_found(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let sha = "ef".repeat(32);
+    assert!(store.save_upload(APPKEY, &sha, "file-1").await.is_ok());
+
+    // A forget naming another file_id (a newer upload replaced it) changes nothing.
+    assert!(store.forget_upload(APPKEY, &sha, "file-0").await.is_ok());
+    let kept = store.find_upload(APPKEY, &sha, 3600).await.ok().flatten();
+    assert!(store.forget_upload(APPKEY, &sha, "file-1").await.is_ok());
+    let gone = store.find_upload(APPKEY, &sha, 3600).await.ok().flatten();
+
+    assert_eq!((kept.as_deref(), gone), (Some("file-1"), None));
+}
+
+/// Admission resolves the key and the quota before it writes the row: replays, 409s and
+/// 429s of a large request write nothing (no dead tuples, no TOAST growth).
+#[tokio::test]
+async fn postgres_rejections_write_no_row() {
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let store = &ctx.store;
+    // Random hex: TOAST compression must not hide the size.
+    let lines: String = (0..32_768)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let big = |key: &str| NewPush {
+        request: json!({ "file_lines": lines }),
+        ..new_push(Some(key))
+    };
+    let owner = admitted(store, big("big-1"), Some(groupcast(1))).await;
+    let size = "select pg_total_relation_size('pushes')";
+    let before = ctx.db.query_i64(size).await;
+
+    for _ in 0..5 {
+        // In flight (409), then the window is full (429).
+        assert!(matches!(
+            admit(store, big("big-1"), Some(groupcast(1))).await,
+            Admission::InFlight { .. }
+        ));
+        assert!(matches!(
+            admit(store, big("big-2"), Some(groupcast(1))).await,
+            Admission::RateLimited { .. }
+        ));
+    }
+    assert!(
+        finish_ok(
+            store,
+            &owner,
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        )
+        .await
+    );
+    for _ in 0..5 {
+        assert!(matches!(
+            admit(store, big("big-1"), Some(groupcast(1))).await,
+            Admission::Replay { .. }
+        ));
+    }
+
+    let growth = ctx.db.query_i64(size).await - before;
+    assert!(growth < 512 * 1024, "pushes grew by {growth} bytes");
+    assert_eq!(ctx.db.query_i64("select count(*) from pushes").await, 1);
 }
 
 #[tokio::test]
