@@ -55,6 +55,8 @@ pub enum ApiError {
         app: String,
         from_umeng: bool,
         retry_after: i64,
+        /// Umeng said 2050: the push was recorded (as failed) under this id.
+        push_id: Option<String>,
     },
     /// Umeng answered FAIL, or could not be reached.
     #[error("{detail}")]
@@ -67,8 +69,21 @@ pub enum ApiError {
     #[error("{detail}")]
     UpstreamTimeout {
         detail: String,
+        umeng: UmengDetail,
         push_id: Option<String>,
     },
+    /// Umeng answered, but not usably (not an Umeng envelope, HTML from a proxy, a SUCCESS
+    /// without the id it must carry): outcome unknown.
+    #[error("{detail}")]
+    UpstreamUnclear {
+        detail: String,
+        umeng: UmengDetail,
+        push_id: Option<String>,
+    },
+    /// A repeat of a push whose outcome is unknown (a unicast-class push that may have
+    /// reached Umeng): it is not sent again.
+    #[error("the push with out_biz_no {out_biz_no:?} may or may not have reached Umeng; it is not sent again")]
+    OutcomeUnknown { push_id: String, out_biz_no: String },
     /// The database is unreachable: nothing was sent.
     #[error("{0}")]
     Unavailable(String),
@@ -94,13 +109,16 @@ pub struct Problem {
     /// Every invalid field (400 with a field, 422).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
-    /// Umeng's error (502, and 409 when Umeng refused a cancel).
+    /// Umeng's error (502, 504, and 409 when Umeng refused a cancel). `retryable` says
+    /// whether the same request may be sent again: for an unknown outcome, only when it is a
+    /// task-class push with an `out_biz_no` (Umeng dedupes it into the same task).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub umeng: Option<UmengDetail>,
-    /// The push this answer is about (409, 422 mismatch, 502, 504).
+    /// The push this answer is about (409, 422 mismatch, 429 after Umeng's 2050, 502, 504).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_id: Option<String>,
-    /// The stored status of that push (504: `unknown`).
+    /// The stored status of that push (`unknown` for 504, an unclear 502, and 409
+    /// `outcome-unknown`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_status: Option<PushStatus>,
     /// The idempotency key in question (409 in flight, 422 mismatch).
@@ -149,9 +167,11 @@ impl ApiError {
             ApiError::Validation(_) | ApiError::IdempotencyMismatch { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::InFlight { .. } | ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::InFlight { .. }
+            | ApiError::Conflict { .. }
+            | ApiError::OutcomeUnknown { .. } => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Upstream { .. } | ApiError::UpstreamUnclear { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -175,6 +195,13 @@ impl ApiError {
             ApiError::RateLimited { .. } => ("quota-exceeded", "Quota exceeded"),
             ApiError::Upstream { .. } => ("umeng-error", "Umeng rejected the request"),
             ApiError::UpstreamTimeout { .. } => ("umeng-timeout", "Umeng did not answer in time"),
+            ApiError::UpstreamUnclear { .. } => {
+                ("umeng-unclear-answer", "Umeng's answer could not be used")
+            }
+            ApiError::OutcomeUnknown { .. } => (
+                "outcome-unknown",
+                "An earlier push with this out_biz_no has an unknown outcome",
+            ),
             ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
             ApiError::Internal(_) => ("internal", "Internal error"),
         }
@@ -239,14 +266,24 @@ impl ApiError {
                 p.push_id = Some(push_id.clone());
                 p.out_biz_no = Some(out_biz_no.clone());
             }
+            ApiError::OutcomeUnknown {
+                push_id,
+                out_biz_no,
+            } => {
+                p.push_id = Some(push_id.clone());
+                p.out_biz_no = Some(out_biz_no.clone());
+                p.push_status = Some(PushStatus::Unknown);
+            }
             ApiError::Conflict { umeng: Some(u), .. } => p.umeng = Some(u.clone()),
             ApiError::RateLimited {
                 quota,
                 app,
                 retry_after,
                 from_umeng,
+                push_id,
             } => {
                 p.app = Some(app.clone());
+                p.push_id = push_id.clone();
                 if let Some(q) = quota {
                     p.policy = Some(q.kind);
                     p.limit = Some(q.limit);
@@ -259,11 +296,13 @@ impl ApiError {
                 p.umeng = Some(umeng.clone());
                 p.push_id = push_id.clone();
             }
-            ApiError::UpstreamTimeout {
-                push_id: Some(id), ..
-            } => {
-                p.push_id = Some(id.clone());
-                p.push_status = Some(PushStatus::Unknown);
+            ApiError::UpstreamTimeout { umeng, push_id, .. }
+            | ApiError::UpstreamUnclear { umeng, push_id, .. } => {
+                p.umeng = Some(umeng.clone());
+                if let Some(id) = push_id {
+                    p.push_id = Some(id.clone());
+                    p.push_status = Some(PushStatus::Unknown);
+                }
             }
             _ => {}
         }
@@ -285,6 +324,9 @@ impl ApiError {
             }
             ApiError::InFlight { .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::OutcomeUnknown { .. } => {
+                h.insert("idempotent-replayed", HeaderValue::from_static("true"));
             }
             ApiError::RateLimited {
                 quota, retry_after, ..

@@ -5,6 +5,7 @@
 //! request timeout) cannot cut a push in half: the Umeng call and its record always finish.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::Digest;
 use time::OffsetDateTime;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{App, Config};
@@ -39,6 +41,10 @@ pub struct Gateway {
     pub store: Arc<dyn Store>,
     pub umeng: UmengClient,
     pub apps: HashMap<String, AppRuntime>,
+    /// Admitted pushes and outcome records in progress: shutdown waits for them.
+    tasks: TaskTracker,
+    /// Outcome records being retried because the database was unreachable.
+    unrecorded: Arc<AtomicUsize>,
 }
 
 /// What the caller gets after a push was admitted (or replayed).
@@ -111,6 +117,8 @@ impl Gateway {
             store,
             umeng,
             apps,
+            tasks: TaskTracker::new(),
+            unrecorded: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -158,7 +166,8 @@ impl Gateway {
         let app = app.clone();
         // The spawned task keeps the request's span, so its log lines carry the request id.
         let work = async move { this.admit_and_send(app, new, quota, prepared).await };
-        tokio::spawn(work.in_current_span())
+        self.tasks
+            .spawn(work.in_current_span())
             .await
             .map_err(|e| ApiError::Internal(format!("send task failed: {e}")))?
     }
@@ -170,68 +179,31 @@ impl Gateway {
         quota: Option<QuotaClaim>,
         mut prepared: PreparedPush,
     ) -> Result<PushAnswer, ApiError> {
-        let out_biz_no = new.out_biz_no.clone();
+        let admitted_at = tokio::time::Instant::now();
         let app_name = app.app.name.as_str();
-        let cast_type = prepared.cast_type.as_str();
-        let count = |outcome| metrics::push(app_name, cast_type, outcome);
-        let admission = self.store.admit(new, quota).await.map_err(|e| match e {
-            crate::store::StoreError::Unavailable(m) => {
-                ApiError::Unavailable(format!("cannot record the push, nothing was sent: {m}"))
+        let cast_type = prepared.cast_type;
+        let count = |outcome| metrics::push(app_name, cast_type.as_str(), outcome);
+        let (push_id, quota_state) = match self.admit(&app, new, quota).await? {
+            Admitted::Go { push_id, quota } => (push_id, quota),
+            Admitted::Answer(outcome, answer) => {
+                count(outcome);
+                return answer;
             }
-            other => ApiError::Internal(other.to_string()),
-        })?;
-        let (push_id, quota_state) = match admission {
-            Admission::Admitted {
-                push_id,
-                quota,
-                reclaimed_from,
-            } => {
-                if let Some(old) = reclaimed_from {
-                    tracing::info!(push.id = %push_id, push.previous = %old, "retrying a key whose previous push did not go through");
-                }
-                if let Some(q) = &quota {
-                    metrics::quota_remaining(app_name, q);
-                }
-                (push_id, quota)
-            }
-            Admission::RateLimited { quota } => {
-                count(PushOutcome::RateLimited);
-                metrics::quota_rejection(app_name, &quota.kind.to_string(), false);
-                metrics::quota_remaining(app_name, &quota);
-                return Err(ApiError::RateLimited {
-                    retry_after: quota.reset_after_secs.max(1),
-                    quota: Some(quota),
-                    app: app.app.name.clone(),
-                    from_umeng: false,
-                });
-            }
-            Admission::Replay { push } => {
-                count(PushOutcome::Replayed);
-                return Ok(replay(&push));
-            }
-            Admission::InFlight { push_id } => {
-                count(PushOutcome::InFlight);
-                return Err(ApiError::InFlight {
-                    out_biz_no: out_biz_no.unwrap_or_default(),
-                    push_id,
-                });
-            }
-            Admission::Mismatch { push_id } => {
-                count(PushOutcome::Mismatch);
-                return Err(ApiError::IdempotencyMismatch {
-                    out_biz_no: out_biz_no.unwrap_or_default(),
-                    push_id,
-                });
-            }
+        };
+        let recorder = Recorder {
+            gateway: self,
+            push_id: &push_id,
+            admitted_at,
         };
 
         // A token file given inline is uploaded first (or an identical earlier upload reused).
-        let mut file_id = None;
-        if let Some(content) = prepared.upload_content.take() {
-            match self.upload(&app, &content).await {
-                Ok(id) => {
-                    prepared.set_file_id(&id);
-                    file_id = Some(id);
+        let upload = prepared.upload_content.take();
+        let mut file = None;
+        if let Some(content) = &upload {
+            match self.upload(&app, content).await {
+                Ok(uploaded) => {
+                    prepared.set_file_id(&uploaded.file_id);
+                    file = Some(uploaded);
                 }
                 Err(e) => {
                     let (code, msg) = umeng_code(&e);
@@ -246,9 +218,8 @@ impl Gateway {
                     };
                     // The send never happened: the push failed and its slot goes back.
                     count(PushOutcome::Failed);
-                    self.finish(
-                        &push_id,
-                        Finish {
+                    recorder
+                        .finish(Finish {
                             status: PushStatus::Failed,
                             umeng_request: None,
                             umeng_response: fail_raw(&e),
@@ -261,16 +232,46 @@ impl Gateway {
                             latency_ms: None,
                             sent_at: None,
                             quota: QuotaAction::Refund,
-                        },
-                    )
-                    .await;
+                        })
+                        .await;
                     return Err(err);
                 }
             }
         }
 
         let sent_at = OffsetDateTime::now_utc();
-        let attempt = self.umeng.send(&app.credentials, &prepared.body).await;
+        let mut attempt = self.umeng.send(&app.credentials, &prepared.body).await;
+        if let (Some(content), Some(uploaded)) = (&upload, &file) {
+            let forgotten = matches!(&attempt.result, Err(e) if e.code() == Some(FILE_NOT_FOUND));
+            if forgotten && uploaded.reused {
+                // Umeng no longer knows a file_id we reused (expired or lost): forget it,
+                // upload the content again and send once more. A file_id that was fresh a
+                // moment ago is not retried: that is Umeng's problem, not a stale record.
+                tracing::warn!(push.id = %push_id, "umeng no longer knows a reused file_id; uploading again");
+                if let Err(e) = self
+                    .store
+                    .forget_upload(&app.app.appkey, &uploaded.sha256, &uploaded.file_id)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not forget the stale upload");
+                }
+                match self.upload_fresh(&app, content, &uploaded.sha256).await {
+                    Ok(id) => {
+                        prepared.set_file_id(&id);
+                        file = Some(Upload {
+                            file_id: id,
+                            sha256: uploaded.sha256.clone(),
+                            reused: false,
+                        });
+                        attempt = self.umeng.send(&app.credentials, &prepared.body).await;
+                    }
+                    Err(e) => {
+                        attempt.result = Err(e);
+                    }
+                }
+            }
+        }
+        let file_id = file.map(|f| f.file_id);
         let latency_ms = Some(attempt.latency.as_millis() as i64);
         let base = Finish {
             status: PushStatus::Failed,
@@ -297,22 +298,31 @@ impl Gateway {
             task_id,
             file_id: file_id.clone(),
         };
-        match attempt.result {
+        // A task-class retry carrying the same out_biz_no is deduped by Umeng; anything else
+        // sent again may reach the devices twice.
+        let may_resend = prepared.task_class && prepared.out_biz_no.is_some();
+        let result = match attempt.result {
+            Ok(ok) if prepared.task_class && ok.task_id.is_none() => Err(UmengError::Unknown {
+                reason: "Umeng answered SUCCESS without a task_id for a task-class push".into(),
+                timed_out: false,
+                raw: Some(ok.raw),
+            }),
+            other => other,
+        };
+        match result {
             Ok(ok) => {
                 tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, umeng.latency_ms = attempt.latency.as_millis() as u64, "umeng accepted the push");
                 count(PushOutcome::Accepted);
-                self.finish(
-                    &push_id,
-                    Finish {
+                recorder
+                    .finish(Finish {
                         status: PushStatus::Accepted,
                         umeng_response: Some(ok.raw.clone()),
                         msg_id: ok.msg_id.clone(),
                         task_id: ok.task_id.clone(),
                         http_status: StatusCode::CREATED.as_u16(),
                         ..base
-                    },
-                )
-                .await;
+                    })
+                    .await;
                 Ok(PushAnswer {
                     status: StatusCode::CREATED,
                     push: view(PushStatus::Accepted, ok.msg_id, ok.task_id),
@@ -322,6 +332,11 @@ impl Gateway {
             }
             Err(e) => {
                 let (code, msg) = umeng_code(&e);
+                let umeng = |retryable| UmengDetail {
+                    error_code: code.clone(),
+                    error_msg: msg.clone(),
+                    retryable,
+                };
                 let (status, quota_action, err) = match &e {
                     // Umeng's own internal errors (600x and the like): it may still have
                     // queued the push, so the slot is kept and the outcome is unknown.
@@ -330,22 +345,32 @@ impl Gateway {
                         QuotaAction::Keep,
                         ApiError::Upstream {
                             detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
-                            umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: true },
+                            umeng: umeng(may_resend),
+                            push_id: Some(push_id.clone()),
+                        },
+                    ),
+                    UmengError::Unknown { timed_out: true, .. } => (
+                        PushStatus::Unknown,
+                        QuotaAction::Keep,
+                        ApiError::UpstreamTimeout {
+                            detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
+                            umeng: umeng(may_resend),
                             push_id: Some(push_id.clone()),
                         },
                     ),
                     UmengError::Unknown { .. } => (
                         PushStatus::Unknown,
                         QuotaAction::Keep,
-                        ApiError::UpstreamTimeout {
-                            detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
+                        ApiError::UpstreamUnclear {
+                            detail: format!("Umeng's answer could not be used ({msg}); the push may or may not have been accepted and is recorded as unknown"),
+                            umeng: umeng(may_resend),
                             push_id: Some(push_id.clone()),
                         },
                     ),
                     UmengError::Fail { class: ErrorClass::Quota, .. } => {
-                        let (action, retry_after) = match quota_state {
-                            Some(q) => (QuotaAction::Saturate, q.reset_after_secs.max(1)),
-                            None => (QuotaAction::Keep, 60),
+                        let action = match prepared.counted_quota() {
+                            Some(kind) => QuotaAction::Saturate(app.app.quotas[&kind].window),
+                            None => QuotaAction::Keep,
                         };
                         (
                             PushStatus::Failed,
@@ -354,7 +379,8 @@ impl Gateway {
                                 quota: quota_state,
                                 app: app.app.name.clone(),
                                 from_umeng: true,
-                                retry_after,
+                                retry_after: 60,
+                                push_id: Some(push_id.clone()),
                             },
                         )
                     }
@@ -366,128 +392,342 @@ impl Gateway {
                                 UmengError::NotSent { .. } => format!("Umeng could not be reached, nothing was sent: {msg}"),
                                 _ => format!("Umeng answered FAIL {code}: {msg}"),
                             },
-                            umeng: UmengDetail { error_code: code.clone(), error_msg: msg.clone(), retryable: e.is_retryable() },
+                            umeng: umeng(e.is_retryable()),
                             push_id: Some(push_id.clone()),
                         },
                     ),
                 };
                 tracing::warn!(push.id = %push_id, umeng.error_code = %code, push.status = %status, "umeng call did not succeed");
-                match &err {
-                    ApiError::RateLimited { quota, .. } => {
-                        count(PushOutcome::RateLimited);
-                        let kind = prepared
-                            .quota_kind
-                            .map_or_else(|| "none".to_owned(), |k| k.to_string());
-                        metrics::quota_rejection(app_name, &kind, true);
-                        if let Some(q) = quota {
-                            let mut full = *q;
-                            full.used = full.used.max(full.limit);
-                            metrics::quota_remaining(app_name, &full);
+                let mut err = err;
+                let finish = Finish {
+                    status,
+                    umeng_response: umeng_raw(&e),
+                    error_code: Some(code.clone()),
+                    error_msg: Some(msg.clone()),
+                    http_status: err.status().as_u16(),
+                    quota: quota_action,
+                    ..base
+                };
+                if let ApiError::RateLimited { quota, .. } = &mut err {
+                    count(PushOutcome::RateLimited);
+                    let kind = prepared
+                        .counted_quota()
+                        .map_or_else(|| "none".to_owned(), |k| k.to_string());
+                    metrics::quota_rejection(app_name, &kind, true);
+                    recorder.finish(finish).await;
+                    // Umeng called the window of now full: answer with that window's
+                    // state (read after the finish saturated it), not the admission's.
+                    if let Some(kind) = prepared.counted_quota() {
+                        let limit = app.app.quotas[&kind];
+                        match self.store.quota_state(&app.app.appkey, kind, limit).await {
+                            Ok(now) => *quota = Some(now),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "could not read the quota window after a 2050")
+                            }
                         }
                     }
-                    _ if status == PushStatus::Unknown => count(PushOutcome::Unknown),
-                    _ => count(PushOutcome::Failed),
+                    if let Some(q) = quota {
+                        let mut full = *q;
+                        full.used = full.used.max(full.limit);
+                        metrics::quota_remaining(app_name, &full);
+                    }
+                    if let ApiError::RateLimited {
+                        quota: Some(q),
+                        retry_after,
+                        ..
+                    } = &mut err
+                    {
+                        *retry_after = q.reset_after_secs.max(1);
+                    }
+                    return Err(err);
                 }
-                self.finish(
-                    &push_id,
-                    Finish {
-                        status,
-                        umeng_response: fail_raw(&e),
-                        error_code: Some(code),
-                        error_msg: Some(msg),
-                        http_status: err.status().as_u16(),
-                        quota: quota_action,
-                        ..base
-                    },
-                )
-                .await;
+                count(if status == PushStatus::Unknown {
+                    PushOutcome::Unknown
+                } else {
+                    PushOutcome::Failed
+                });
+                recorder.finish(finish).await;
                 Err(err)
             }
         }
     }
 
+    /// Admission: quota slot, idempotency claim and pending row in one atomic step.
+    /// Anything but a go-ahead is answered here.
+    async fn admit(
+        &self,
+        app: &AppRuntime,
+        new: NewPush,
+        quota: Option<QuotaClaim>,
+    ) -> Result<Admitted, ApiError> {
+        let out_biz_no = new.out_biz_no.clone();
+        let app_name = app.app.name.as_str();
+        let admission = self.store.admit(new, quota).await.map_err(|e| match e {
+            crate::store::StoreError::Unavailable(m) => {
+                ApiError::Unavailable(format!("cannot record the push, nothing was sent: {m}"))
+            }
+            other => ApiError::Internal(other.to_string()),
+        })?;
+        Ok(match admission {
+            Admission::Admitted {
+                push_id,
+                quota,
+                reclaimed_from,
+            } => {
+                if let Some(old) = reclaimed_from {
+                    tracing::info!(push.id = %push_id, push.previous = %old, "retrying a key whose previous push did not go through");
+                }
+                if let Some(q) = &quota {
+                    metrics::quota_remaining(app_name, q);
+                }
+                Admitted::Go { push_id, quota }
+            }
+            Admission::RateLimited { quota } => {
+                metrics::quota_rejection(app_name, &quota.kind.to_string(), false);
+                metrics::quota_remaining(app_name, &quota);
+                Admitted::Answer(
+                    PushOutcome::RateLimited,
+                    Err(ApiError::RateLimited {
+                        retry_after: quota.reset_after_secs.max(1),
+                        quota: Some(quota),
+                        app: app.app.name.clone(),
+                        from_umeng: false,
+                        push_id: None,
+                    }),
+                )
+            }
+            Admission::Replay { push } => Admitted::Answer(PushOutcome::Replayed, replay(&push)),
+            Admission::InFlight { push_id } => Admitted::Answer(
+                PushOutcome::InFlight,
+                Err(ApiError::InFlight {
+                    out_biz_no: out_biz_no.unwrap_or_default(),
+                    push_id,
+                }),
+            ),
+            Admission::Mismatch { push_id } => Admitted::Answer(
+                PushOutcome::Mismatch,
+                Err(ApiError::IdempotencyMismatch {
+                    out_biz_no: out_biz_no.unwrap_or_default(),
+                    push_id,
+                }),
+            ),
+        })
+    }
+
     /// Upload a token/alias file, reusing an earlier upload of identical content.
-    async fn upload(&self, app: &AppRuntime, content: &str) -> Result<String, UmengError> {
-        let sha = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+    async fn upload(&self, app: &AppRuntime, content: &str) -> Result<Upload, UmengError> {
+        let sha256 = hex::encode(sha2::Sha256::digest(content.as_bytes()));
         let max_age = self.config.settings.history.upload_reuse_days as i64 * 86_400;
-        match self.store.find_upload(&app.app.appkey, &sha, max_age).await {
-            Ok(Some(id)) => return Ok(id),
+        match self
+            .store
+            .find_upload(&app.app.appkey, &sha256, max_age)
+            .await
+        {
+            Ok(Some(file_id)) => {
+                return Ok(Upload {
+                    file_id,
+                    sha256,
+                    reused: true,
+                })
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "upload lookup failed; uploading again"),
         }
+        let file_id = self.upload_fresh(app, content, &sha256).await?;
+        Ok(Upload {
+            file_id,
+            sha256,
+            reused: false,
+        })
+    }
+
+    /// Upload `content` and remember its file_id for reuse.
+    async fn upload_fresh(
+        &self,
+        app: &AppRuntime,
+        content: &str,
+        sha256: &str,
+    ) -> Result<String, UmengError> {
         let id = self.umeng.upload(&app.credentials, content).await?;
-        if let Err(e) = self.store.save_upload(&app.app.appkey, &sha, &id).await {
+        if let Err(e) = self.store.save_upload(&app.app.appkey, sha256, &id).await {
             tracing::warn!(error = %e, "could not remember the uploaded file");
         }
         Ok(id)
     }
 
-    /// Record the outcome (the Umeng call already happened, so it must not be lost). If
-    /// the database is unreachable the caller gets the real outcome anyway and the
-    /// record keeps being retried in the background (backing off to 5 s) for three
-    /// quarters of `history.pending_timeout_secs`, before the sweeper would mark the row
-    /// `unknown`; only an outage longer than that leaves the row to the sweeper.
-    async fn finish(&self, push_id: &str, finish: Finish) {
-        let Err(e) = self.store.finish(push_id, finish.clone()).await else {
-            return;
-        };
-        tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed; retrying in the background");
-        // The caller gets the real outcome now; the record follows as soon as the database
-        // is back, within 3/4 of the pending timeout so the sweeper does not overtake it.
-        let store = Arc::clone(&self.store);
-        let push_id = push_id.to_string();
-        let budget = Duration::from_secs(self.config.settings.history.pending_timeout_secs * 3 / 4);
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + budget;
-            let mut delay = Duration::from_millis(100);
-            while tokio::time::Instant::now() + delay < deadline {
-                tokio::time::sleep(delay).await;
-                match store.finish(&push_id, finish.clone()).await {
-                    Ok(_) => {
-                        tracing::info!(push.id = %push_id, "push outcome recorded after a retry");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(push.id = %push_id, error = %e, "recording the push outcome failed again")
-                    }
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            tracing::error!(push.id = %push_id, "gave up recording the push outcome; the sweeper will mark it unknown");
-        });
+    /// Outcomes whose record is still being retried (the database was unreachable).
+    pub fn unrecorded_outcomes(&self) -> usize {
+        self.unrecorded.load(Ordering::Relaxed)
+    }
+
+    /// Wait for admitted pushes and outcome records still running (after the HTTP server
+    /// stopped), until `deadline`. Returns how many were left unfinished.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> usize {
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            let left = self.tasks.len();
+            tracing::error!(
+                tasks = left,
+                outcomes.unrecorded = self.unrecorded_outcomes(),
+                "shutdown deadline reached with pushes or outcome records unfinished; their rows stay pending and the sweeper marks them unknown"
+            );
+            return left;
+        }
+        0
     }
 }
 
-/// The stored answer for a repeat of a known request.
-pub fn replay(push: &PushRecord) -> PushAnswer {
+/// What admission decided.
+enum Admitted {
+    /// Go ahead and send.
+    Go {
+        push_id: String,
+        quota: Option<QuotaState>,
+    },
+    /// Answer without sending (replay, 409, 422 mismatch, 429).
+    Answer(PushOutcome, Result<PushAnswer, ApiError>),
+}
+
+/// A file_id for `file_lines` content.
+struct Upload {
+    file_id: String,
+    /// Hex SHA-256 of the content (the reuse key).
+    sha256: String,
+    /// Taken from an earlier upload rather than uploaded now.
+    reused: bool,
+}
+
+/// Umeng's code for "the file of this file_id does not exist".
+const FILE_NOT_FOUND: &str = "2019";
+
+/// Records one push's outcome.
+struct Recorder<'a> {
+    gateway: &'a Gateway,
+    push_id: &'a str,
+    admitted_at: tokio::time::Instant,
+}
+
+impl Recorder<'_> {
+    /// Record the outcome (the Umeng call already happened, so it must not be lost). If
+    /// the database is unreachable the caller gets the real outcome anyway and the record
+    /// keeps being retried in the background (backing off to 5 s) until
+    /// [`Recorder::deadline`] after admission. A record that lands after the sweeper marked
+    /// the row `unknown` replaces that guess (unless a retry took the key over meanwhile).
+    async fn finish(&self, finish: Finish) {
+        let push_id = self.push_id;
+        let e = match self.gateway.store.finish(push_id, finish.clone()).await {
+            Ok(true) => return,
+            Ok(false) => return not_recorded(push_id, &finish),
+            Err(e) => e,
+        };
+        tracing::error!(push.id = %push_id, error = %e, "recording the push outcome failed; retrying in the background");
+        let store = Arc::clone(&self.gateway.store);
+        let push_id = push_id.to_string();
+        let deadline = self.admitted_at + self.deadline();
+        let gateway_unrecorded = Arc::clone(&self.gateway.unrecorded);
+        gateway_unrecorded.fetch_add(1, Ordering::Relaxed);
+        self.gateway.tasks.spawn(
+            async move {
+                let mut delay = Duration::from_millis(100);
+                loop {
+                    if tokio::time::Instant::now() + delay >= deadline {
+                        tracing::error!(push.id = %push_id, status = %finish.status, "gave up recording the push outcome: it is lost, and the row stays as the sweeper leaves it");
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    match store.finish(&push_id, finish.clone()).await {
+                        Ok(true) => {
+                            tracing::info!(push.id = %push_id, "push outcome recorded after a retry");
+                            break;
+                        }
+                        Ok(false) => {
+                            not_recorded(&push_id, &finish);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(push.id = %push_id, error = %e, "recording the push outcome failed again")
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                gateway_unrecorded.fetch_sub(1, Ordering::Relaxed);
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// How long after admission an outcome record is retried: twice the pending timeout,
+    /// and at least ten minutes. Past the pending timeout the sweeper has marked the row
+    /// `unknown`; a record that lands later still replaces that guess.
+    fn deadline(&self) -> Duration {
+        let pending = self.gateway.config.settings.history.pending_timeout_secs;
+        Duration::from_secs(pending.saturating_mul(2).max(600))
+    }
+}
+
+/// The row was no longer waiting for this outcome: a retry took its key over after the
+/// sweeper marked it unknown. The outcome is in the log only.
+fn not_recorded(push_id: &str, finish: &Finish) {
+    tracing::error!(
+        push.id = %push_id,
+        status = %finish.status,
+        umeng.error_code = ?finish.error_code,
+        "the push outcome was not recorded: the row was marked unknown and its out_biz_no has since been taken over by a retry"
+    );
+}
+
+/// The stored answer for a repeat of a known request. An `unknown` outcome (a unicast-class
+/// push that may or may not have reached Umeng: it is never sent again) is answered 409
+/// `outcome-unknown`, not the 502/504 of the first answer: a client or proxy that retries
+/// 5xx would otherwise loop on it for the key's whole lifetime.
+pub fn replay(push: &PushRecord) -> Result<PushAnswer, ApiError> {
+    if push.status == PushStatus::Unknown {
+        return Err(ApiError::OutcomeUnknown {
+            push_id: push.id.clone(),
+            out_biz_no: push.out_biz_no.clone().unwrap_or_default(),
+        });
+    }
     let status = push
         .http_status
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(match push.status {
-            // Marked unknown by the sweeper (its process died mid-call): the answer that
-            // an unknown outcome gets.
-            PushStatus::Unknown => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::OK,
-        });
-    PushAnswer {
+        .filter(StatusCode::is_success)
+        .unwrap_or(StatusCode::OK);
+    Ok(PushAnswer {
         status,
         push: PushView::from_record(push),
         replayed: true,
         quota: None,
-    }
+    })
 }
 
 fn umeng_code(e: &UmengError) -> (String, String) {
     match e {
         UmengError::Fail { code, message, .. } => (code.clone(), message.clone()),
         UmengError::NotSent { reason } => ("not_sent".into(), reason.clone()),
-        UmengError::Unknown { reason } => ("unknown".into(), reason.clone()),
+        UmengError::Unknown {
+            timed_out: true,
+            reason,
+            ..
+        } => ("timeout".into(), reason.clone()),
+        UmengError::Unknown { reason, .. } => ("unknown".into(), reason.clone()),
     }
 }
 
+/// Umeng's answer, when it sent a FAIL envelope.
 fn fail_raw(e: &UmengError) -> Option<Value> {
     match e {
         UmengError::Fail { raw, .. } => Some(raw.clone()),
         _ => None,
+    }
+}
+
+/// Whatever Umeng answered (a FAIL envelope, or a SUCCESS that could not be used).
+fn umeng_raw(e: &UmengError) -> Option<Value> {
+    match e {
+        UmengError::Unknown { raw: Some(raw), .. } => Some(raw.clone()),
+        other => fail_raw(other),
     }
 }

@@ -92,7 +92,7 @@ impl Application {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let background = crate::background::spawn(Arc::clone(&gateway), stop_rx);
-        let grace = Duration::from_secs(gateway.config.settings.server.shutdown_grace_secs);
+        let grace = shutdown_grace(&gateway.config);
         let app = crate::http::router(Arc::clone(&gateway));
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -104,14 +104,18 @@ impl Application {
         tokio::select! {
             res = &mut server => { res??; }
             _ = signal_rx => {
+                let deadline = tokio::time::Instant::now() + grace;
                 tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
-                match tokio::time::timeout(grace, &mut server).await {
+                match tokio::time::timeout_at(deadline, &mut server).await {
                     Ok(res) => res??,
                     Err(_) => {
                         tracing::warn!("in-flight requests did not finish within the grace period");
                         server.abort();
                     }
                 }
+                // Admitted pushes whose caller went away, and outcome records being
+                // retried, finish too (within the same deadline).
+                gateway.drain(deadline).await;
             }
         }
         let _ = stop_tx.send(true);
@@ -124,6 +128,18 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// How long shutdown waits for in-flight work: `server.shutdown_grace_secs`, and never less
+/// than the longest an admitted push can take (an upload and a send, each up to the connect
+/// plus the whole-call timeout) plus 5 s to record it. A push that reached Umeng is thus
+/// recorded before the process exits. The pod's `terminationGracePeriodSeconds` must exceed
+/// this.
+pub fn shutdown_grace(config: &Config) -> Duration {
+    let umeng = &config.settings.umeng;
+    let one_call = umeng.connect_timeout_ms.saturating_add(umeng.timeout_ms);
+    let push = Duration::from_millis(one_call.saturating_mul(2)) + Duration::from_secs(5);
+    Duration::from_secs(config.settings.server.shutdown_grace_secs).max(push)
 }
 
 /// Open the configured store.

@@ -689,12 +689,22 @@ fn kubernetes_manifests_agree() {
         }
     }
     let config: toml::Value = toml::from_str(&toml_text).unwrap();
-    let grace = config["server"]["shutdown_grace_secs"]
-        .as_integer()
-        .unwrap_or(30) as u64;
+    // The wait the gateway actually does (startup::shutdown_grace): the configured grace,
+    // and never less than an upload plus a send plus 5 s.
+    let setting = |section: &str, key: &str, default: i64| {
+        config
+            .get(section)
+            .and_then(|s| s.get(key))
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(default) as u64
+    };
+    let one_call_ms =
+        setting("umeng", "connect_timeout_ms", 3000) + setting("umeng", "timeout_ms", 30000);
+    let grace =
+        setting("server", "shutdown_grace_secs", 30).max((2 * one_call_ms).div_ceil(1000) + 5);
     assert!(
         u64_of(pod, &["terminationGracePeriodSeconds"]) > grace,
-        "SIGKILL after the grace"
+        "SIGKILL after the gateway's shutdown wait of {grace} s"
     );
 
     // Migrations: the Job runs them, the replicas do not.

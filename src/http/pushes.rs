@@ -379,10 +379,29 @@ fn task_of(push: &PushRecord, action: &str) -> Result<String, ApiError> {
 
 fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
     match e {
-        UmengError::Unknown { reason } => ApiError::UpstreamTimeout {
-            detail: format!("Umeng did not answer: {reason}"),
-            push_id: Some(push_id.to_string()),
-        },
+        UmengError::Unknown {
+            reason, timed_out, ..
+        } => {
+            let umeng = UmengDetail {
+                error_code: if timed_out { "timeout" } else { "unknown" }.into(),
+                error_msg: reason.clone(),
+                retryable: true,
+            };
+            let push_id = Some(push_id.to_string());
+            if timed_out {
+                ApiError::UpstreamTimeout {
+                    detail: format!("Umeng did not answer: {reason}"),
+                    umeng,
+                    push_id,
+                }
+            } else {
+                ApiError::UpstreamUnclear {
+                    detail: format!("Umeng's answer could not be used: {reason}"),
+                    umeng,
+                    push_id,
+                }
+            }
+        }
         UmengError::NotSent { reason } => ApiError::Upstream {
             detail: format!("Umeng could not be reached: {reason}"),
             umeng: UmengDetail {

@@ -33,6 +33,7 @@ pub(crate) fn describe(kind: &FaultKind) -> String {
         FaultKind::HttpStatus { status } => format!("http_status({status})"),
         FaultKind::Drop => "drop".to_owned(),
         FaultKind::ErrorCode { code, .. } => format!("error_code({code})"),
+        FaultKind::Answer { status, .. } => format!("answer({status})"),
     }
 }
 

@@ -243,6 +243,9 @@ pub enum FaultKind {
         code: String,
         message: Option<String>,
     },
+    /// Answer with this HTTP status and this body verbatim (`application/json`), e.g. a
+    /// SUCCESS envelope that lacks the id it should carry. Nothing is processed.
+    Answer { status: u16, body: String },
 }
 
 /// A running simulator. Clones share the same server; serving stops on [`shutdown`].

@@ -165,6 +165,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>, drop_now: Arc<Notify>
             );
             return respond(status, "text/html", html);
         }
+        Some(FaultKind::Answer { status, body }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            state.record_outcome(seq, |r| r.http_status = status.as_u16());
+            return respond(status, "application/json", body);
+        }
         Some(FaultKind::ErrorCode { code, message }) => {
             let msg = message.unwrap_or_else(|| "injected error".to_owned());
             return fail_response(&state, seq, ApiError { code, msg });

@@ -160,9 +160,9 @@ impl UmengClient {
         };
         match status {
             Some(status) => Ok(TaskStatus { status, data, raw }),
-            None => Err(UmengError::Unknown {
-                reason: "SUCCESS answer without a numeric data.status".into(),
-            }),
+            None => Err(UmengError::unclear(
+                "SUCCESS answer without a numeric data.status",
+            )),
         }
     }
 
@@ -187,9 +187,8 @@ impl UmengClient {
             .instrument(span)
             .await
             .result?;
-        string_field(&data, "file_id").ok_or_else(|| UmengError::Unknown {
-            reason: "SUCCESS answer without data.file_id".into(),
-        })
+        string_field(&data, "file_id")
+            .ok_or_else(|| UmengError::unclear("SUCCESS answer without data.file_id"))
     }
 
     async fn call(&self, app: &AppCredentials, path: &str, fields: Map<String, Value>) -> Call {
@@ -303,9 +302,17 @@ fn string_field(data: &Value, key: &str) -> Option<String> {
 
 /// A reqwest error's text without its URL (which carries the sign), with its causes.
 fn describe(e: reqwest::Error) -> String {
-    let e = e.without_url();
+    describe_ref(&e.without_url())
+}
+
+/// The error and its sources, one line (URLs stripped by the caller where needed).
+fn describe_ref(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    if let Some(url) = e.url() {
+        // Never print the URL: Umeng's carries the sign.
+        text = text.replace(url.as_str(), "<url>");
+    }
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());
@@ -320,13 +327,9 @@ fn transport_error(e: reqwest::Error) -> UmengError {
             reason: describe(e),
         }
     } else if e.is_timeout() {
-        UmengError::Unknown {
-            reason: format!("timed out waiting for Umeng: {}", describe(e)),
-        }
+        UmengError::timeout(format!("timed out waiting for Umeng: {}", describe(e)))
     } else {
-        UmengError::Unknown {
-            reason: describe(e),
-        }
+        UmengError::unclear(describe(e))
     }
 }
 
@@ -336,20 +339,21 @@ async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, UmengE
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
-                    return Err(UmengError::Unknown {
-                        reason: format!(
-                            "HTTP {}: answer longer than {MAX_ANSWER_BYTES} bytes",
-                            response.status().as_u16()
-                        ),
-                    });
+                    return Err(UmengError::unclear(format!(
+                        "HTTP {}: answer longer than {MAX_ANSWER_BYTES} bytes",
+                        response.status().as_u16()
+                    )));
                 }
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(buf),
             Err(e) => {
-                return Err(UmengError::Unknown {
-                    reason: format!("reading the answer failed: {}", describe(e)),
-                })
+                let reason = format!("reading the answer failed: {}", describe_ref(&e));
+                return Err(if e.is_timeout() {
+                    UmengError::timeout(reason)
+                } else {
+                    UmengError::unclear(reason)
+                });
             }
         }
     }
@@ -361,9 +365,7 @@ fn interpret(status: u16, answer: &[u8]) -> Result<(Value, Value), UmengError> {
     let not_envelope = || {
         let text = String::from_utf8_lossy(answer);
         let snippet: String = text.chars().take(160).collect();
-        UmengError::Unknown {
-            reason: format!("HTTP {status}: not an Umeng answer: {snippet:?}"),
-        }
+        UmengError::unclear(format!("HTTP {status}: not an Umeng answer: {snippet:?}"))
     };
     let Ok(raw) = serde_json::from_slice::<Value>(answer) else {
         return Err(not_envelope());

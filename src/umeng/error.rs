@@ -82,10 +82,16 @@ pub enum UmengError {
     /// Failed before any byte of the request was sent (DNS, connect, TLS): safe to retry.
     #[error("request not sent to Umeng: {reason}")]
     NotSent { reason: String },
-    /// Sent, but no usable answer (timeout, reset, HTTP 5xx, not an Umeng envelope):
-    /// Umeng may have accepted it.
+    /// Sent, but no usable answer (timeout, reset, HTTP 5xx, not an Umeng envelope, a
+    /// SUCCESS without the id it must carry): Umeng may have accepted it.
     #[error("outcome unknown: {reason}")]
-    Unknown { reason: String },
+    Unknown {
+        reason: String,
+        /// No answer came in time (as opposed to an answer that could not be used).
+        timed_out: bool,
+        /// Umeng's answer, when it was JSON.
+        raw: Option<Value>,
+    },
     /// Umeng answered `{"ret":"FAIL"}`.
     #[error("Umeng error {code} ({}): {message}", class.as_str())]
     Fail {
@@ -103,6 +109,24 @@ pub enum UmengError {
 }
 
 impl UmengError {
+    /// No usable answer, though one came (not a timeout).
+    pub fn unclear(reason: impl Into<String>) -> Self {
+        UmengError::Unknown {
+            reason: reason.into(),
+            timed_out: false,
+            raw: None,
+        }
+    }
+
+    /// No answer in time.
+    pub fn timeout(reason: impl Into<String>) -> Self {
+        UmengError::Unknown {
+            reason: reason.into(),
+            timed_out: true,
+            raw: None,
+        }
+    }
+
     /// A FAIL error, classified from its code.
     pub fn fail(
         code: impl Into<String>,
@@ -236,7 +260,7 @@ mod tests {
         let ns = UmengError::NotSent { reason: "x".into() };
         assert_eq!(ns.outcome(), Outcome::NotSent);
         assert!(ns.is_definite_failure());
-        let unk = UmengError::Unknown { reason: "x".into() };
+        let unk = UmengError::unclear("x");
         assert!(!unk.is_definite_failure());
         let quota = UmengError::fail("2050", "limit", 400, Value::Null);
         assert_eq!(quota.outcome(), Outcome::Rejected);

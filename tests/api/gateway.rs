@@ -639,9 +639,20 @@ async fn failed_key_can_be_retried(backend: Backend) {
     body["out_biz_no"] = json!("retry-me");
     // HTTP 500 from Umeng: outcome unknown; a unicast-class push is not re-sent blindly.
     let r = app.post_push(&body).await;
-    assert_eq!(r.status(), 504);
+    assert_eq!(r.status(), 502);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["type"],
+        "urn:umeng-push-gateway:problem:umeng-unclear-answer"
+    );
+    assert_eq!(v["push_status"], "unknown");
+    assert_eq!(v["umeng"]["retryable"], false, "{v}");
     let r = app.post_push(&body).await;
+    assert_eq!(r.status(), 409);
     assert_eq!(r.headers().get("idempotent-replayed").unwrap(), "true");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "urn:umeng-push-gateway:problem:outcome-unknown");
+    assert_eq!(v["push_status"], "unknown");
     assert_eq!(env.sends().len(), 1);
 
     // A definite FAIL frees the key for a retry.

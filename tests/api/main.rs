@@ -8,6 +8,7 @@ mod gateway;
 mod helpers;
 mod observability;
 mod openapi;
+mod outcomes;
 mod process;
 mod proxy;
 mod push_examples;

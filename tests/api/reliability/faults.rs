@@ -85,25 +85,32 @@ async fn each_proxy_mode_gives_the_documented_outcome(backend: Backend) {
     assert_eq!(a.status, 201, "{a:?}");
     expected_used += 1;
 
-    // Ambiguous outcomes: 504, stored unknown, slot kept; a task-class retry with the same
-    // key goes out again with the same out_biz_no and Umeng creates at most one task.
+    // Ambiguous outcomes: stored unknown, slot kept; 504 when no answer came in time, 502
+    // `umeng-unclear-answer` when the connection broke without a usable answer. A
+    // task-class retry with the same key goes out again with the same out_biz_no and Umeng
+    // creates at most one task.
     let ambiguous = [
         (
             "delay-long",
             Mode::Delay(Duration::from_millis(TIMEOUT_MS * 2)),
+            504,
         ),
-        ("reset", Mode::Reset),
-        ("reset-after-forward", Mode::ResetAfterForward),
-        ("close-after-0", Mode::CloseAfter(0)),
-        ("close-after-12", Mode::CloseAfter(12)),
-        ("close-in-body", Mode::CloseBeforeEnd(5)),
+        ("reset", Mode::Reset, 502),
+        ("reset-after-forward", Mode::ResetAfterForward, 502),
+        ("close-after-0", Mode::CloseAfter(0), 502),
+        ("close-after-12", Mode::CloseAfter(12), 502),
+        ("close-in-body", Mode::CloseBeforeEnd(5), 502),
     ];
-    for (key, mode) in ambiguous {
+    for (key, mode, status) in ambiguous {
         proxy.set_mode(mode.clone());
         let a = app.send(&groupcast(ANDROID_APP, key)).await;
-        assert_eq!(a.status, 504, "{key}: {a:?}");
+        assert_eq!(a.status, status, "{key}: {a:?}");
         assert_eq!(a.content_type, "application/problem+json");
         assert_eq!(a.body["push_status"], "unknown", "{key}");
+        assert_eq!(
+            a.body["umeng"]["retryable"], true,
+            "{key}: a keyed task may be retried"
+        );
         let s = stored(&app, &a).await;
         assert_eq!(s["status"], "unknown", "{key}: {s}");
         assert_eq!(s["quota_refunded"], false, "{key}");
@@ -121,22 +128,33 @@ async fn each_proxy_mode_gives_the_documented_outcome(backend: Backend) {
         let (n, tasks) = receipts(&env, key);
         assert_eq!(tasks.len(), 1, "{key}: one task upstream ({n} receipts)");
         assert_eq!(retry.body["task_id"], tasks[0].as_str(), "{key}");
-        // The retry is a new attempt row with its own slot (Umeng may count each call;
-        // the unknown attempt keeps its slot, as design.md §4 says).
-        expected_used += 1;
-        assert_eq!(used().await, expected_used, "{key}: retry counted once");
+        // The retry is a new attempt row, but the same logical push (Umeng dedupes it into
+        // one task): the slot moves to it, and the count stays one.
+        assert_eq!(
+            used().await,
+            expected_used,
+            "{key}: retry not counted twice"
+        );
+        assert_eq!(stored(&app, &a).await["quota_refunded"], true, "{key}");
     }
 
-    // A unicast with an unknown outcome is not re-sent: the repeat replays the 504.
+    // A unicast with an unknown outcome is not re-sent: the repeat gets 409
+    // `outcome-unknown` (not a 5xx that clients and proxies retry forever).
     proxy.set_mode(Mode::ResetAfterForward);
     let mut uni = push_body(ANDROID_APP, "unicast");
     uni["out_biz_no"] = json!("uni-reset");
     let a = app.send(&uni).await;
-    assert_eq!(a.status, 504, "{a:?}");
+    assert_eq!(a.status, 502, "{a:?}");
+    assert_eq!(a.body["umeng"]["retryable"], false, "{a:?}");
     proxy.clear();
     let forwarded = proxy.forwarded();
     let again = app.send(&uni).await;
-    assert_eq!(again.status, 504, "{again:?}");
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(
+        again.body["type"],
+        "urn:umeng-push-gateway:problem:outcome-unknown"
+    );
+    assert_eq!(again.body["push_id"], a.body["push_id"]);
     assert!(again.replayed);
     assert_eq!(proxy.forwarded(), forwarded, "not re-sent");
 
