@@ -52,26 +52,26 @@ pub const MAX_PAGE: u32 = 200;
             ("RateLimit-Reset" = i64, description = "Seconds until the window resets"),
             ("RateLimit-Policy" = String, description = "`\"<bucket>\";q=<limit>;w=<window seconds>`"),
         )),
-        (status = 200, description = "A repeat of an earlier request: its stored answer (the status it was answered with, e.g. 201 or 504)", body = PushView, headers(
+        (status = 200, description = "A repeat of an earlier request that Umeng accepted: its stored answer (the status it was answered with, e.g. 201)", body = PushView, headers(
             ("Location" = String, description = "`/v1/pushes/{id}`"),
             ("Idempotent-Replayed" = String, description = "`true`"),
         )),
         (status = 400, description = "The body is not a JSON object", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The client lacks the `send` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A push with this `out_biz_no` is in flight", body = Problem, content_type = "application/problem+json", headers(
+        (status = 409, description = "A push with this `out_biz_no` is in flight (`in-flight`, with `Retry-After`), or a repeat of a unicast-class push whose outcome is unknown (`outcome-unknown`, with `Idempotent-Replayed: true`): it is not sent again", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = u32, description = "Seconds to wait: 1"),
         )),
         (status = 413, description = "The body is larger than `server.body_limit_bytes`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A rule is broken (every field listed), or the `out_biz_no` was used for a different request", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The quota window is full (locally, or Umeng answered 2050); Umeng was not called", body = Problem, content_type = "application/problem+json", headers(
+        (status = 429, description = "The quota window is full: counted locally (`from_umeng: false`; Umeng was not called, nothing stored), or Umeng answered 2050 (`from_umeng: true`; `push_id` names the `failed` row)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = i64, description = "Seconds until the window resets"),
             ("RateLimit-Limit" = u32, description = "Limit of the bucket"),
             ("RateLimit-Remaining" = u32, description = "0"),
             ("RateLimit-Reset" = i64, description = "Seconds until the window resets"),
             ("RateLimit-Policy" = String, description = "`\"<bucket>\";q=<limit>;w=<window seconds>`"),
         )),
-        (status = 502, description = "Umeng answered FAIL, or could not be reached (`not_sent`)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "Umeng answered FAIL, or could not be reached (`not_sent`); or (`umeng-unclear-answer`) its answer could not be used and the push is recorded as `unknown`. `umeng.retryable` says whether the same request may be sent again", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The database is unreachable (nothing was sent), or the request timed out", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = u32, description = "Seconds to wait"),
         )),
