@@ -20,6 +20,23 @@ use crate::umeng::Platform;
 pub const ENV_PREFIX: &str = "UMENG_GATEWAY_";
 /// Environment variable naming the config file (same as `--config`).
 pub const ENV_CONFIG_FILE: &str = "UMENG_GATEWAY_CONFIG";
+/// How long a push's outcome write is retried after the Umeng call before the pending
+/// sweeper may take over: `history.pending_timeout_secs` must leave this much after the
+/// worst-case Umeng path.
+pub const FINISH_RETRY_BUDGET_MS: u128 = 30_000;
+/// Clock difference allowed between the gateway and Umeng when a `policy.start_time` is
+/// checked: the worst-case Umeng path plus this must fit in
+/// [`crate::umeng::validate::MIN_START_AHEAD`].
+pub const CLOCK_SKEW_ALLOWANCE_MS: u128 = 60_000;
+/// Longest a task can live at Umeng: a `start_time` up to 7 days ahead and an
+/// `expire_time` up to 7 days after it, plus the hour the poller waits after expiry.
+pub const TASK_HORIZON_HOURS: u64 = 14 * 24 + 1;
+/// Upper bound of `history.upload_reuse_days`: well inside Umeng's two-month file retention.
+pub const MAX_UPLOAD_REUSE_DAYS: u64 = 30;
+/// Upper bound of `history.pending_timeout_secs` (one day).
+pub const MAX_PENDING_TIMEOUT_SECS: u64 = 86_400;
+/// Upper bound of an app's `payload_limit_bytes` (Umeng's limits are 2048 and 2012).
+pub const MAX_PAYLOAD_LIMIT_BYTES: usize = 4096;
 
 /// Everything the gateway can be told, as read from the file and environment.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -388,6 +405,16 @@ impl Config {
             if a.appkey.trim().is_empty() {
                 return Err(ConfigError(format!("{at}.appkey must not be empty")));
             }
+            if let Some(other) = apps
+                .iter()
+                .find(|x: &&App| x.appkey.trim() == a.appkey.trim())
+            {
+                return Err(ConfigError(format!(
+                    "{at}.appkey is also the appkey of app {:?}: one Umeng app is one [[apps]] \
+                     block (they would share quota counters and idempotency keys)",
+                    other.name
+                )));
+            }
             let master_secret = load_secret(
                 &at,
                 "master_secret",
@@ -399,6 +426,12 @@ impl Config {
                 Platform::Android => 2048,
                 Platform::Ios => 2012,
             });
+            if !(1..=MAX_PAYLOAD_LIMIT_BYTES).contains(&payload_limit) {
+                return Err(ConfigError(format!(
+                    "{at}.payload_limit_bytes ({payload_limit}) must be 1 to \
+                     {MAX_PAYLOAD_LIMIT_BYTES} (Umeng's limits are 2048 Android, 2012 iOS)"
+                )));
+            }
             let mut quotas = BTreeMap::new();
             for kind in QuotaKind::ALL {
                 let limit = a
@@ -435,6 +468,11 @@ impl Config {
             let at = format!("clients[{i}] ({})", c.name);
             if c.name.trim().is_empty() {
                 return Err(ConfigError(format!("clients[{i}].name must not be empty")));
+            }
+            if clients.iter().any(|x: &Client| x.name == c.name) {
+                return Err(ConfigError(format!(
+                    "{at}: client name is used twice (history and logs name clients)"
+                )));
             }
             let hex_hash = match (&c.token_sha256, &c.token_sha256_env) {
                 (Some(h), None) => h.clone(),
@@ -490,14 +528,10 @@ impl Config {
                 "database.url must start with postgres://, postgresql:// or sqlite:".into(),
             ));
         }
-        if url::Url::parse(&settings.umeng.base_url).is_err() {
-            return Err(ConfigError("umeng.base_url is not a valid URL".into()));
-        }
-        if settings.history.pending_timeout_secs * 1000 <= settings.umeng.timeout_ms {
-            return Err(ConfigError(
-                "history.pending_timeout_secs must exceed umeng.timeout_ms".into(),
-            ));
-        }
+        let mut settings = settings;
+        settings.umeng.base_url = normalize_base_url(&settings.umeng.base_url)?;
+        check_timeouts(&settings)?;
+        check_horizons(&settings.history, &settings.poller)?;
 
         let h = &settings.history;
         for (name, value) in [
@@ -513,13 +547,6 @@ impl Config {
             }
         }
         let p = &settings.poller;
-        if p.lease_secs.saturating_mul(1000) <= settings.umeng.timeout_ms {
-            return Err(ConfigError(format!(
-                "poller.lease_secs ({}) must exceed umeng.timeout_ms ({} ms): a lease that runs \
-                 out during the status call lets another replica poll the same task",
-                p.lease_secs, settings.umeng.timeout_ms
-            )));
-        }
         if p.backoff_secs.is_empty() || p.backoff_secs.contains(&0) {
             return Err(ConfigError(
                 "poller.backoff_secs must list at least one wait, each at least 1 second".into(),
@@ -547,6 +574,137 @@ impl Config {
     pub fn umeng_timeout(&self) -> Duration {
         Duration::from_millis(self.settings.umeng.timeout_ms)
     }
+}
+
+/// Checks `umeng.base_url` and returns it as it is signed: `scheme://host[:port]`, scheme
+/// and host lower-case, a default port dropped. Every request is signed over this string
+/// plus the path, while the HTTP client sends the normalised URL; forms that differ
+/// (`HTTP://`, `:443`, a query, userinfo) could never sign correctly, so they are refused
+/// or normalised here.
+pub fn normalize_base_url(raw: &str) -> Result<String, ConfigError> {
+    let bad = |why: &str| {
+        Err(ConfigError(format!(
+            "umeng.base_url {raw:?} {why}; give scheme://host[:port], e.g. https://msgapi.umeng.com"
+        )))
+    };
+    let Ok(url) = url::Url::parse(raw.trim()) else {
+        return bad("is not a valid URL");
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return bad("must use http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return bad("has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return bad("must not contain a user name or password");
+    }
+    if url.query().is_some() {
+        return bad("must not have a query (the sign goes in the query)");
+    }
+    if url.fragment().is_some() {
+        return bad("must not have a fragment");
+    }
+    if url.path() != "/" {
+        return bad("must not have a path (Umeng's paths start at the host)");
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+/// The Umeng timeouts against the settings that must outlast them. W, the worst case of
+/// one push's Umeng path, is an upload then a send: 2 x (connect + call timeout).
+fn check_timeouts(settings: &Settings) -> Result<(), ConfigError> {
+    let u = &settings.umeng;
+    for (name, value) in [
+        ("umeng.connect_timeout_ms", u.connect_timeout_ms),
+        ("umeng.timeout_ms", u.timeout_ms),
+        (
+            "server.request_timeout_secs",
+            settings.server.request_timeout_secs,
+        ),
+    ] {
+        if value == 0 {
+            return Err(ConfigError(format!("{name} must be at least 1")));
+        }
+    }
+    let pending = settings.history.pending_timeout_secs;
+    if pending > MAX_PENDING_TIMEOUT_SECS {
+        return Err(ConfigError(format!(
+            "history.pending_timeout_secs ({pending}) must be at most {MAX_PENDING_TIMEOUT_SECS}"
+        )));
+    }
+    let worst = 2 * (u128::from(u.connect_timeout_ms) + u128::from(u.timeout_ms));
+    let path = format!(
+        "2 x (umeng.connect_timeout_ms {} + umeng.timeout_ms {}) = {worst} ms, an upload then a send",
+        u.connect_timeout_ms, u.timeout_ms
+    );
+    let request_ms = u128::from(settings.server.request_timeout_secs) * 1000;
+    if request_ms <= worst {
+        return Err(ConfigError(format!(
+            "server.request_timeout_secs ({} s) must exceed the worst-case Umeng path, {path}: \
+             a request timed out during the Umeng call would answer 503 for a push that was sent",
+            settings.server.request_timeout_secs
+        )));
+    }
+    if u128::from(pending) * 1000 <= worst + FINISH_RETRY_BUDGET_MS {
+        return Err(ConfigError(format!(
+            "history.pending_timeout_secs ({pending} s) must exceed the worst-case Umeng path, \
+             {path}, plus {} s to record its outcome: otherwise the sweeper marks a push \
+             `unknown` while its real outcome is on the way",
+            FINISH_RETRY_BUDGET_MS / 1000
+        )));
+    }
+    let lease = settings.poller.lease_secs;
+    if u128::from(lease) * 1000 <= u128::from(u.timeout_ms) {
+        return Err(ConfigError(format!(
+            "poller.lease_secs ({lease}) must exceed umeng.timeout_ms ({} ms): a lease that runs \
+             out during the status call lets another replica poll the same task",
+            u.timeout_ms
+        )));
+    }
+    let margin = crate::umeng::validate::MIN_START_AHEAD.whole_milliseconds();
+    let margin = u128::try_from(margin).unwrap_or(0);
+    if worst + CLOCK_SKEW_ALLOWANCE_MS > margin {
+        return Err(ConfigError(format!(
+            "the worst-case Umeng path, {path}, must be at most {} ms: a policy.start_time is \
+             accepted {} minutes ahead, and the push must reach Umeng before it (with {} s for \
+             clock differences)",
+            margin - CLOCK_SKEW_ALLOWANCE_MS,
+            margin / 60_000,
+            CLOCK_SKEW_ALLOWANCE_MS / 1000
+        )));
+    }
+    Ok(())
+}
+
+/// Retention against the horizons of live tasks, and the upload reuse cap.
+fn check_horizons(h: &HistorySettings, p: &PollerSettings) -> Result<(), ConfigError> {
+    if h.retention_days > 0 {
+        let needed_hours = p.max_age_hours.max(TASK_HORIZON_HOURS);
+        if u128::from(h.retention_days) * 24 <= u128::from(needed_hours) {
+            return Err(ConfigError(format!(
+                "history.retention_days ({}) must be longer than a task can be polled: \
+                 poller.max_age_hours ({} h) and a policy.start_time 7 days ahead with an \
+                 expire_time 7 days after it ({TASK_HORIZON_HOURS} h); otherwise a live task's \
+                 row and its out_biz_no are purged (0 keeps everything)",
+                h.retention_days, p.max_age_hours
+            )));
+        }
+    }
+    if h.upload_reuse_days > MAX_UPLOAD_REUSE_DAYS {
+        return Err(ConfigError(format!(
+            "history.upload_reuse_days ({}) must be at most {MAX_UPLOAD_REUSE_DAYS}: Umeng keeps \
+             uploaded files for about two months, and a file_id it has forgotten fails every push",
+            h.upload_reuse_days
+        )));
+    }
+    if h.retention_days > 0 && h.upload_reuse_days >= h.retention_days {
+        return Err(ConfigError(format!(
+            "history.upload_reuse_days ({}) must be shorter than history.retention_days ({})",
+            h.upload_reuse_days, h.retention_days
+        )));
+    }
+    Ok(())
 }
 
 fn load_secret(
@@ -740,6 +898,156 @@ mod tests {
             err.contains("history.purge_batch_size must be at least 1"),
             "{err}"
         );
+    }
+
+    fn resolve_err(toml: &str) -> String {
+        Config::resolve(settings(toml)).unwrap_err().to_string()
+    }
+
+    const SECOND_APP: &str = r#"
+        [[apps]]
+        name = "shop-ios"
+        platform = "ios"
+        appkey = "5f0000000000000000000002"
+        master_secret = "other-secret"
+    "#;
+
+    #[test]
+    fn an_appkey_belongs_to_one_app() {
+        Config::resolve(settings(&format!("{ONE_APP}{SECOND_APP}"))).expect("two apps");
+        let shared = SECOND_APP.replace("5f0000000000000000000002", "5f0000000000000000000001");
+        let err = resolve_err(&format!("{ONE_APP}{shared}"));
+        assert!(
+            err.contains("apps[1] (shop-ios).appkey is also the appkey of app \"shop-android\""),
+            "{err}"
+        );
+        let renamed = SECOND_APP.replace("shop-ios", "shop-android");
+        let err = resolve_err(&format!("{ONE_APP}{renamed}"));
+        assert!(err.contains("app name is used twice"), "{err}");
+    }
+
+    #[test]
+    fn client_names_are_unique() {
+        let twice = format!(
+            "{ONE_APP}\n[[clients]]\nname = \"order-service\"\ntoken_sha256 = \"{}\"\nscopes = [\"read\"]\n",
+            token_sha256_hex("other")
+        );
+        let err = resolve_err(&twice);
+        assert!(
+            err.contains("clients[1] (order-service): client name is used twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn payload_limit_is_bounded() {
+        let at = |n: usize| {
+            ONE_APP.replace(
+                "master_secret = \"s3cret-value\"",
+                &format!("master_secret = \"s3cret-value\"\npayload_limit_bytes = {n}"),
+            )
+        };
+        Config::resolve(settings(&at(MAX_PAYLOAD_LIMIT_BYTES))).expect("at the bound");
+        let err = resolve_err(&at(MAX_PAYLOAD_LIMIT_BYTES + 1));
+        assert!(err.contains("payload_limit_bytes (4097)"), "{err}");
+        assert!(resolve_err(&at(0)).contains("payload_limit_bytes (0)"));
+    }
+
+    #[test]
+    fn base_url_is_normalised_or_refused() {
+        let with = |url: &str| settings(&format!("[umeng]\nbase_url = {url:?}"));
+        for (given, used) in [
+            ("https://msgapi.umeng.com", "https://msgapi.umeng.com"),
+            ("https://msgapi.umeng.com/", "https://msgapi.umeng.com"),
+            ("HTTP://127.0.0.1:18090", "http://127.0.0.1:18090"),
+            ("https://MsgApi.Umeng.com:443/", "https://msgapi.umeng.com"),
+            ("http://[::1]:80", "http://[::1]"),
+            ("http://sim:8090", "http://sim:8090"),
+        ] {
+            let c = Config::resolve(with(given)).expect(given);
+            assert_eq!(c.settings.umeng.base_url, used, "{given}");
+        }
+        for (given, why) in [
+            ("http://127.0.0.1:18090?x=1", "query"),
+            ("http://127.0.0.1:18090/#frag", "fragment"),
+            ("https://user:pw@msgapi.umeng.com", "user name or password"),
+            ("https://msgapi.umeng.com/api", "path"),
+            ("ftp://msgapi.umeng.com", "http or https"),
+            ("msgapi.umeng.com", "not a valid URL"),
+        ] {
+            let err = Config::resolve(with(given)).unwrap_err().to_string();
+            assert!(
+                err.contains("umeng.base_url") && err.contains(why),
+                "{given}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn timeouts_must_cover_the_worst_case_umeng_path() {
+        // Defaults: W = 2 x (3000 + 30000) = 66000 ms.
+        Config::resolve(Settings::default()).expect("defaults are consistent");
+        let err = resolve_err("[server]\nrequest_timeout_secs = 66");
+        assert!(
+            err.contains("server.request_timeout_secs (66 s)")
+                && err
+                    .contains("umeng.connect_timeout_ms 3000 + umeng.timeout_ms 30000) = 66000 ms"),
+            "{err}"
+        );
+        Config::resolve(settings("[server]\nrequest_timeout_secs = 67")).expect("67 s");
+        let err = resolve_err("[history]\npending_timeout_secs = 96");
+        assert!(
+            err.contains("history.pending_timeout_secs (96 s)") && err.contains("66000 ms"),
+            "{err}"
+        );
+        Config::resolve(settings("[history]\npending_timeout_secs = 97")).expect("97 s");
+        // The old unchecked multiplication: no overflow, a clear error.
+        let err = resolve_err("[history]\npending_timeout_secs = 9223372036854775807");
+        assert!(err.contains("must be at most 86400"), "{err}");
+        let err = resolve_err("[umeng]\ntimeout_ms = 9223372036854775807");
+        assert!(err.contains("server.request_timeout_secs"), "{err}");
+        // A start_time 5 minutes ahead must still be ahead when the push reaches Umeng.
+        let err = resolve_err(
+            "[umeng]\ntimeout_ms = 118000\n[server]\nrequest_timeout_secs = 600\n\
+             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600",
+        );
+        assert!(err.contains("must be at most 240000 ms"), "{err}");
+        Config::resolve(settings(
+            "[umeng]\ntimeout_ms = 117000\n[server]\nrequest_timeout_secs = 600\n\
+             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600",
+        ))
+        .expect("W = 240000 ms");
+        assert!(resolve_err("[umeng]\nconnect_timeout_ms = 0").contains("at least 1"));
+    }
+
+    #[test]
+    fn retention_covers_live_tasks_and_upload_reuse_is_capped() {
+        let err = resolve_err("[history]\nretention_days = 14");
+        assert!(
+            err.contains("history.retention_days (14)") && err.contains("337 h"),
+            "{err}"
+        );
+        Config::resolve(settings(
+            "[history]\nretention_days = 15\nupload_reuse_days = 14",
+        ))
+        .expect("15 days");
+        Config::resolve(settings("[history]\nretention_days = 0")).expect("forever");
+        let err = resolve_err("[history]\nretention_days = 20\n[poller]\nmax_age_hours = 480");
+        assert!(err.contains("poller.max_age_hours (480 h)"), "{err}");
+        let err = resolve_err("[history]\nupload_reuse_days = 31");
+        assert!(
+            err.contains("history.upload_reuse_days (31) must be at most 30"),
+            "{err}"
+        );
+        let err = resolve_err("[history]\nupload_reuse_days = 20\nretention_days = 20");
+        assert!(
+            err.contains("must be shorter than history.retention_days (20)"),
+            "{err}"
+        );
+        Config::resolve(settings(
+            "[history]\nupload_reuse_days = 30\nretention_days = 0",
+        ))
+        .expect("reuse 30, keep forever");
     }
 
     #[test]

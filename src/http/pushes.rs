@@ -119,6 +119,12 @@ async fn create_push(
             message: e.into_inner().to_string(),
         }])
     })?;
+    // Numbers that parsing rounded cannot be sent as written: refuse them by name.
+    let inexact = crate::push::inexact_numbers(&body);
+    if !inexact.is_empty() {
+        count_invalid(&gateway, &raw);
+        return Err(ApiError::Validation(inexact));
+    }
     let app = gateway.app(&req.app).ok_or_else(|| {
         ApiError::Validation(vec![crate::umeng::FieldError {
             field: "app".into(),

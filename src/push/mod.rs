@@ -1,9 +1,11 @@
 //! The simplified push request callers POST, its validation, its fingerprint, and its
 //! translation to an Umeng send body.
 
+pub mod numbers;
 pub mod prepare;
 pub mod request;
 
+pub use numbers::inexact_numbers;
 pub use prepare::{
     fingerprint, prepare, AppProfile, PreparedPush, MAX_OUT_BIZ_NO_LEN, MAX_UPLOAD_BYTES,
 };

@@ -18,8 +18,44 @@ use crate::umeng::{self, format_policy_time, CastType, FieldError, Platform};
 pub const MAX_UPLOAD_BYTES: usize = 10 * 1024 * 1024;
 /// Longest `out_biz_no`.
 pub const MAX_OUT_BIZ_NO_LEN: usize = 64;
+/// Longest `description`, in bytes. Umeng states no limit; the gateway bounds what it
+/// sends and stores.
+pub const MAX_DESCRIPTION_BYTES: usize = 1024;
+/// Largest `callback_params`, in bytes of compact JSON.
+pub const MAX_CALLBACK_PARAMS_BYTES: usize = 2048;
+/// Largest `android.channel_properties` and `android.local_properties`, each in bytes of
+/// compact JSON.
+pub const MAX_PROPERTIES_BYTES: usize = 2048;
+/// Largest `umeng` object, in bytes of compact JSON.
+pub const MAX_RAW_UMENG_BYTES: usize = 4096;
+/// Longest `alias_type`, alias (in `aliases` or customizedcast `file_lines`), `group_id`
+/// and `file_id`, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest `android.mi_activity`, in bytes.
+pub const MAX_MI_ACTIVITY_BYTES: usize = 256;
 /// At most this many per-item errors are listed for one list (the rest are summarised).
 const MAX_ITEM_ERRORS: usize = 20;
+/// Root keys of `umeng` that would change what the gateway classified (type, mode,
+/// audience, file) or what the client sets, with the request field to use instead.
+const RAW_RESERVED_ROOT: [(&str, &str); 11] = [
+    ("type", "type"),
+    ("production_mode", "production_mode"),
+    ("device_tokens", "device_tokens"),
+    ("alias", "aliases"),
+    ("alias_type", "alias_type"),
+    ("file_id", "file_id or file_lines"),
+    ("filter", "filter"),
+    ("group_id", "group_id"),
+    ("appkey", ""),
+    ("timestamp", ""),
+    ("sign", ""),
+];
+/// `umeng.policy` keys that the gateway relies on (idempotency, scheduling, polling).
+const RAW_RESERVED_POLICY: [(&str, &str); 3] = [
+    ("out_biz_no", "out_biz_no"),
+    ("start_time", "policy.start_time"),
+    ("expire_time", "policy.expire_time"),
+];
 /// Stands in for the `file_id` of a `file_lines` request until the upload is done.
 const PENDING_FILE_ID: &str = "PF-pending-upload";
 
@@ -91,6 +127,10 @@ pub fn prepare(
     if let Ok(v) = serde_json::to_value(req) {
         nul_characters(&v, &mut String::new(), &mut out_errors);
     }
+    check_sizes(req, &mut out_errors);
+    if let Some(raw) = &req.umeng {
+        check_raw_fields(raw, &mut out_errors);
+    }
     let body = translate(req, app, &mut out_errors);
 
     let Some(body) = body else {
@@ -119,6 +159,15 @@ pub fn prepare(
         _ => None,
     };
     let upload_content = req.file_lines.as_ref().map(|lines| upload_content(lines));
+    let upload_sha256 = upload_content
+        .as_ref()
+        .map(|c| hex::encode(Sha256::digest(c.as_bytes())));
+    let fingerprint = fingerprint(
+        &req.app,
+        req.out_biz_no.as_deref(),
+        upload_sha256.as_deref(),
+        &body,
+    );
     Ok(PreparedPush {
         cast_type: req.cast_type,
         task_class,
@@ -126,10 +175,127 @@ pub fn prepare(
         production_mode: req.production_mode.unwrap_or(true),
         out_biz_no: req.out_biz_no.clone(),
         description: req.description.clone(),
-        fingerprint: fingerprint(req),
+        fingerprint,
         upload_content,
         body,
     })
+}
+
+/// Bytes of the compact JSON of `v`.
+fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
+/// The size limits of free-text and free-JSON fields that Umeng's payload limit does not
+/// cover (every notification and message field is inside the payload, which is bounded).
+fn check_sizes(req: &PushRequest, errors: &mut Vec<FieldError>) {
+    let mut limit = |field: &str, len: usize, max: usize, what: &str| {
+        if len > max {
+            errors.push(FieldError::new(
+                field,
+                format!("is {len} bytes{what}; the limit is {max}"),
+            ));
+        }
+    };
+    if let Some(d) = &req.description {
+        limit("description", d.len(), MAX_DESCRIPTION_BYTES, "");
+    }
+    if let Some(c) = &req.callback_params {
+        let len = json_len(c);
+        limit(
+            "callback_params",
+            len,
+            MAX_CALLBACK_PARAMS_BYTES,
+            " as compact JSON",
+        );
+    }
+    if let Some(raw) = &req.umeng {
+        limit(
+            "umeng",
+            json_len(raw),
+            MAX_RAW_UMENG_BYTES,
+            " as compact JSON",
+        );
+    }
+    for (field, value) in [
+        ("alias_type", &req.alias_type),
+        ("group_id", &req.group_id),
+        ("file_id", &req.file_id),
+    ] {
+        if let Some(v) = value {
+            limit(field, v.len(), MAX_NAME_BYTES, "");
+        }
+    }
+    if let Some(a) = &req.android {
+        if let Some(m) = &a.mi_activity {
+            limit("android.mi_activity", m.len(), MAX_MI_ACTIVITY_BYTES, "");
+        }
+        for (field, value) in [
+            ("android.channel_properties", &a.channel_properties),
+            ("android.local_properties", &a.local_properties),
+        ] {
+            if let Some(v) = value {
+                limit(field, json_len(v), MAX_PROPERTIES_BYTES, " as compact JSON");
+            }
+        }
+    }
+}
+
+/// Refuses raw keys that would override the gateway's classification (type, mode,
+/// audience, file), its idempotency key and schedule, or what the client sets: quotas,
+/// history and polling are all decided from the request's own fields.
+fn check_raw_fields(raw: &Map<String, Value>, errors: &mut Vec<FieldError>) {
+    let refuse = |errors: &mut Vec<FieldError>, field: String, instead: &str| {
+        let message = if instead.is_empty() {
+            "is set by the client at send time and must not be in the body".to_owned()
+        } else {
+            format!(
+                "cannot be set in umeng: the gateway counts quotas, dedupes and polls by what \
+                 the request says; use the request's {instead}"
+            )
+        };
+        errors.push(FieldError::new(field, message));
+    };
+    for (key, instead) in RAW_RESERVED_ROOT {
+        if raw.contains_key(key) {
+            refuse(errors, format!("umeng.{key}"), instead);
+        }
+    }
+    match raw.get("policy") {
+        None => {}
+        Some(Value::Object(p)) => {
+            for (key, instead) in RAW_RESERVED_POLICY {
+                if p.contains_key(key) {
+                    refuse(errors, format!("umeng.policy.{key}"), instead);
+                }
+            }
+        }
+        Some(_) => errors.push(FieldError::new(
+            "umeng.policy",
+            "must be an object (its keys are merged into policy)",
+        )),
+    }
+}
+
+/// `raw` without the keys [`check_raw_fields`] refuses, so that the rest of the merged body
+/// is still validated (and reported) as the caller's other fields would make it.
+fn without_reserved(raw: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = raw.clone();
+    for (key, _) in RAW_RESERVED_ROOT {
+        out.shift_remove(key);
+    }
+    match out.get_mut("policy") {
+        Some(Value::Object(p)) => {
+            for (key, _) in RAW_RESERVED_POLICY {
+                p.shift_remove(key);
+            }
+        }
+        Some(_) => {
+            out.shift_remove("policy");
+        }
+        None => {}
+    }
+    out
 }
 
 /// An error for every string (or object key) under `v` that holds U+0000, named by its
@@ -192,19 +358,33 @@ fn already_reported(errors: &[FieldError], field: &str) -> bool {
     })
 }
 
-/// The fingerprint of a request: hex SHA-256 of its canonical JSON (keys sorted, no
-/// whitespace, `production_mode` filled with its default). Equal for requests that differ
-/// only in key order or whitespace; it includes the app name and `out_biz_no`.
-pub fn fingerprint(req: &PushRequest) -> String {
-    let mut v = serde_json::to_value(req).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut v {
-        m.insert(
-            "production_mode".into(),
-            Value::Bool(req.production_mode.unwrap_or(true)),
-        );
-    }
+/// The fingerprint of a prepared push: hex SHA-256 of the canonical JSON (keys sorted, no
+/// whitespace) of the app name, `out_biz_no`, the SHA-256 of the `file_lines` upload and
+/// the Umeng body as it will be sent (without `appkey` and `timestamp`).
+///
+/// Two requests are "the same" when they produce the same Umeng body for the same app and
+/// key: defaults written out or left out (`production_mode`, `ticker`, `open: {"app":
+/// true}`, an empty `policy`), key order, whitespace and equivalent RFC 3339 times (the same
+/// second in any offset) do not matter.
+pub fn fingerprint(
+    app: &str,
+    out_biz_no: Option<&str>,
+    upload_sha256: Option<&str>,
+    body: &SendBody,
+) -> String {
+    let mut m = Map::new();
+    m.insert("app".into(), Value::from(app));
+    m.insert(
+        "out_biz_no".into(),
+        out_biz_no.map_or(Value::Null, Value::from),
+    );
+    m.insert(
+        "upload_sha256".into(),
+        upload_sha256.map_or(Value::Null, Value::from),
+    );
+    m.insert("umeng".into(), Value::Object(body.to_value()));
     let mut canonical = String::new();
-    write_canonical(&v, &mut canonical);
+    write_canonical(&Value::Object(m), &mut canonical);
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -260,14 +440,17 @@ fn valid_out_biz_no(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
-/// Checks list items that get joined with commas; returns nothing, pushes errors.
-fn check_items(name: &str, items: &[String], errors: &mut Vec<FieldError>) {
+/// Checks list items that get joined with commas (each at most `max_bytes`); returns
+/// nothing, pushes errors.
+fn check_items(name: &str, items: &[String], max_bytes: usize, errors: &mut Vec<FieldError>) {
     let mut bad = 0usize;
     for (i, item) in items.iter().enumerate() {
         let problem = if item.trim().is_empty() {
-            Some("must not be empty")
+            Some(String::from("must not be empty"))
         } else if item.contains(',') {
-            Some("must not contain a comma")
+            Some(String::from("must not contain a comma"))
+        } else if item.len() > max_bytes {
+            Some(format!("is {} bytes; the limit is {max_bytes}", item.len()))
         } else {
             None
         };
@@ -334,6 +517,11 @@ fn check_file_lines(
                 "must be a {want}-character {platform} device token, got {} characters",
                 line.len()
             ))
+        } else if line.len() > MAX_NAME_BYTES {
+            Some(format!(
+                "is {} bytes; an alias is at most {MAX_NAME_BYTES}",
+                line.len()
+            ))
         } else {
             None
         };
@@ -375,10 +563,11 @@ fn translate(
         }
     }
     if let Some(t) = &req.device_tokens {
-        check_items("device_tokens", t, errors);
+        // The exact token length is checked with the Umeng body; this only bounds errors.
+        check_items("device_tokens", t, MAX_NAME_BYTES, errors);
     }
     if let Some(a) = &req.aliases {
-        check_items("aliases", a, errors);
+        check_items("aliases", a, MAX_NAME_BYTES, errors);
     }
     if let Some(lines) = &req.file_lines {
         check_file_lines(req, platform, lines, errors);
@@ -533,7 +722,7 @@ fn translate(
         body.policy = Some(policy);
     }
     if let Some(raw) = &req.umeng {
-        body.extra_fields = raw.clone();
+        body.extra_fields = without_reserved(raw);
     }
     Some(body)
 }

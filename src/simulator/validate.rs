@@ -289,12 +289,14 @@ fn check_target(
         }
         "broadcast" => Ok(task_class("um", Bucket::Broadcast, 5_000, false)),
         "groupcast" => {
-            // DOC-NEW: group_id replaces the filter and wins when both are present.
-            let group_id = match body.get("group_id") {
-                Some(Value::String(s)) => !s.is_empty(),
-                Some(Value::Number(n)) => n.is_u64(),
-                _ => false,
-            };
+            // DOC-NEW: group_id replaces the filter and wins when both are present. It is
+            // documented for Android only: an iOS groupcast needs filter (2016 without it).
+            let group_id = platform == SimPlatform::Android
+                && match body.get("group_id") {
+                    Some(Value::String(s)) => !s.is_empty(),
+                    Some(Value::Number(n)) => n.is_u64(),
+                    _ => false,
+                };
             if group_id {
                 return Ok(task_class("us", Bucket::Groupcast, 1_000, false));
             }

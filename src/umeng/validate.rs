@@ -28,8 +28,14 @@ pub const MAX_BIG_BODY_CHARS: usize = 120;
 pub const MAX_ITEM_ERRORS: usize = 20;
 /// `receipt_url` is at most this many bytes.
 pub const MAX_RECEIPT_URL_BYTES: usize = 256;
-/// Deepest filter nesting accepted (Umeng states no limit; this guards recursion).
+/// Deepest filter nesting accepted: a condition inside `where.and` is level 1, each `and`,
+/// `or` or `not` adds one. Umeng states no limit (umeng-api.md §10 q7, §11): this is the
+/// gateway's own bound on recursion, far above any real audience rule.
 pub const MAX_FILTER_DEPTH: usize = 16;
+/// `start_time` must be at least this far ahead of now: the upload and the send may take
+/// up to 2 x (connect + call timeout) before Umeng sees it, and Umeng refuses a start time
+/// that has passed by then (2002). `check-config` keeps the Umeng timeouts below it.
+pub const MIN_START_AHEAD: Duration = Duration::minutes(5);
 /// The fields a filter condition may test.
 pub const FILTER_FIELDS: [&str; 9] = [
     "app_version",
@@ -281,6 +287,8 @@ impl Validator {
         let allowed: &[&str] = match cast {
             CastType::Unicast | CastType::Listcast => &["device_tokens"],
             CastType::Broadcast => &[],
+            // Umeng documents `group_id` for Android only; an iOS groupcast needs `filter`.
+            CastType::Groupcast if self.platform == Platform::Ios => &["filter"],
             CastType::Groupcast => &["filter", "group_id"],
             CastType::Filecast => &["file_id"],
             CastType::Customizedcast => &["alias_type", "alias", "file_id"],
@@ -294,7 +302,14 @@ impl Validator {
             "group_id",
         ] {
             if uses(key) && !allowed.contains(&key) {
-                self.err(key, format!("is not used by {cast}"));
+                if key == "group_id" && cast == CastType::Groupcast {
+                    self.err(
+                        key,
+                        "is Android only: an iOS groupcast needs filter (Umeng answers 2016)",
+                    );
+                } else {
+                    self.err(key, format!("is not used by {cast}"));
+                }
             }
         }
         match cast {
@@ -378,7 +393,11 @@ impl Validator {
                 self.required_str(m, "file_id", "file_id", "for filecast");
             }
             CastType::Groupcast => {
-                if !uses("filter") && !uses("group_id") {
+                if self.platform == Platform::Ios {
+                    if !uses("filter") && !uses("group_id") {
+                        self.err("filter", "an iOS groupcast needs filter");
+                    }
+                } else if !uses("filter") && !uses("group_id") {
                     self.err("filter", "groupcast needs filter or group_id");
                 }
                 if uses("group_id") {
@@ -509,7 +528,33 @@ impl Validator {
                 None
             }
         };
-        self.object(p, "extra", "payload.extra");
+        if let Some(extra) = self.object(p, "extra", "payload.extra") {
+            // Umeng documents `extra` as string key/value pairs (the official Java SDK's
+            // `setExtraField(String, String)`); other values are refused, not converted, so
+            // the app receives exactly what the caller wrote.
+            let mut bad = 0usize;
+            for (k, v) in extra {
+                if !v.is_string() {
+                    bad += 1;
+                    if bad <= MAX_ITEM_ERRORS {
+                        self.err(
+                            format!("payload.extra.{k}"),
+                            "must be a string on Android (Umeng's extra holds string values); \
+                             write numbers, booleans and objects as strings",
+                        );
+                    }
+                }
+            }
+            if bad > MAX_ITEM_ERRORS {
+                self.err(
+                    "payload.extra",
+                    format!(
+                        "{} more non-string values not listed",
+                        bad - MAX_ITEM_ERRORS
+                    ),
+                );
+            }
+        }
         let body = match p.get("body") {
             Some(Value::Object(b)) => b,
             Some(_) => {
@@ -743,8 +788,15 @@ impl Validator {
             self.err("policy.start_time", format!("is only for task-class sends (broadcast, groupcast, filecast, customizedcast with file_id), not {what}"));
         }
         if let Some(s) = start {
-            if s <= now {
-                self.err("policy.start_time", "must be later than now");
+            if s < now + MIN_START_AHEAD {
+                self.err(
+                    "policy.start_time",
+                    format!(
+                        "must be at least {} minutes from now (time for the upload and the \
+                         send); leave it out to send now",
+                        MIN_START_AHEAD.whole_minutes()
+                    ),
+                );
             } else if s > limit {
                 self.err("policy.start_time", "must be at most 7 days from now");
             }
@@ -794,6 +846,9 @@ impl Validator {
             if id.is_empty() {
                 self.err("policy.out_biz_no", "must not be empty");
             }
+        }
+        if p.contains_key("in_app") && self.platform != Platform::Android {
+            self.err("policy.in_app", "is Android only");
         }
         if let Some(v) = p.get("notification_closed_filter") {
             if !v.is_boolean() {

@@ -131,7 +131,8 @@ impl TestEnv {
         s.umeng.base_url = self.sim.base_url();
         s.umeng.timeout_ms = 1500;
         s.umeng.connect_timeout_ms = 500;
-        s.history.pending_timeout_secs = 5;
+        // check-config: above 2 x (500 + 1500) ms of Umeng path plus 30 s to record it.
+        s.history.pending_timeout_secs = 35;
         s.apps = vec![
             app_settings(ANDROID_APP, Platform::Android, ANDROID_KEY, ANDROID_SECRET),
             app_settings(IOS_APP, Platform::Ios, IOS_KEY, IOS_SECRET),

@@ -6,6 +6,7 @@ mod cli;
 mod cli_ops;
 mod gateway;
 mod helpers;
+mod input;
 mod observability;
 mod openapi;
 mod outcomes;

@@ -568,6 +568,19 @@ async fn groupcast_filter_rules() {
 }
 
 #[tokio::test]
+async fn ios_groupcast_needs_a_filter_even_with_a_group_id() {
+    // group_id is documented for Android only; iOS requires filter (umeng-api.md §3.1).
+    let sim = spawn_sim().await;
+    let mut body = groupcast(IOS_KEY, false);
+    body.as_object_mut().map(|o| o.remove("filter"));
+    body["group_id"] = json!("g1");
+    sim.send(&body).await.assert_fail("2016");
+    let mut body = groupcast(IOS_KEY, false);
+    body["group_id"] = json!("g1");
+    sim.send(&body).await.assert_success();
+}
+
+#[tokio::test]
 async fn customizedcast_rules() {
     let sim = spawn_sim().await;
     let mut body = send_body(ANDROID_KEY, "customizedcast", false);

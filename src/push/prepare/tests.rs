@@ -240,6 +240,209 @@ fn raw_umeng_fields_merge_last() {
     );
 }
 
+#[test]
+fn raw_fields_cannot_change_the_classification() {
+    // The review's repro: a test-mode unicast dressed up as a production broadcast.
+    // (`android()` merges its patch, which would drop nulls: set `umeng` directly.)
+    let with_raw = |mut v: Value, raw: Value| {
+        v["umeng"] = raw;
+        v
+    };
+    let fields = err_fields(with_raw(
+        android(json!({"production_mode": false})),
+        json!({"type": "broadcast", "device_tokens": null, "production_mode": "true"}),
+    ));
+    assert_eq!(
+        fields,
+        ["umeng.type", "umeng.production_mode", "umeng.device_tokens"]
+    );
+    // A customizedcast by alias cannot become a file send (outside the 300/h bucket).
+    let fields = err_fields(with_raw(
+        android(json!({
+            "type": "customizedcast", "device_tokens": null, "alias_type": "uid", "aliases": ["u1"]
+        })),
+        json!({"alias": null, "file_id": "PF1"}),
+    ));
+    assert_eq!(fields, ["umeng.alias", "umeng.file_id"]);
+    for (raw, field) in [
+        (json!({"alias_type": "x"}), "umeng.alias_type"),
+        (
+            json!({"filter": {"where": {"and": [{"tag": "a"}]}}}),
+            "umeng.filter",
+        ),
+        (json!({"group_id": "g"}), "umeng.group_id"),
+        (json!({"timestamp": "1"}), "umeng.timestamp"),
+        (json!({"sign": "x"}), "umeng.sign"),
+        (
+            json!({"policy": {"out_biz_no": "other"}}),
+            "umeng.policy.out_biz_no",
+        ),
+        (
+            json!({"policy": {"start_time": "2026-12-02 09:00:00"}}),
+            "umeng.policy.start_time",
+        ),
+        (
+            json!({"policy": {"expire_time": null}}),
+            "umeng.policy.expire_time",
+        ),
+        (json!({"policy": null}), "umeng.policy"),
+    ] {
+        assert_eq!(
+            err_fields(with_raw(android(json!({})), raw.clone())),
+            [field],
+            "{raw}"
+        );
+    }
+    let errors = prepare(
+        &parse(android(json!({"umeng": {"type": "broadcast"}}))),
+        &android_app(),
+        now(),
+    )
+    .expect_err("refused");
+    assert!(
+        errors[0].message.contains("use the request's type"),
+        "{errors:?}"
+    );
+    // Fields the API does not model still pass.
+    ok(android(
+        json!({"umeng": {"policy": {"in_app": true}, "thirdparty_id": "x"}}),
+    ));
+}
+
+#[test]
+fn free_text_and_free_json_fields_are_bounded() {
+    let b = |len: usize| json!({"description": "d".repeat(len)});
+    ok(android(b(MAX_DESCRIPTION_BYTES)));
+    assert_eq!(
+        err_fields(android(b(MAX_DESCRIPTION_BYTES + 1))),
+        ["description"]
+    );
+
+    // An object {"k": "vvv…"} of exactly `len` bytes as compact JSON.
+    let sized = |len: usize| json!({"k": "v".repeat(len - r#"{"k":""}"#.len())});
+    let cb = |len: usize| json!({"callback_params": sized(len)});
+    ok(android(cb(MAX_CALLBACK_PARAMS_BYTES)));
+    assert_eq!(
+        err_fields(android(cb(MAX_CALLBACK_PARAMS_BYTES + 1))),
+        ["callback_params"]
+    );
+
+    let raw = |len: usize| json!({"umeng": sized(len)});
+    ok(android(raw(MAX_RAW_UMENG_BYTES)));
+    assert_eq!(err_fields(android(raw(MAX_RAW_UMENG_BYTES + 1))), ["umeng"]);
+
+    let props = |len: usize| json!({"android": {"channel_properties": sized(len)}});
+    ok(android(props(MAX_PROPERTIES_BYTES)));
+    assert_eq!(
+        err_fields(android(props(MAX_PROPERTIES_BYTES + 1))),
+        ["android.channel_properties"]
+    );
+    let local = json!({"android": {"local_properties": {"k": "v".repeat(MAX_PROPERTIES_BYTES)}}});
+    assert_eq!(err_fields(android(local)), ["android.local_properties"]);
+    let mi = |len: usize| json!({"android": {"mi_activity": "a".repeat(len)}});
+    ok(android(mi(MAX_MI_ACTIVITY_BYTES)));
+    assert_eq!(
+        err_fields(android(mi(MAX_MI_ACTIVITY_BYTES + 1))),
+        ["android.mi_activity"]
+    );
+
+    let alias = |alias_type: usize, alias: usize| {
+        android(json!({"type": "customizedcast", "device_tokens": null,
+                       "alias_type": "t".repeat(alias_type), "aliases": ["a".repeat(alias)]}))
+    };
+    ok(alias(MAX_NAME_BYTES, MAX_NAME_BYTES));
+    assert_eq!(err_fields(alias(MAX_NAME_BYTES + 1, 1)), ["alias_type"]);
+    assert_eq!(err_fields(alias(1, MAX_NAME_BYTES + 1)), ["aliases[0]"]);
+    let by_file = |len: usize| {
+        android(
+            json!({"type": "customizedcast", "device_tokens": null, "alias_type": "uid",
+                       "file_lines": ["u1", "a".repeat(len)]}),
+        )
+    };
+    ok(by_file(MAX_NAME_BYTES));
+    assert_eq!(err_fields(by_file(MAX_NAME_BYTES + 1)), ["file_lines[1]"]);
+    let group = |len: usize| {
+        android(json!({"type": "groupcast", "device_tokens": null, "group_id": "g".repeat(len)}))
+    };
+    ok(group(MAX_NAME_BYTES));
+    assert_eq!(err_fields(group(MAX_NAME_BYTES + 1)), ["group_id"]);
+    let file = |len: usize| {
+        android(json!({"type": "filecast", "device_tokens": null, "file_id": "P".repeat(len)}))
+    };
+    ok(file(MAX_NAME_BYTES));
+    assert_eq!(err_fields(file(MAX_NAME_BYTES + 1)), ["file_id"]);
+}
+
+#[test]
+fn notification_text_is_bounded_by_the_payload_limit() {
+    // Every notification string is inside the payload: an 11 MB title is a payload error.
+    for base in [android(json!({})), ios(json!({}))] {
+        for key in ["title", "text", "sound"] {
+            let mut v = base.clone();
+            v["notification"][key] = json!("x".repeat(100_000));
+            assert_eq!(err_fields(v), ["notification"], "{key}");
+        }
+    }
+    let mut v = android(json!({}));
+    v["notification"]["extra"] = json!({"k": "x".repeat(100_000)});
+    assert_eq!(err_fields(v), ["notification"]);
+}
+
+#[test]
+fn ios_groupcast_needs_a_filter() {
+    assert_eq!(
+        err_fields(ios(
+            json!({"type": "groupcast", "device_tokens": null, "group_id": "g1"})
+        )),
+        ["group_id"]
+    );
+    assert_eq!(
+        err_fields(ios(json!({"type": "groupcast", "device_tokens": null}))),
+        ["filter"]
+    );
+    let p = ok(ios(json!({"type": "groupcast", "device_tokens": null,
+                          "filter": {"where": {"and": [{"tag": "a"}]}}})));
+    assert_eq!(p.quota_kind, Some(QuotaKind::Groupcast));
+    let p = ok(android(
+        json!({"type": "groupcast", "device_tokens": null, "group_id": "g1"}),
+    ));
+    assert_eq!(sent(&p)["group_id"], json!("g1"));
+}
+
+#[test]
+fn android_extra_takes_string_values_only() {
+    let mut v = android(json!({}));
+    v["notification"]["extra"] =
+        json!({"s": "ok", "n": 1, "b": true, "o": {"k": "v"}, "a": ["x"], "z": null});
+    let fields = err_fields(v);
+    assert_eq!(
+        fields,
+        [
+            "notification.extra.n",
+            "notification.extra.b",
+            "notification.extra.o",
+            "notification.extra.a",
+            "notification.extra.z"
+        ]
+    );
+    let p = ok(android(json!({"notification": {"extra": {"order": "42"}}})));
+    assert_eq!(sent(&p)["payload"]["extra"], json!({"order": "42"}));
+    // iOS custom keys take any JSON.
+    let p = ok(ios(
+        json!({"notification": {"extra": {"n": 1, "o": {"k": [true, null]}}}}),
+    ));
+    assert_eq!(sent(&p)["payload"]["o"], json!({"k": [true, null]}));
+}
+
+#[test]
+fn policy_in_app_is_android_only() {
+    ok(android(json!({"umeng": {"policy": {"in_app": true}}})));
+    assert_eq!(
+        err_fields(ios(json!({"umeng": {"policy": {"in_app": true}}}))),
+        ["umeng.policy.in_app"]
+    );
+}
+
 // ---- audiences ----
 
 #[test]
@@ -520,6 +723,12 @@ fn policy_limits() {
         ["policy.max_send_num"]
     );
     ok(b(json!({"start_time": "2026-12-08T00:00:00Z"})));
+    // At least five minutes ahead: time for the upload and the send.
+    ok(b(json!({"start_time": "2026-12-01T00:05:00Z"})));
+    assert_eq!(
+        err_fields(b(json!({"start_time": "2026-12-01T00:04:59Z"}))),
+        ["policy.start_time"]
+    );
     assert_eq!(
         err_fields(b(json!({"start_time": "2026-12-08T00:00:01Z"}))),
         ["policy.start_time"]
@@ -606,24 +815,88 @@ fn unknown_fields_are_rejected() {
 
 // ---- fingerprint ----
 
+fn fp(v: Value) -> String {
+    ok(v).fingerprint
+}
+
 #[test]
 fn fingerprint_ignores_order_whitespace_and_default_production_mode() {
-    let a: PushRequest = serde_json::from_str(
-        r#"{"app":"a","type":"broadcast","notification":{"title":"t","text":"x"}}"#,
-    )
-    .expect("a");
-    let b: PushRequest = serde_json::from_str(
-        "{ \"notification\" : { \"text\":\"x\", \"title\":\"t\" },\n \"type\":\"broadcast\", \"app\":\"a\", \"production_mode\": true }",
-    )
-    .expect("b");
-    assert_eq!(fingerprint(&a), fingerprint(&b));
-    assert_eq!(fingerprint(&a).len(), 64);
-    let mut c = a.clone();
-    c.app = "b".into();
-    assert_ne!(fingerprint(&a), fingerprint(&c));
+    let parse_str = |s: &str| -> PushRequest { serde_json::from_str(s).expect("request") };
+    let a = parse_str(
+        r#"{"app":"shop-android","type":"broadcast","notification":{"title":"t","text":"x"}}"#,
+    );
+    let b = parse_str(
+        "{ \"notification\" : { \"text\":\"x\", \"title\":\"t\" },\n \"type\":\"broadcast\", \"app\":\"shop-android\", \"production_mode\": true }",
+    );
+    let fa = prepare(&a, &android_app(), now()).expect("a").fingerprint;
+    let fb = prepare(&b, &android_app(), now()).expect("b").fingerprint;
+    assert_eq!(fa, fb);
+    assert_eq!(fa.len(), 64);
     let mut d = a.clone();
     d.production_mode = Some(false);
-    assert_ne!(fingerprint(&a), fingerprint(&d));
+    assert_ne!(
+        fa,
+        prepare(&d, &android_app(), now()).expect("d").fingerprint
+    );
+    let mut other_app = android_app();
+    other_app.name = "shop-android-2".into();
+    let mut c = a.clone();
+    c.app = other_app.name.clone();
+    assert_ne!(fa, prepare(&c, &other_app, now()).expect("c").fingerprint);
+}
+
+#[test]
+fn requests_with_the_same_umeng_body_share_a_fingerprint() {
+    let key = json!({"out_biz_no": "k-1"});
+    let base = fp(android(key.clone()));
+    // Defaults written out: production_mode, ticker = title, open app, empty policy.
+    for same in [
+        json!({"production_mode": true}),
+        json!({"notification": {"ticker": "t"}}),
+        json!({"notification": {"open": {"app": true}}}),
+        json!({"policy": {}}),
+    ] {
+        let mut v = android(key.clone());
+        merge_into(
+            v.as_object_mut().expect("object"),
+            same.as_object().expect("object"),
+        );
+        assert_eq!(fp(v), base, "{same}");
+    }
+    // One instant in two offsets, and within the same second.
+    let at = |t: &str| {
+        fp(android(
+            json!({"type": "broadcast", "device_tokens": null, "out_biz_no": "k-1",
+                          "policy": {"expire_time": t}}),
+        ))
+    };
+    assert_eq!(at("2026-12-02T01:00:00Z"), at("2026-12-02T09:00:00+08:00"));
+    assert_eq!(at("2026-12-02T01:00:00Z"), at("2026-12-02T01:00:00.600Z"));
+    assert_ne!(at("2026-12-02T01:00:00Z"), at("2026-12-02T01:00:01Z"));
+    // Anything that changes the body, the key or the file is a different request.
+    for different in [
+        json!({"out_biz_no": "k-2"}),
+        json!({"notification": {"ticker": "other"}}),
+        json!({"description": "d"}),
+        json!({"umeng": {"thirdparty_id": "x"}}),
+        json!({"production_mode": false}),
+    ] {
+        let mut v = android(key.clone());
+        merge_into(
+            v.as_object_mut().expect("object"),
+            different.as_object().expect("object"),
+        );
+        assert_ne!(fp(v), base, "{different}");
+    }
+    let file = |lines: Vec<String>| {
+        fp(android(
+            json!({"type": "filecast", "device_tokens": null, "out_biz_no": "k-1",
+                          "file_lines": lines}),
+        ))
+    };
+    let a = file(vec![tok(Platform::Android, 0)]);
+    assert_eq!(a, file(vec![tok(Platform::Android, 0)]));
+    assert_ne!(a, file(vec![tok(Platform::Android, 1)]));
 }
 
 /// Rebuilds every object with its keys in reverse order.
@@ -785,11 +1058,19 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn fingerprint_is_invariant_under_key_order_and_whitespace(v in arb_request()) {
+    fn fingerprint_is_invariant_under_key_order_and_whitespace(
+        v in prop_oneof![arb_request(), arb_mostly_valid()]
+    ) {
         if let Ok(a) = serde_json::from_value::<PushRequest>(v.clone()) {
             let reordered = serde_json::to_string_pretty(&reverse_keys(&v)).expect("json");
             let b: PushRequest = serde_json::from_str(&reordered).expect("same request");
-            prop_assert_eq!(fingerprint(&a), fingerprint(&b));
+            let app = app_for(&v);
+            let pa = prepare(&a, &app, now()).map(|p| p.fingerprint);
+            let pb = prepare(&b, &app, now()).map(|p| p.fingerprint);
+            prop_assert_eq!(pa.is_ok(), pb.is_ok());
+            if let (Ok(fa), Ok(fb)) = (pa, pb) {
+                prop_assert_eq!(fa, fb);
+            }
         }
     }
 

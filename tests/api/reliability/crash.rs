@@ -29,7 +29,9 @@ async fn postgres_kill_9_under_load() {
     kill_9_under_load(Backend::Postgres).await;
 }
 
-const PENDING_TIMEOUT_SECS: u64 = 2;
+/// The smallest check-config accepts for these Umeng timeouts: 2 x (500 + 1500) ms for an
+/// upload and a send, plus 30 s to record the outcome.
+const PENDING_TIMEOUT_SECS: u64 = 35;
 const UMENG_TIMEOUT_MS: u64 = 1500;
 const WORKERS: u64 = 16;
 
@@ -206,7 +208,7 @@ async fn kill_9_under_load(backend: Backend) {
     let mut gw = start(&config, port, &log).await;
     let restarted_in = killed_at.elapsed();
     let mut pending = i64::MAX;
-    for _ in 0..100 {
+    for _ in 0..(PENDING_TIMEOUT_SECS * 10 + 100) {
         pending = env
             .db
             .query_i64("select count(*) from pushes where status = 'pending'")
