@@ -2,10 +2,11 @@
 //! mode): the task-status poller, the pending sweeper and the retention purge. Each loop
 //! stops as soon as the stop channel says so.
 //!
-//! - The **poller** claims due task-class pushes with a lease (one replica per push at a
-//!   time), asks Umeng's `/api/status` about each, stores the answer and schedules the next
-//!   check with a growing backoff, until a final state, the task's expiry or
-//!   `poller.max_age_hours`.
+//! - The **poller** claims due task-class pushes of the apps it has with a lease (one
+//!   replica per push at a time), asks Umeng's `/api/status` about each (a scheduled task
+//!   from its `start_time` on), stores the answer unless a newer one is stored, and
+//!   schedules the next check with a growing backoff, until a final state, `task_lost`
+//!   (Umeng does not know the task), or an hour after the task's expiry.
 //! - The **sweeper** marks pushes left `pending` by a crash as `unknown`.
 //! - The **purge** deletes pushes older than `history.retention_days` (their idempotency
 //!   keys cascade), quota counters of windows older than two days and uploads older than
@@ -20,8 +21,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::gateway::Gateway;
-use crate::store::{PurgeTarget, StoreResult, TaskClaim};
-use crate::task_status::{refresh_task, RefreshError};
+use crate::store::{PolledApp, PurgeTarget, PushStatus, StoreResult, TaskClaim};
+use crate::task_status::{refresh_task, TaskRef};
 
 /// Quota counters are kept this long after their window started (the longest window is a
 /// day; the rest is for people looking at yesterday's numbers).
@@ -29,6 +30,10 @@ pub const QUOTA_COUNTER_RETENTION: Duration = Duration::from_secs(2 * 86_400);
 
 /// How long after `policy.expire_time` a task is still polled for its final state.
 const EXPIRY_GRACE: time::Duration = time::Duration::hours(1);
+
+/// A task without `policy.expire_time` expires this long after its start (Umeng's default,
+/// `umeng-api.md` section 3.4).
+const UMENG_DEFAULT_EXPIRY: time::Duration = time::Duration::days(3);
 
 /// Start every background loop. They end when `stop` turns true (or its sender is dropped);
 /// await the handles to wait for them.
@@ -112,14 +117,28 @@ async fn run_poller(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// One poller round: claim the due tasks (up to `poller.batch_size`), refresh them
-/// concurrently, release each with its next check time. Returns how many were claimed.
+/// One poller round: claim the due tasks of the apps configured here (up to
+/// `poller.batch_size`), refresh them concurrently, release each with its next check time.
+/// Returns how many were claimed.
 pub async fn poll_round(gateway: &Gateway) -> StoreResult<usize> {
     let p = &gateway.config.settings.poller;
     let lease = Duration::from_secs(p.lease_secs);
+    // Only tasks this replica can sign status calls for: another replica (or a later
+    // configuration) may have an app this one lacks, and must still find its tasks due.
+    let apps: Vec<PolledApp> = gateway
+        .apps
+        .iter()
+        .map(|(name, runtime)| PolledApp {
+            app: name.clone(),
+            appkey: runtime.credentials.appkey.clone(),
+        })
+        .collect();
+    if apps.is_empty() {
+        return Ok(0);
+    }
     let claims = gateway
         .store
-        .claim_task_polls(p.batch_size, lease, p.backoff(1))
+        .claim_task_polls(p.batch_size, lease, p.backoff(1), &apps)
         .await?;
     let claimed = claims.len();
     futures::stream::iter(claims)
@@ -130,26 +149,46 @@ pub async fn poll_round(gateway: &Gateway) -> StoreResult<usize> {
 
 async fn poll_one(gateway: &Gateway, claim: TaskClaim, lease: Duration) {
     let p = &gateway.config.settings.poller;
-    let next = match refresh_task(gateway, &claim.push_id, &claim.app, &claim.task_id).await {
-        Ok(status) if status.is_final_task_state() => {
-            tracing::info!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, push.status = %status, "task finished");
-            None
-        }
-        Ok(status) => {
-            tracing::debug!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, push.status = %status, "task not finished yet");
+    // The database's clock when the claim was made (the lease started then).
+    let now = claim.lease_until - lease;
+    // A scheduled task is first asked about at its start_time.
+    if let Some(start) = policy_time(&claim.request, "start_time").filter(|t| *t > now) {
+        let wait = Duration::try_from(start - now).unwrap_or(Duration::ZERO);
+        release(gateway, &claim, Some(wait)).await;
+        return;
+    }
+    let task = TaskRef {
+        push_id: &claim.push_id,
+        app: &claim.app,
+        appkey: &claim.appkey,
+        task_id: &claim.task_id,
+        seen_checked_at: claim.task_checked_at,
+        claim: Some(claim.polls),
+    };
+    let next = match refresh_task(gateway, task).await {
+        Ok(r) if !r.stored => {
+            tracing::debug!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, push.status = %r.status, "a newer task state is stored; this answer was dropped");
             Some(p.backoff(claim.polls.saturating_add(1)))
         }
-        Err(e @ RefreshError::AppGone(_)) => {
-            tracing::warn!(push.id = %claim.push_id, error = %e, "task no longer polled");
+        Ok(r) if r.status == PushStatus::TaskLost => {
+            tracing::warn!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, "Umeng does not know the task; no longer polled");
             None
         }
+        Ok(r) if r.status.ends_polling() => {
+            tracing::info!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, push.status = %r.status, "task finished");
+            None
+        }
+        Ok(r) => {
+            tracing::debug!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, push.status = %r.status, "task not finished yet");
+            Some(p.backoff(claim.polls.saturating_add(1)))
+        }
         Err(e) => {
+            // Including AppGone: the claim only returns apps configured here, so the app
+            // went away mid-round; whoever has it polls it later.
             tracing::warn!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, error = %e, "task status refresh failed; trying again later");
             Some(p.backoff(claim.polls.saturating_add(1)))
         }
     };
-    // The database's clock when the claim was made (the lease started then).
-    let now = claim.lease_until - lease;
     let next = match next {
         Some(_) if now >= poll_deadline(&claim, p.max_age_hours) => {
             tracing::warn!(push.id = %claim.push_id, umeng.task_id = %claim.task_id, "task not finished by its deadline; no longer polled (refresh by hand)");
@@ -157,7 +196,12 @@ async fn poll_one(gateway: &Gateway, claim: TaskClaim, lease: Duration) {
         }
         next => next,
     };
-    match gateway.store.release_task_poll(&claim, next).await {
+    release(gateway, &claim, next).await;
+}
+
+/// End `claim`, scheduling the next poll `next` from now (never again with `None`).
+async fn release(gateway: &Gateway, claim: &TaskClaim, next: Option<Duration>) {
+    match gateway.store.release_task_poll(claim, next).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::warn!(push.id = %claim.push_id, "task poll lease ran out before the refresh ended")
@@ -168,24 +212,31 @@ async fn poll_one(gateway: &Gateway, claim: TaskClaim, lease: Duration) {
     }
 }
 
-/// When to stop polling a task that is not final: `max_age_hours` after creation, or an
-/// hour after the request's `policy.expire_time` when that is earlier.
-pub fn poll_deadline(claim: &TaskClaim, max_age_hours: u64) -> OffsetDateTime {
-    let hours = i64::try_from(max_age_hours).unwrap_or(i64::MAX / 3600);
-    let by_age = claim
-        .created_at
-        .checked_add(time::Duration::hours(hours))
-        .unwrap_or(OffsetDateTime::now_utc() + time::Duration::days(365));
-    let by_expiry = claim
-        .request
-        .pointer("/policy/expire_time")
+/// `policy.<key>` of a stored request (RFC 3339), if present and valid.
+fn policy_time(request: &serde_json::Value, key: &str) -> Option<OffsetDateTime> {
+    request
+        .get("policy")
+        .and_then(|p| p.get(key))
         .and_then(|v| v.as_str())
         .and_then(|s| OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok())
-        .map(|t| t + EXPIRY_GRACE);
-    match by_expiry {
-        Some(t) if t < by_age => t,
-        _ => by_age,
-    }
+}
+
+/// When to stop polling a task that is not final. The task starts at `policy.start_time`
+/// (or at creation when sent at once) and ends at `policy.expire_time` (or Umeng's default
+/// of three days after its start); polling goes on until an hour after that end, but no
+/// longer than `max_age_hours` after the start.
+pub fn poll_deadline(claim: &TaskClaim, max_age_hours: u64) -> OffsetDateTime {
+    let start = policy_time(&claim.request, "start_time")
+        .filter(|t| *t > claim.created_at)
+        .unwrap_or(claim.created_at);
+    let hours = i64::try_from(max_age_hours).unwrap_or(i64::MAX / 3600);
+    let far = OffsetDateTime::now_utc() + time::Duration::days(365);
+    let by_age = start
+        .checked_add(time::Duration::hours(hours))
+        .unwrap_or(far);
+    let end = policy_time(&claim.request, "expire_time").unwrap_or(start + UMENG_DEFAULT_EXPIRY);
+    let by_expiry = end.checked_add(EXPIRY_GRACE).unwrap_or(far);
+    by_age.min(by_expiry)
 }
 
 /// The retention purge: once at start, then every `history.purge_interval_secs`.
@@ -274,19 +325,22 @@ mod tests {
         TaskClaim {
             push_id: "p".into(),
             app: "a".into(),
+            appkey: "k".into(),
             task_id: "t".into(),
             created_at: datetime!(2026-01-01 00:00 UTC),
             request,
+            task_checked_at: None,
             polls: 1,
             lease_until: datetime!(2026-01-01 00:01 UTC),
         }
     }
 
     #[test]
-    fn deadline_is_max_age_or_an_hour_after_expiry_whichever_is_first() {
+    fn deadline_is_an_hour_after_expiry_capped_by_max_age_from_the_start() {
+        // Sent at once, no expire_time: Umeng's three days, plus an hour.
         assert_eq!(
             poll_deadline(&claim(json!({})), 192),
-            datetime!(2026-01-09 00:00 UTC)
+            datetime!(2026-01-04 01:00 UTC)
         );
         let soon = json!({"policy": {"expire_time": "2026-01-02T08:00:00+08:00"}});
         assert_eq!(
@@ -296,12 +350,32 @@ mod tests {
         let late = json!({"policy": {"expire_time": "2026-03-01T00:00:00Z"}});
         assert_eq!(
             poll_deadline(&claim(late), 192),
-            datetime!(2026-01-09 00:00 UTC)
+            datetime!(2026-01-09 00:00 UTC),
+            "max_age_hours caps it"
         );
         let garbage = json!({"policy": {"expire_time": "tomorrow"}});
         assert_eq!(
             poll_deadline(&claim(garbage), 24),
             datetime!(2026-01-02 00:00 UTC)
+        );
+    }
+
+    #[test]
+    fn a_task_scheduled_days_ahead_is_polled_until_after_it_can_end() {
+        // Starts in 7 days and runs for Umeng's default 3: polled until day 10 + 1 h.
+        let ahead = json!({"policy": {"start_time": "2026-01-08T00:00:00Z"}});
+        assert_eq!(
+            poll_deadline(&claim(ahead), 192),
+            datetime!(2026-01-11 01:00 UTC)
+        );
+        // Starts in 7 days and expires 7 days after that.
+        let long = json!({"policy": {
+            "start_time": "2026-01-08T08:00:00+08:00",
+            "expire_time": "2026-01-15T00:00:00Z"
+        }});
+        assert_eq!(
+            poll_deadline(&claim(long), 192),
+            datetime!(2026-01-15 01:00 UTC)
         );
     }
 }

@@ -195,8 +195,9 @@ pub struct PollerSettings {
     /// Seconds before the 1st, 2nd, 3rd ... check of a task (the first counted from
     /// acceptance); the last value repeats.
     pub backoff_secs: Vec<u64>,
-    /// Stop polling a task this many hours after it was created (or one hour after its
-    /// `policy.expire_time`, when that is earlier) if it has not reached a final state.
+    /// Stop polling a task that has not reached a final state this many hours after its
+    /// start (`policy.start_time`, or creation), or one hour after it ends
+    /// (`policy.expire_time`, or three days after its start) when that is earlier.
     pub max_age_hours: u64,
 }
 

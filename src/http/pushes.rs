@@ -18,7 +18,7 @@ use crate::gateway::{Gateway, PushAnswer, PushView};
 use crate::http::auth::Caller;
 use crate::push::PushRequest;
 use crate::store::{PushQuery, PushRecord, PushStatus, TaskUpdate};
-use crate::task_status::{refresh_task, RefreshError};
+use crate::task_status::{refresh_task, RefreshError, TaskRef};
 use crate::umeng::UmengError;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -492,17 +492,23 @@ async fn refresh_push(
     caller.require(Scope::Read)?;
     let push = visible_push(&gateway, &caller, &id).await?;
     let task_id = task_of(&push, "refresh")?;
-    refresh_task(&gateway, &push.id, &push.app, &task_id)
-        .await
-        .map_err(|e| match e {
-            RefreshError::AppGone(_) => ApiError::Conflict {
-                detail: e.to_string(),
-                umeng: None,
-            },
-            RefreshError::Umeng(e) => umeng_failure(e, &push.id),
-            RefreshError::UnknownStatus(_) => ApiError::Internal(e.to_string()),
-            RefreshError::Store(e) => e.into(),
-        })?;
+    let task = TaskRef {
+        push_id: &push.id,
+        app: &push.app,
+        appkey: &push.appkey,
+        task_id: &task_id,
+        seen_checked_at: push.task_checked_at,
+        claim: None,
+    };
+    refresh_task(&gateway, task).await.map_err(|e| match e {
+        RefreshError::AppGone(_) => ApiError::Conflict {
+            detail: e.to_string(),
+            umeng: None,
+        },
+        RefreshError::Umeng(e) => umeng_failure(e, &push.id),
+        RefreshError::UnknownStatus(_) => ApiError::Internal(e.to_string()),
+        RefreshError::Store(e) => e.into(),
+    })?;
     let push = visible_push(&gateway, &caller, &id).await?;
     Ok(Json(push))
 }
@@ -530,10 +536,13 @@ async fn cancel_push(
     if push.status == PushStatus::Cancelled {
         return Ok(Json(push));
     }
-    let app = gateway.app(&push.app).ok_or_else(|| ApiError::Conflict {
-        detail: format!("app {:?} is no longer configured", push.app),
-        umeng: None,
-    })?;
+    let app = gateway
+        .app(&push.app)
+        .filter(|a| a.credentials.appkey == push.appkey)
+        .ok_or_else(|| ApiError::Conflict {
+            detail: RefreshError::AppGone(push.app.clone()).to_string(),
+            umeng: None,
+        })?;
     gateway
         .umeng
         .cancel(&app.credentials, &task_id)
@@ -559,6 +568,8 @@ async fn cancel_push(
             TaskUpdate {
                 status: PushStatus::Cancelled,
                 task_status,
+                seen_checked_at: push.task_checked_at,
+                claim: None,
             },
         )
         .await?;

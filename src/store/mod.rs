@@ -63,10 +63,14 @@ pub enum PushStatus {
     NoMatch,
     /// 7: scheduled, start_time not reached yet.
     Scheduled,
+    /// The gateway's own state, not one of Umeng's: `/api/status` answered that Umeng does
+    /// not know the task (1014 task_id not found, 2005 message does not exist), so the
+    /// poller stopped. A refresh that later gets a real task state replaces it.
+    TaskLost,
 }
 
 impl PushStatus {
-    pub const ALL: [PushStatus; 12] = [
+    pub const ALL: [PushStatus; 13] = [
         PushStatus::Pending,
         PushStatus::Accepted,
         PushStatus::Failed,
@@ -79,6 +83,7 @@ impl PushStatus {
         PushStatus::Expired,
         PushStatus::NoMatch,
         PushStatus::Scheduled,
+        PushStatus::TaskLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -95,6 +100,7 @@ impl PushStatus {
             PushStatus::Expired => "expired",
             PushStatus::NoMatch => "no_match",
             PushStatus::Scheduled => "scheduled",
+            PushStatus::TaskLost => "task_lost",
         }
     }
 
@@ -117,7 +123,7 @@ impl PushStatus {
         })
     }
 
-    /// A task in this state will not change any more.
+    /// A task in this state will not change any more (Umeng's final states).
     pub fn is_final_task_state(self) -> bool {
         matches!(
             self,
@@ -127,6 +133,50 @@ impl PushStatus {
                 | PushStatus::Expired
                 | PushStatus::NoMatch
         )
+    }
+
+    /// The poller stops at this state: a final task state, or `task_lost`.
+    pub fn ends_polling(self) -> bool {
+        self.is_final_task_state() || self == PushStatus::TaskLost
+    }
+
+    /// Where a task-class push is in its life, for ordering task-state writes: `accepted`
+    /// (no status read yet) < `scheduled` (7) < `queued` (0) < `sending` (1) < the final
+    /// states (2-6), which rank alike. `task_lost` ranks just below the final states.
+    /// `None` for states outside a task's life (pending, failed, unknown).
+    pub fn task_rank(self) -> Option<u8> {
+        Some(match self {
+            PushStatus::Accepted => 0,
+            PushStatus::Scheduled => 1,
+            PushStatus::Queued => 2,
+            PushStatus::Sending => 3,
+            PushStatus::TaskLost => 4,
+            PushStatus::Done
+            | PushStatus::SendFailed
+            | PushStatus::Cancelled
+            | PushStatus::Expired
+            | PushStatus::NoMatch => 5,
+            PushStatus::Pending | PushStatus::Failed | PushStatus::Unknown => return None,
+        })
+    }
+
+    /// The stored states a write of `self` replaces unconditionally: every task state that
+    /// ranks lower, and `task_lost` (a conclusion drawn from one error answer, which a real
+    /// task state corrects). A final state is never left. Writing the stored state itself
+    /// (same status) needs [`TaskUpdate::seen_checked_at`] to match.
+    pub fn replaces(self) -> Vec<PushStatus> {
+        let Some(rank) = self.task_rank() else {
+            return Vec::new();
+        };
+        Self::ALL
+            .into_iter()
+            .filter(|old| *old != self)
+            .filter(|old| match old.task_rank() {
+                Some(_) if *old == PushStatus::TaskLost => true,
+                Some(r) => r < rank,
+                None => false,
+            })
+            .collect()
     }
 }
 
@@ -231,12 +281,21 @@ pub enum QuotaAction {
     Saturate(WindowUnit),
 }
 
-/// A task status read from `/api/status`.
+/// A task status read from `/api/status` (or written after a cancel). Writes are ordered:
+/// see [`Store::update_task`].
 #[derive(Debug, Clone)]
 pub struct TaskUpdate {
     pub status: PushStatus,
     /// The `data` object Umeng returned (counters and all).
     pub task_status: Value,
+    /// The push's `task_checked_at` as the writer read it before asking Umeng (`None`:
+    /// never checked). Every task-state write moves `task_checked_at` forward, so a match
+    /// means nobody stored an answer in between and this one is the newest.
+    pub seen_checked_at: Option<OffsetDateTime>,
+    /// The poller's claim ([`TaskClaim::polls`], a fencing token): the write is dropped
+    /// when the push has been claimed again since (the lease ran out and another replica
+    /// took it). `None` for writes outside the poller (refresh, cancel).
+    pub claim: Option<u32>,
 }
 
 /// A task-class push claimed by [`Store::claim_task_polls`]: this poller alone asks Umeng
@@ -246,14 +305,26 @@ pub struct TaskClaim {
     pub push_id: String,
     /// The configured app name (its credentials sign the status call).
     pub app: String,
+    /// The appkey the push was sent with.
+    pub appkey: String,
     pub task_id: String,
     pub created_at: OffsetDateTime,
-    /// The caller's request as stored (for `policy.expire_time`).
+    /// The caller's request as stored (for `policy.start_time` and `policy.expire_time`).
     pub request: Value,
-    /// How many times the poller has claimed this push, this claim included.
+    /// When a task status was last stored (see [`TaskUpdate::seen_checked_at`]).
+    pub task_checked_at: Option<OffsetDateTime>,
+    /// How many times the poller has claimed this push, this claim included. Each claim
+    /// gets a new number, so it fences the claim's writes ([`TaskUpdate::claim`]).
     pub polls: u32,
     /// The lease: identifies this claim when releasing it.
     pub lease_until: OffsetDateTime,
+}
+
+/// An app whose tasks a poller can ask about: the configured name and its appkey.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolledApp {
+    pub app: String,
+    pub appkey: String,
 }
 
 /// What [`Store::purge`] deletes.
@@ -375,9 +446,15 @@ pub trait Store: Send + Sync + 'static {
     /// or the sweeper marked it `unknown` and a retry has since taken its key over.
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool>;
 
-    /// Store a task status read from Umeng (also used after a cancel). A push in a final
-    /// task state keeps it: a stale non-final answer never overwrites it.
-    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()>;
+    /// Store a task status read from Umeng (also used after a cancel), if it is newer than
+    /// the stored one. Task states only move forward ([`PushStatus::task_rank`]): a write
+    /// applies when its status ranks higher than the stored one (or the stored one is
+    /// `task_lost`), or when it is the same status and `seen_checked_at` still matches.
+    /// A final state is never left; a push outside a task's life (pending, failed,
+    /// unknown) is left alone; with `claim` set, the claim must still be the push's
+    /// latest. `cancelled_by` in the stored `task_status` is kept. Returns whether the
+    /// write applied.
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<bool>;
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>>;
 
@@ -392,12 +469,15 @@ pub trait Store: Send + Sync + 'static {
     /// statement, leasing each for `lease`: concurrent callers (other replicas) never get the
     /// same push while its lease runs. Due: status accepted, queued, sending or scheduled, a
     /// task_id, no running lease, and `next_poll_at` passed, or never polled and finished
-    /// (accepted) at least `first_poll_after` ago. Oldest due first.
+    /// (accepted) at least `first_poll_after` ago. Only pushes of `apps` (app name and
+    /// appkey both matching: the caller can sign their status calls) are claimed; others
+    /// stay as they are for a replica that has them. Oldest due first.
     async fn claim_task_polls(
         &self,
         limit: u32,
         lease: Duration,
         first_poll_after: Duration,
+        apps: &[PolledApp],
     ) -> StoreResult<Vec<TaskClaim>>;
 
     /// End a claim: clear the lease and schedule the next poll `next_poll_in` from now, or

@@ -11,9 +11,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
-    PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
-    StoreError, StoreResult, TaskClaim, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
+    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
+    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -81,13 +81,24 @@ const FINISH: &str = "with o as (
 )
 select count(*) from f";
 
+/// An ordered, fenced task-state write (see [`Store::update_task`]). `$5` lists the stored
+/// states this status replaces outright; the same status needs `task_checked_at` unchanged
+/// since the writer read it (`$6`), and a poller's write its claim (`$7`) to be the latest.
+/// `task_checked_at` moves strictly forward, so it identifies the stored answer.
 const UPDATE_TASK: &str = "update pushes
-   set status = $2, task_status = $3, task_checked_at = now(), updated_at = now(),
-       finished_at = case
-           when $4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
-           then now() else finished_at end
- where id = $1 and status <> 'pending'
-   and ($4 or status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match'))";
+   set status = $2,
+       task_status = case
+           when jsonb_typeof($3::jsonb) = 'object' and task_status ? 'cancelled_by'
+                and not $3::jsonb ? 'cancelled_by'
+           then $3::jsonb || jsonb_build_object('cancelled_by', task_status -> 'cancelled_by')
+           else $3::jsonb end,
+       task_checked_at = greatest(now(), task_checked_at + interval '1 microsecond'),
+       updated_at = now(),
+       finished_at = case when $4 and status <> $2 then now() else finished_at end
+ where id = $1
+   and (status = any($5::text[])
+        or (status = $2 and task_checked_at is not distinct from $6::timestamptz))
+   and ($7::integer is null or poll_count = $7::integer)";
 
 /// Lease due tasks in one statement. `next_poll_at` moves to the lease's end too, so a task
 /// whose poller died is due again once the lease runs out. The materialized CTE locks the chosen rows (skipping
@@ -97,6 +108,7 @@ const CLAIM_TASK_POLLS: &str = "with due as materialized (
     select id from pushes
      where task_class and task_id is not null
        and status in ('accepted', 'queued', 'sending', 'scheduled')
+       and (app, appkey) in (select a, k from unnest($4::text[], $5::text[]) as c(a, k))
        and (poll_locked_until is null or poll_locked_until <= now())
        and (next_poll_at <= now()
             or (next_poll_at is null and poll_count = 0
@@ -111,7 +123,8 @@ update pushes p
        poll_count = p.poll_count + 1
   from due
  where p.id = due.id
-returning p.id, p.app, p.task_id, p.created_at, p.request, p.poll_count, p.poll_locked_until";
+returning p.id, p.app, p.appkey, p.task_id, p.created_at, p.request, p.task_checked_at,
+          p.poll_count, p.poll_locked_until";
 
 const RELEASE_TASK_POLL: &str = "update pushes
    set poll_locked_until = null,
@@ -300,16 +313,25 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
-    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()> {
-        sqlx::query(UPDATE_TASK)
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<bool> {
+        let replaces: Vec<String> = update
+            .status
+            .replaces()
+            .into_iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        let done = sqlx::query(UPDATE_TASK)
             .bind(push_id)
             .bind(update.status.as_str())
             .bind(update.task_status)
             .bind(update.status.is_final_task_state())
+            .bind(replaces)
+            .bind(update.seen_checked_at)
+            .bind(update.claim.map(|c| i32::try_from(c).unwrap_or(i32::MAX)))
             .execute(&self.pool)
             .await
             .map_err(map_sqlx)?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
@@ -374,11 +396,16 @@ impl Store for PgStore {
         limit: u32,
         lease: Duration,
         first_poll_after: Duration,
+        apps: &[PolledApp],
     ) -> StoreResult<Vec<TaskClaim>> {
+        let names: Vec<&str> = apps.iter().map(|a| a.app.as_str()).collect();
+        let appkeys: Vec<&str> = apps.iter().map(|a| a.appkey.as_str()).collect();
         let rows = sqlx::query(CLAIM_TASK_POLLS)
             .bind(i64::from(limit))
             .bind(millis(lease))
             .bind(millis(first_poll_after))
+            .bind(names)
+            .bind(appkeys)
             .fetch_all(&self.pool)
             .await
             .map_err(map_sqlx)?;
@@ -388,9 +415,11 @@ impl Store for PgStore {
                 Ok(TaskClaim {
                     push_id: row.try_get("id")?,
                     app: row.try_get("app")?,
+                    appkey: row.try_get("appkey")?,
                     task_id: row.try_get("task_id")?,
                     created_at: row.try_get("created_at")?,
                     request: row.try_get("request")?,
+                    task_checked_at: row.try_get("task_checked_at")?,
                     polls: u32::try_from(polls).unwrap_or(0),
                     lease_until: row.try_get("poll_locked_until")?,
                 })

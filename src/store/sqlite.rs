@@ -19,9 +19,9 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PoolOptions,
-    PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
-    StoreError, StoreResult, TaskClaim, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
+    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
+    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -101,28 +101,44 @@ const SATURATE: &str = "insert into quota_counters as q (appkey, kind, window_st
 values (?1, ?2, ?3, ?4)
 on conflict (appkey, kind, window_start) do update set used = max(q.used, excluded.used)";
 
+/// An ordered, fenced task-state write (see [`Store::update_task`]). `?6` lists (JSON) the
+/// stored states this status replaces outright; the same status needs `task_checked_at`
+/// unchanged since the writer read it (`?7`), and a poller's write its claim (`?8`) to be
+/// the latest. `task_checked_at` moves strictly forward, so it identifies the stored answer.
 const UPDATE_TASK: &str = "update pushes
-   set status = ?2, task_status = ?3, task_checked_at = ?5, updated_at = ?5,
-       finished_at = case
-           when ?4 and status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match')
-           then ?5 else finished_at end
- where id = ?1 and status <> 'pending'
-   and (?4 or status not in ('done', 'send_failed', 'cancelled', 'expired', 'no_match'))";
+   set status = ?2,
+       task_status = case
+           when json_type(?3) = 'object'
+                and json_extract(task_status, '$.cancelled_by') is not null
+                and json_extract(?3, '$.cancelled_by') is null
+           then json_set(?3, '$.cancelled_by', json_extract(task_status, '$.cancelled_by'))
+           else ?3 end,
+       task_checked_at = max(?5, coalesce(task_checked_at + 1, ?5)),
+       updated_at = ?5,
+       finished_at = case when ?4 and status <> ?2 then ?5 else finished_at end
+ where id = ?1
+   and (status in (select value from json_each(?6))
+        or (status = ?2 and task_checked_at is ?7))
+   and (?8 is null or poll_count = ?8)";
 
 /// Lease due tasks; run inside `begin immediate`, so claimers are serialised. `next_poll_at`
 /// moves to the lease's end too, so a task whose poller died is due again then.
 const CLAIM_TASK_POLLS: &str = "update pushes
    set poll_locked_until = ?1 + ?3, next_poll_at = ?1 + ?3, poll_count = poll_count + 1
  where id in (
-    select id from pushes
-     where task_class and task_id is not null
-       and status in ('accepted', 'queued', 'sending', 'scheduled')
+    select p.id from pushes p
+     where p.task_class and p.task_id is not null
+       and p.status in ('accepted', 'queued', 'sending', 'scheduled')
+       and exists (select 1 from json_each(?5) c
+                    where json_extract(c.value, '$[0]') = p.app
+                      and json_extract(c.value, '$[1]') = p.appkey)
        and (poll_locked_until is null or poll_locked_until <= ?1)
        and (next_poll_at <= ?1
             or (next_poll_at is null and poll_count = 0 and finished_at <= ?1 - ?4))
      order by coalesce(next_poll_at, finished_at)
      limit ?2)
-returning id, app, task_id, created_at, request, poll_count, poll_locked_until";
+returning id, app, appkey, task_id, created_at, request, task_checked_at, poll_count,
+          poll_locked_until";
 
 const RELEASE_TASK_POLL: &str = "update pushes
    set poll_locked_until = null, next_poll_at = ?3 + ?4
@@ -318,17 +334,26 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
-    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<()> {
-        sqlx::query(UPDATE_TASK)
+    async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<bool> {
+        let replaces: Vec<&str> = update
+            .status
+            .replaces()
+            .into_iter()
+            .map(PushStatus::as_str)
+            .collect();
+        let done = sqlx::query(UPDATE_TASK)
             .bind(push_id)
             .bind(update.status.as_str())
             .bind(Json(update.task_status))
             .bind(update.status.is_final_task_state())
             .bind(now_ms())
+            .bind(Json(replaces))
+            .bind(update.seen_checked_at.map(to_ms))
+            .bind(update.claim.map(i64::from))
             .execute(&self.pool)
             .await
             .map_err(map_sqlx)?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
@@ -405,10 +430,15 @@ impl Store for SqliteStore {
         limit: u32,
         lease: Duration,
         first_poll_after: Duration,
+        apps: &[PolledApp],
     ) -> StoreResult<Vec<TaskClaim>> {
         let pool = self.pool.clone();
+        let apps: Vec<[String; 2]> = apps
+            .iter()
+            .map(|a| [a.app.clone(), a.appkey.clone()])
+            .collect();
         run_detached(async move {
-            claim_task_polls(&pool, limit, millis(lease), millis(first_poll_after))
+            claim_task_polls(&pool, limit, millis(lease), millis(first_poll_after), apps)
                 .await
                 .map_err(map_sqlx)
         })
@@ -689,6 +719,7 @@ async fn claim_task_polls(
     limit: u32,
     lease_ms: i64,
     first_poll_after_ms: i64,
+    apps: Vec<[String; 2]>,
 ) -> Result<Vec<TaskClaim>, sqlx::Error> {
     let mut tx = pool.begin_with("begin immediate").await?;
     let rows = sqlx::query(CLAIM_TASK_POLLS)
@@ -696,6 +727,7 @@ async fn claim_task_polls(
         .bind(i64::from(limit))
         .bind(lease_ms)
         .bind(first_poll_after_ms)
+        .bind(Json(apps))
         .fetch_all(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -705,9 +737,14 @@ async fn claim_task_polls(
             Ok(TaskClaim {
                 push_id: row.try_get("id")?,
                 app: row.try_get("app")?,
+                appkey: row.try_get("appkey")?,
                 task_id: row.try_get("task_id")?,
                 created_at: from_ms(row.try_get("created_at")?)?,
                 request: row.try_get::<Json<Value>, _>("request")?.0,
+                task_checked_at: row
+                    .try_get::<Option<i64>, _>("task_checked_at")?
+                    .map(from_ms)
+                    .transpose()?,
                 polls: u32::try_from(polls).unwrap_or(0),
                 lease_until: from_ms(row.try_get("poll_locked_until")?)?,
             })

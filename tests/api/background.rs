@@ -4,15 +4,22 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 use umeng_push_gateway::config::Settings;
 use umeng_push_gateway::simulator::{Fault, FaultKind};
+use umeng_push_gateway::store::{Admission, Finish, NewPush, PushStatus, QuotaAction};
 
 use crate::app::*;
 
 on_both_backends!(
     poller_moves_a_task_to_done_without_any_caller_action,
     two_instances_poll_each_task_one_at_a_time,
+    a_replica_without_the_app_leaves_its_tasks_to_one_that_has_it,
+    a_task_umeng_does_not_know_ends_as_task_lost,
+    a_scheduled_task_is_first_polled_at_its_start_time,
+    refreshing_a_cancelled_task_keeps_who_cancelled_it,
 );
 
 /// Test settings with a poller that looks every second and checks a task every second.
@@ -162,4 +169,196 @@ async fn two_instances_poll_each_task_one_at_a_time(backend: Backend) {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// Wait (up to `within`) until push `id` has `status`; the last record seen.
+async fn wait_for_status(app: &TestApp, id: &str, status: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = app.get_json(&format!("/v1/pushes/{id}")).await;
+        if v["status"] == status || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An accepted Android broadcast written straight into the store, with a task_id the
+/// simulator never issued and the caller's request `request`.
+async fn stored_task(env: &TestEnv, task_id: &str, request: Value) -> String {
+    let store = env.db.connect_again().await;
+    let push = NewPush {
+        id: uuid::Uuid::now_v7().to_string(),
+        app: ANDROID_APP.into(),
+        appkey: ANDROID_KEY.into(),
+        platform: "android".into(),
+        cast_type: "broadcast".into(),
+        task_class: true,
+        production_mode: false,
+        client: "sender".into(),
+        out_biz_no: None,
+        fingerprint: "fp".into(),
+        request,
+        description: None,
+    };
+    let id = match store.admit(push, None).await {
+        Ok(Admission::Admitted { push_id, .. }) => push_id,
+        other => panic!("admit: {other:?}"),
+    };
+    let finish = Finish {
+        status: PushStatus::Accepted,
+        umeng_request: None,
+        umeng_response: Some(json!({"ret": "SUCCESS", "data": {"task_id": task_id}})),
+        msg_id: None,
+        task_id: Some(task_id.into()),
+        file_id: None,
+        error_code: None,
+        error_msg: None,
+        http_status: 201,
+        latency_ms: Some(1),
+        sent_at: None,
+        quota: QuotaAction::Keep,
+    };
+    assert!(matches!(store.finish(&id, finish).await, Ok(true)));
+    id
+}
+
+async fn a_replica_without_the_app_leaves_its_tasks_to_one_that_has_it(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    // The sender has both apps and does not poll; the old replica polls but lacks Android
+    // (a rolling deploy that adds the app, or configuration drift).
+    let mut quiet = env.settings();
+    quiet.poller.enabled = false;
+    let sender = env.spawn_app_with(quiet).await;
+    let mut old = fast_poller(&env);
+    old.apps.retain(|a| a.name == IOS_APP);
+    old.clients.retain(|c| c.apps.is_none());
+    let old = env.spawn_app_with(old).await;
+    let (id, task_id) = send_broadcast(&sender, ANDROID_APP).await;
+
+    // Several of the old replica's rounds pass: it neither asks about the task nor gives
+    // it up.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        status_calls(&env).iter().all(|(_, t)| *t != task_id),
+        "the replica without the app asked Umeng about its task"
+    );
+    let row = |sql: &str| sql.replace("{id}", &id);
+    assert_eq!(
+        env.db
+            .query_i64(&row(
+                "select cast(poll_count as bigint) from pushes where id = '{id}'"
+            ))
+            .await,
+        0,
+        "claimed by a replica that cannot poll it"
+    );
+    assert_eq!(
+        env.db
+            .query_i64(&row(
+                "select count(*) from pushes where id = '{id}' and next_poll_at is null"
+            ))
+            .await,
+        1,
+        "next poll unchanged"
+    );
+    assert_eq!(
+        sender.get_json(&format!("/v1/pushes/{id}")).await["status"],
+        "accepted"
+    );
+
+    // A replica with the app (the new configuration) polls it to the end.
+    let new = env.spawn_app_with(fast_poller(&env)).await;
+    let v = wait_for_status(&new, &id, "done", Duration::from_secs(15)).await;
+    assert_eq!(v["status"], "done", "{v}");
+    assert!(status_calls(&env).iter().any(|(_, t)| *t == task_id));
+    old.stop().await;
+    new.stop().await;
+    sender.stop().await;
+}
+
+async fn a_task_umeng_does_not_know_ends_as_task_lost(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    // For instance a task of another Umeng account, or one Umeng has forgotten.
+    let id = stored_task(&env, "us-never-issued", json!({"type": "broadcast"})).await;
+    let app = env.spawn_app_with(fast_poller(&env)).await;
+
+    let v = wait_for_status(&app, &id, "task_lost", Duration::from_secs(15)).await;
+    assert_eq!(v["status"], "task_lost", "{v}");
+    assert_eq!(v["task_status"]["error_code"], "1014", "{v}");
+    assert!(v["task_checked_at"].is_string(), "{v}");
+    let asked = |env: &TestEnv| {
+        status_calls(env)
+            .iter()
+            .filter(|(_, t)| t == "us-never-issued")
+            .count()
+    };
+    let calls = asked(&env);
+    assert!(calls >= 1);
+
+    // Polling stopped: several rounds later Umeng has not been asked again.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(asked(&env), calls, "a lost task is not polled again");
+    app.stop().await;
+}
+
+async fn a_scheduled_task_is_first_polled_at_its_start_time(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let start = OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    let request = json!({
+        "type": "broadcast",
+        "policy": {"start_time": start.format(&Rfc3339).unwrap()},
+    });
+    let id = stored_task(&env, "us-scheduled", request).await;
+    let app = env.spawn_app_with(fast_poller(&env)).await;
+
+    // Record when status calls for the task arrive.
+    let mut first_call = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while first_call.is_none() && Instant::now() < deadline {
+        if status_calls(&env).iter().any(|(_, t)| t == "us-scheduled") {
+            first_call = Some(OffsetDateTime::now_utc());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_call = first_call.expect("the task was polled after its start");
+    // With a 1 s backoff it would have been asked about a second after acceptance.
+    assert!(
+        first_call >= start,
+        "first status call at {first_call}, before start_time {start}"
+    );
+    // The simulator never issued it, so the poll ends the task as lost.
+    let v = wait_for_status(&app, &id, "task_lost", Duration::from_secs(10)).await;
+    assert_eq!(v["status"], "task_lost", "{v}");
+    app.stop().await;
+}
+
+async fn refreshing_a_cancelled_task_keeps_who_cancelled_it(backend: Backend) {
+    // Tasks stay queued long enough to be cancelled; no poller, so only callers write.
+    let env = TestEnv::with_task_step(backend, Duration::from_secs(30)).await;
+    let mut settings = env.settings();
+    settings.poller.enabled = false;
+    let app = env.spawn_app_with(settings).await;
+    let (id, _) = send_broadcast(&app, ANDROID_APP).await;
+
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(v["task_status"]["cancelled_by"], "sender", "{v}");
+
+    let r = app
+        .post_as(TOKEN_READER, &format!("/v1/pushes/{id}/refresh"))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(v["task_status"]["cancelled_by"], "sender", "{v}");
+    assert_eq!(
+        v["task_status"]["status"], 4,
+        "Umeng's answer is stored: {v}"
+    );
+    app.stop().await;
 }

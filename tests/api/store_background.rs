@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
 use umeng_push_gateway::store::{
-    Admission, Finish, NewPush, PurgeTarget, PushStatus, QuotaAction, QuotaClaim, Store, TaskClaim,
-    TaskUpdate,
+    Admission, Finish, NewPush, PolledApp, PurgeTarget, PushRecord, PushStatus, QuotaAction,
+    QuotaClaim, Store, TaskClaim, TaskUpdate,
 };
 
 use crate::helpers::{StoreCtx, TestDb};
@@ -20,10 +20,23 @@ crate::store_cases!(
     an_expired_lease_makes_a_task_claimable_again,
     release_schedules_the_next_poll_or_stops_polling,
     a_final_status_is_not_overwritten_by_a_stale_one,
+    tasks_of_apps_not_configured_here_are_left_due,
+    task_states_only_move_forward,
+    a_poll_answer_after_the_lease_was_taken_over_is_dropped,
+    a_refresh_of_a_cancelled_task_keeps_who_cancelled_it,
+    task_lost_ends_polling_until_a_real_state_replaces_it,
     purge_deletes_old_rows_in_batches_and_keeps_young_ones,
 );
 
 const APPKEY: &str = "appkey-bg";
+
+/// The apps a poller of these tests has: the one every push here is sent with.
+fn shop() -> Vec<PolledApp> {
+    vec![PolledApp {
+        app: "shop".into(),
+        appkey: APPKEY.into(),
+    }]
+}
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -79,7 +92,10 @@ async fn accepted_task(store: &Arc<dyn Store>) -> String {
 }
 
 async fn claim(store: &Arc<dyn Store>, limit: u32, lease: Duration) -> Vec<TaskClaim> {
-    match store.claim_task_polls(limit, lease, Duration::ZERO).await {
+    match store
+        .claim_task_polls(limit, lease, Duration::ZERO, &shop())
+        .await
+    {
         Ok(c) => c,
         Err(e) => panic!("claim_task_polls failed: {e}"),
     }
@@ -96,10 +112,35 @@ async fn release(store: &Arc<dyn Store>, c: &TaskClaim, next: Option<Duration>) 
     }
 }
 
-async fn status(store: &Arc<dyn Store>, id: &str) -> PushStatus {
+async fn record(store: &Arc<dyn Store>, id: &str) -> PushRecord {
     match store.get_push(id).await {
-        Ok(Some(r)) => r.status,
+        Ok(Some(r)) => r,
         other => panic!("get_push {id}: {other:?}"),
+    }
+}
+
+async fn status(store: &Arc<dyn Store>, id: &str) -> PushStatus {
+    record(store, id).await.status
+}
+
+/// A task-state write outside the poller (a refresh or a cancel) by a writer that read
+/// `task_checked_at` as `seen`. Returns whether it applied.
+async fn write(
+    store: &Arc<dyn Store>,
+    id: &str,
+    status: PushStatus,
+    task_status: serde_json::Value,
+    seen: Option<time::OffsetDateTime>,
+) -> bool {
+    let update = TaskUpdate {
+        status,
+        task_status,
+        seen_checked_at: seen,
+        claim: None,
+    };
+    match store.update_task(id, update).await {
+        Ok(applied) => applied,
+        Err(e) => panic!("update_task {id} failed: {e}"),
     }
 }
 
@@ -166,22 +207,23 @@ async fn only_unfinished_accepted_tasks_are_claimed(ctx: StoreCtx) {
     // Final task states are never claimed.
     for final_status in [PushStatus::Done, PushStatus::Cancelled, PushStatus::Expired] {
         let id = accepted_task(store).await;
-        let update = TaskUpdate {
-            status: final_status,
-            task_status: json!({}),
-        };
-        assert!(store.update_task(&id, update).await.is_ok());
+        assert!(write(store, &id, final_status, json!({}), None).await);
     }
     // Unfinished task states are.
     let queued = accepted_task(store).await;
-    let update = TaskUpdate {
-        status: PushStatus::Queued,
-        task_status: json!({"status": 0}),
-    };
-    assert!(store.update_task(&queued, update).await.is_ok());
+    assert!(
+        write(
+            store,
+            &queued,
+            PushStatus::Queued,
+            json!({"status": 0}),
+            None
+        )
+        .await
+    );
 
     // Not before the first-poll delay after acceptance.
-    let early = store.claim_task_polls(10, HOUR, HOUR).await;
+    let early = store.claim_task_polls(10, HOUR, HOUR, &shop()).await;
     assert!(matches!(&early, Ok(v) if v.is_empty()), "{early:?}");
 
     let got = claim(store, 10, HOUR).await;
@@ -234,26 +276,223 @@ async fn release_schedules_the_next_poll_or_stops_polling(ctx: StoreCtx) {
 async fn a_final_status_is_not_overwritten_by_a_stale_one(ctx: StoreCtx) {
     let store = &ctx.store;
     let id = accepted_task(store).await;
-    let update = |status, code| TaskUpdate {
-        status,
-        task_status: json!({ "status": code }),
-    };
-    assert!(store
-        .update_task(&id, update(PushStatus::Cancelled, 4))
+    assert!(
+        write(
+            store,
+            &id,
+            PushStatus::Cancelled,
+            json!({"status": 4}),
+            None
+        )
         .await
-        .is_ok());
+    );
     // A poll that read "queued" before the cancel lands after it.
-    assert!(store
-        .update_task(&id, update(PushStatus::Queued, 0))
-        .await
-        .is_ok());
+    let seen = record(store, &id).await.task_checked_at;
+    assert!(!write(store, &id, PushStatus::Queued, json!({"status": 0}), seen).await);
     assert_eq!(status(store, &id).await, PushStatus::Cancelled);
-    // A final answer still replaces a final state (Umeng is the authority).
-    assert!(store
-        .update_task(&id, update(PushStatus::Expired, 5))
+    // A final state is never left, not even for another final state.
+    assert!(!write(store, &id, PushStatus::Expired, json!({"status": 5}), seen).await);
+    let r = record(store, &id).await;
+    assert_eq!(r.status, PushStatus::Cancelled);
+    assert_eq!(r.task_status, Some(json!({"status": 4})));
+}
+
+async fn tasks_of_apps_not_configured_here_are_left_due(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = accepted_task(store).await;
+    let polls = format!("select cast(poll_count as bigint) from pushes where id = '{id}'");
+    let unscheduled =
+        format!("select count(*) from pushes where id = '{id}' and next_poll_at is null");
+    let other_app = [PolledApp {
+        app: "other".into(),
+        appkey: "appkey-other".into(),
+    }];
+    // The same name with another appkey (a drifted configuration) cannot sign for it either.
+    let other_key = [PolledApp {
+        app: "shop".into(),
+        appkey: "appkey-other".into(),
+    }];
+    for apps in [&other_app[..], &other_key[..], &[]] {
+        let got = store.claim_task_polls(10, HOUR, Duration::ZERO, apps).await;
+        assert!(matches!(&got, Ok(v) if v.is_empty()), "{apps:?}: {got:?}");
+    }
+    assert_eq!(ctx.db.query_i64(&polls).await, 0, "never claimed");
+    assert_eq!(
+        ctx.db.query_i64(&unscheduled).await,
+        1,
+        "next poll unchanged"
+    );
+
+    // A replica that has the app finds it due.
+    let got = claim(store, 10, HOUR).await;
+    assert_eq!(ids(&got), HashSet::from([id]));
+    assert_eq!(got[0].polls, 1);
+    assert_eq!(got[0].appkey, APPKEY);
+}
+
+async fn task_states_only_move_forward(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = accepted_task(store).await;
+    let seen_at_accept = record(store, &id).await.task_checked_at;
+    assert!(seen_at_accept.is_none());
+    assert!(
+        write(
+            store,
+            &id,
+            PushStatus::Sending,
+            json!({"status": 1, "sent_count": 5}),
+            None
+        )
         .await
-        .is_ok());
-    assert_eq!(status(store, &id).await, PushStatus::Expired);
+    );
+    let sending = record(store, &id).await;
+
+    // A refresh that asked Umeng before the poller, and stores its answer after it.
+    assert!(
+        !write(
+            store,
+            &id,
+            PushStatus::Queued,
+            json!({"status": 0}),
+            seen_at_accept
+        )
+        .await
+    );
+    assert!(
+        !write(
+            store,
+            &id,
+            PushStatus::Scheduled,
+            json!({"status": 7}),
+            seen_at_accept
+        )
+        .await
+    );
+    // Even one that read the newest state cannot move the task back.
+    assert!(
+        !write(
+            store,
+            &id,
+            PushStatus::Queued,
+            json!({"status": 0}),
+            sending.task_checked_at
+        )
+        .await
+    );
+    // The same state from an answer older than the stored one is dropped too.
+    assert!(
+        !write(
+            store,
+            &id,
+            PushStatus::Sending,
+            json!({"status": 1, "sent_count": 2}),
+            seen_at_accept
+        )
+        .await
+    );
+    let r = record(store, &id).await;
+    assert_eq!(r.status, PushStatus::Sending);
+    assert_eq!(r.task_status, Some(json!({"status": 1, "sent_count": 5})));
+    assert_eq!(r.task_checked_at, sending.task_checked_at);
+
+    // A newer answer of the same state updates the counters; a later state applies.
+    assert!(
+        write(
+            store,
+            &id,
+            PushStatus::Sending,
+            json!({"status": 1, "sent_count": 9}),
+            sending.task_checked_at
+        )
+        .await
+    );
+    let r = record(store, &id).await;
+    assert_eq!(r.task_status, Some(json!({"status": 1, "sent_count": 9})));
+    assert!(r.task_checked_at > sending.task_checked_at);
+    assert!(
+        write(
+            store,
+            &id,
+            PushStatus::Done,
+            json!({"status": 2}),
+            seen_at_accept
+        )
+        .await
+    );
+    assert_eq!(status(store, &id).await, PushStatus::Done);
+}
+
+async fn a_poll_answer_after_the_lease_was_taken_over_is_dropped(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = accepted_task(store).await;
+    let lease = Duration::from_millis(300);
+    let first = claim(store, 10, lease).await;
+    assert_eq!(ids(&first), HashSet::from([id.clone()]));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let second = claim(store, 10, HOUR).await;
+    assert_eq!(ids(&second), HashSet::from([id.clone()]), "lease ran out");
+
+    let poll = |c: &TaskClaim, status, data| TaskUpdate {
+        status,
+        task_status: data,
+        seen_checked_at: c.task_checked_at,
+        claim: Some(c.polls),
+    };
+    // The first poller's answer arrives late, even one that would move the task forward.
+    let late = poll(&first[0], PushStatus::Sending, json!({"status": 1}));
+    assert!(matches!(store.update_task(&id, late).await, Ok(false)));
+    let late = poll(&first[0], PushStatus::Done, json!({"status": 2}));
+    assert!(matches!(store.update_task(&id, late).await, Ok(false)));
+    assert_eq!(status(store, &id).await, PushStatus::Accepted);
+    // The current lease holder's answer is stored.
+    let current = poll(&second[0], PushStatus::Queued, json!({"status": 0}));
+    assert!(matches!(store.update_task(&id, current).await, Ok(true)));
+    assert_eq!(status(store, &id).await, PushStatus::Queued);
+}
+
+async fn a_refresh_of_a_cancelled_task_keeps_who_cancelled_it(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = accepted_task(store).await;
+    let cancel = json!({"task_id": "t", "status": 4, "cancelled_by": "ops"});
+    assert!(write(store, &id, PushStatus::Cancelled, cancel, None).await);
+    // Umeng's own answer for the cancelled task carries counters but no cancelled_by.
+    let seen = record(store, &id).await.task_checked_at;
+    let umeng = json!({"task_id": "t", "status": 4, "sent_count": 3});
+    assert!(write(store, &id, PushStatus::Cancelled, umeng, seen).await);
+    let r = record(store, &id).await;
+    assert_eq!(r.status, PushStatus::Cancelled);
+    assert_eq!(
+        r.task_status,
+        Some(json!({"task_id": "t", "status": 4, "sent_count": 3, "cancelled_by": "ops"}))
+    );
+}
+
+async fn task_lost_ends_polling_until_a_real_state_replaces_it(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = accepted_task(store).await;
+    let c = claim(store, 10, HOUR).await;
+    let lost = TaskUpdate {
+        status: PushStatus::TaskLost,
+        task_status: json!({"error_code": "1014", "error_msg": "task_id not found"}),
+        seen_checked_at: c[0].task_checked_at,
+        claim: Some(c[0].polls),
+    };
+    assert!(matches!(store.update_task(&id, lost).await, Ok(true)));
+    assert!(release(store, &c[0], Some(Duration::ZERO)).await);
+    assert!(
+        claim(store, 10, HOUR).await.is_empty(),
+        "task_lost is not polled"
+    );
+    assert_eq!(status(store, &id).await, PushStatus::TaskLost);
+
+    // A refresh that reaches Umeng again and gets a real state corrects it.
+    assert!(write(store, &id, PushStatus::Sending, json!({"status": 1}), None).await);
+    assert_eq!(status(store, &id).await, PushStatus::Sending);
+    assert!(write(store, &id, PushStatus::Done, json!({"status": 2}), None).await);
+    // A final state is not given up for task_lost.
+    let seen = record(store, &id).await.task_checked_at;
+    assert!(!write(store, &id, PushStatus::TaskLost, json!({}), seen).await);
+    assert_eq!(status(store, &id).await, PushStatus::Done);
 }
 
 /// Move rows back in time with the backend's own time representation.

@@ -896,11 +896,17 @@ async fn uploads_are_found_until_they_expire(ctx: StoreCtx) {
 async fn update_task_records_status_and_times(ctx: StoreCtx) {
     let store = &ctx.store;
     let id = admitted(store, new_push(None), None).await;
-    let queued = TaskUpdate {
-        status: PushStatus::Queued,
-        task_status: json!({"status": 0}),
+    let update = |status, task_status, seen| TaskUpdate {
+        status,
+        task_status,
+        seen_checked_at: seen,
+        claim: None,
     };
-    assert!(store.update_task(&id, queued.clone()).await.is_ok());
+    let queued = update(PushStatus::Queued, json!({"status": 0}), None);
+    assert!(matches!(
+        store.update_task(&id, queued.clone()).await,
+        Ok(false)
+    ));
     assert_eq!(
         get(store, &id).await.status,
         PushStatus::Pending,
@@ -909,7 +915,7 @@ async fn update_task_records_status_and_times(ctx: StoreCtx) {
     assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
     let accepted_at = get(store, &id).await.finished_at;
 
-    assert!(store.update_task(&id, queued).await.is_ok());
+    assert!(matches!(store.update_task(&id, queued).await, Ok(true)));
     let r = get(store, &id).await;
     assert_eq!(r.status, PushStatus::Queued);
     assert_eq!(r.task_status, Some(json!({"status": 0})));
@@ -918,11 +924,15 @@ async fn update_task_records_status_and_times(ctx: StoreCtx) {
     assert_eq!(r.finished_at, accepted_at, "not final yet");
 
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let done = TaskUpdate {
-        status: PushStatus::Done,
-        task_status: json!({"status": 2, "sent_count": 10}),
-    };
-    assert!(store.update_task(&id, done.clone()).await.is_ok());
+    let done = update(
+        PushStatus::Done,
+        json!({"status": 2, "sent_count": 10}),
+        first_check,
+    );
+    assert!(matches!(
+        store.update_task(&id, done.clone()).await,
+        Ok(true)
+    ));
     let r = get(store, &id).await;
     assert_eq!(r.status, PushStatus::Done);
     assert_eq!(r.task_status, Some(done.task_status.clone()));
@@ -933,13 +943,17 @@ async fn update_task_records_status_and_times(ctx: StoreCtx) {
     );
     let final_at = r.finished_at;
 
+    // A later poll of the finished task refreshes its counters, not finished_at.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(store.update_task(&id, done).await.is_ok());
-    assert_eq!(
-        get(store, &id).await.finished_at,
-        final_at,
-        "later polls keep finished_at"
+    let later = update(
+        PushStatus::Done,
+        json!({"status": 2, "sent_count": 12}),
+        r.task_checked_at,
     );
+    assert!(matches!(store.update_task(&id, later).await, Ok(true)));
+    let r = get(store, &id).await;
+    assert_eq!(r.task_status, Some(json!({"status": 2, "sent_count": 12})));
+    assert_eq!(r.finished_at, final_at, "later polls keep finished_at");
 }
 
 async fn cancelled_admissions_leave_no_open_transaction(ctx: StoreCtx) {
