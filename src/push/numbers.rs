@@ -3,8 +3,13 @@
 //! rounded, so what reaches Umeng is what the caller wrote, and two different requests
 //! never share a fingerprint.
 //!
-//! The check reads the request's JSON text: once parsed, `1e29` and
-//! `123456789012345678901234567890` are the same `f64` and the difference is gone.
+//! The check reads the request's JSON text: once parsed, `123456789012345678901234567890`
+//! and `123456789012345678901234567891` are the same `f64` and the difference is gone.
+//!
+//! Why refuse instead of keeping them with serde_json's `arbitrary_precision`: that
+//! feature is crate-wide (the simulator, the stores' JSON columns and every `Value` would
+//! change representation), and untagged enums such as the request's `Badge` then fail to
+//! read numbers, because serde buffers them as a private map.
 
 use crate::umeng::FieldError;
 

@@ -244,3 +244,95 @@ async fn serve_without_config_runs_in_demo_mode_and_stops_cleanly_on_sigterm() {
     let status = child.wait_exit(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{status}");
 }
+
+/// `check-config` on a written config file: its exit status and stderr.
+fn check_config(toml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let mut cmd = without_gateway_env(Command::new(BIN));
+    let out = cmd
+        .args(["--config", path.to_str().expect("utf-8"), "check-config"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const TWO_APPS: &str = r#"
+[database]
+url = "sqlite://data/check.db"
+
+[[apps]]
+name = "shop-android"
+platform = "android"
+appkey = "5f0000000000000000000001"
+master_secret = "android-master-secret"
+
+[[apps]]
+name = "shop-ios"
+platform = "ios"
+appkey = "5f0000000000000000000002"
+master_secret = "ios-master-secret"
+
+[[clients]]
+name = "order-service"
+token_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+scopes = ["send"]
+"#;
+
+#[test]
+fn check_config_refuses_settings_that_break_a_promise() {
+    let (ok, err) = check_config(TWO_APPS);
+    assert!(ok, "the base config is valid: {err}");
+    let cases = [
+        // A 503 must mean nothing was sent: the request outlasts upload + send.
+        (
+            format!("[server]\nrequest_timeout_secs = 10\n{TWO_APPS}"),
+            "server.request_timeout_secs (10 s) must exceed the worst-case Umeng path, \
+             2 x (umeng.connect_timeout_ms 3000 + umeng.timeout_ms 30000) = 66000 ms",
+        ),
+        (
+            format!("[history]\npending_timeout_secs = 60\n{TWO_APPS}"),
+            "history.pending_timeout_secs (60 s) must exceed the worst-case Umeng path",
+        ),
+        (
+            format!("[history]\nretention_days = 7\n{TWO_APPS}"),
+            "history.retention_days (7) must be longer than a task can be polled",
+        ),
+        (
+            format!("[history]\nupload_reuse_days = 60\n{TWO_APPS}"),
+            "history.upload_reuse_days (60) must be at most 30",
+        ),
+        (
+            format!("[umeng]\nbase_url = \"https://msgapi.umeng.com/?x=1\"\n{TWO_APPS}"),
+            "must not have a query",
+        ),
+        (
+            TWO_APPS.replace("5f0000000000000000000002", "5f0000000000000000000001"),
+            "apps[1] (shop-ios).appkey is also the appkey of app \"shop-android\"",
+        ),
+        (
+            format!(
+                "{TWO_APPS}\n[[clients]]\nname = \"order-service\"\n\
+                 token_sha256 = \"{}\"\nscopes = [\"read\"]\n",
+                "b".repeat(64)
+            ),
+            "clients[1] (order-service): client name is used twice",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let (ok, err) = check_config(&toml);
+        assert!(!ok, "accepted; expected {expected:?}");
+        assert!(err.contains(expected), "expected {expected:?} in: {err}");
+        assert!(!err.contains("master-secret"), "a secret leaked: {err}");
+    }
+    // An upper-case scheme and a default port are normalised, not refused.
+    let (ok, err) = check_config(&format!(
+        "[umeng]\nbase_url = \"HTTPS://MsgApi.Umeng.com:443/\"\n{TWO_APPS}"
+    ));
+    assert!(ok, "{err}");
+}
