@@ -685,6 +685,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn task_states_replace_earlier_states_and_task_lost_only() {
+        use PushStatus as S;
+        assert_eq!(S::Scheduled.replaces(), [S::Accepted, S::TaskLost]);
+        assert_eq!(
+            S::Queued.replaces(),
+            [S::Accepted, S::Scheduled, S::TaskLost]
+        );
+        assert_eq!(
+            S::Sending.replaces(),
+            [S::Accepted, S::Queued, S::Scheduled, S::TaskLost]
+        );
+        for final_state in S::ALL.into_iter().filter(|s| s.is_final_task_state()) {
+            assert_eq!(
+                final_state.replaces(),
+                [
+                    S::Accepted,
+                    S::Queued,
+                    S::Sending,
+                    S::Scheduled,
+                    S::TaskLost
+                ],
+                "{final_state} never replaces another final state"
+            );
+        }
+        assert_eq!(
+            S::TaskLost.replaces(),
+            [S::Accepted, S::Queued, S::Sending, S::Scheduled]
+        );
+        for outside in [S::Pending, S::Failed, S::Unknown] {
+            assert!(outside.replaces().is_empty(), "{outside}");
+        }
+    }
+
+    #[test]
     fn redact_url_hides_the_password() {
         let shown = redact_url("postgres://gw:s3cret@db:5432/gw");
         assert!(!shown.contains("s3cret"), "{shown}");
