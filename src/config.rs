@@ -114,6 +114,11 @@ pub struct UmengSettings {
     /// Whole-request timeout for Umeng calls. Umeng answers in under 2 s normally and
     /// advises clients to wait up to a minute.
     pub timeout_ms: u64,
+    /// Transport failures in a row (nothing sent, timeouts, answers that were not Umeng's)
+    /// that open the circuit breaker; 0 turns it off.
+    pub breaker_failures: u32,
+    /// How long an open breaker answers 503 before it lets a probe through.
+    pub breaker_cooldown_secs: u64,
 }
 
 impl Default for UmengSettings {
@@ -122,6 +127,8 @@ impl Default for UmengSettings {
             base_url: "https://msgapi.umeng.com".into(),
             connect_timeout_ms: 3000,
             timeout_ms: 30_000,
+            breaker_failures: 5,
+            breaker_cooldown_secs: 30,
         }
     }
 }

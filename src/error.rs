@@ -84,6 +84,9 @@ pub enum ApiError {
     /// reached Umeng): it is not sent again.
     #[error("the push with out_biz_no {out_biz_no:?} may or may not have reached Umeng; it is not sent again")]
     OutcomeUnknown { push_id: String, out_biz_no: String },
+    /// The Umeng circuit breaker is open: nothing was written or sent.
+    #[error("Umeng has been unreachable; no call is made for {retry_after} s (nothing was sent or stored)")]
+    UmengUnavailable { retry_after: u64 },
     /// The database is unreachable: nothing was sent.
     #[error("{0}")]
     Unavailable(String),
@@ -173,7 +176,9 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } | ApiError::UpstreamUnclear { .. } => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::UmengUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -203,6 +208,7 @@ impl ApiError {
                 "An earlier push with this out_biz_no has an unknown outcome",
             ),
             ApiError::Unavailable(_) => ("unavailable", "Service unavailable"),
+            ApiError::UmengUnavailable { .. } => ("umeng-unavailable", "Umeng is unreachable"),
             ApiError::Internal(_) => ("internal", "Internal error"),
         }
     }
@@ -341,6 +347,9 @@ impl ApiError {
             }
             ApiError::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            ApiError::UmengUnavailable { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
         }

@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{App, Config};
+use crate::delivery::outcome::QuotaEffect;
+use crate::delivery::{self, Breaker, BreakerConfig};
 use crate::error::{ApiError, UmengDetail};
 use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
@@ -25,7 +27,7 @@ use crate::quota::QuotaState;
 use crate::store::{
     Admission, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
 };
-use crate::umeng::{AppCredentials, ErrorClass, Outcome, UmengClient, UmengError};
+use crate::umeng::{AppCredentials, ErrorClass, SendAttempt, UmengClient, UmengError};
 
 /// An app as the pipeline uses it.
 #[derive(Debug, Clone)]
@@ -43,6 +45,8 @@ pub struct Gateway {
     pub apps: HashMap<String, AppRuntime>,
     /// Admitted pushes and outcome records in progress: shutdown waits for them.
     tasks: TaskTracker,
+    /// Stops calling Umeng while it is unreachable.
+    pub breaker: Breaker,
     /// Outcome records being retried because the database was unreachable.
     unrecorded: Arc<AtomicUsize>,
 }
@@ -112,12 +116,17 @@ impl Gateway {
                 (a.name.clone(), rt)
             })
             .collect();
+        let breaker = Breaker::new(BreakerConfig {
+            failures: config.settings.umeng.breaker_failures,
+            cooldown: Duration::from_secs(config.settings.umeng.breaker_cooldown_secs),
+        });
         Gateway {
             config,
             store,
             umeng,
             apps,
             tasks: TaskTracker::new(),
+            breaker,
             unrecorded: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -183,11 +192,27 @@ impl Gateway {
         let app_name = app.app.name.as_str();
         let cast_type = prepared.cast_type;
         let count = |outcome| metrics::push(app_name, cast_type.as_str(), outcome);
-        let (push_id, quota_state) = match self.admit(&app, new, quota).await? {
-            Admitted::Go { push_id, quota } => (push_id, quota),
-            Admitted::Answer(outcome, answer) => {
+        // While Umeng is unreachable the breaker answers at once: nothing is written, sent
+        // or counted.
+        let permit = match self.breaker.try_call() {
+            Ok(permit) => permit,
+            Err(wait) => {
+                count(PushOutcome::Unavailable);
+                return Err(ApiError::UmengUnavailable {
+                    retry_after: wait.as_secs().max(1),
+                });
+            }
+        };
+        let (push_id, quota_state) = match self.admit(&app, new, quota).await {
+            Ok(Admitted::Go { push_id, quota }) => (push_id, quota),
+            Ok(Admitted::Answer(outcome, answer)) => {
+                self.breaker.release(permit);
                 count(outcome);
                 return answer;
+            }
+            Err(e) => {
+                self.breaker.release(permit);
+                return Err(e);
             }
         };
         let recorder = Recorder {
@@ -217,6 +242,8 @@ impl Gateway {
                         push_id: Some(push_id.clone()),
                     };
                     // The send never happened: the push failed and its slot goes back.
+                    let reached = matches!(e, UmengError::Fail { .. });
+                    self.breaker.record(permit, reached);
                     count(PushOutcome::Failed);
                     recorder
                         .finish(Finish {
@@ -240,7 +267,7 @@ impl Gateway {
         }
 
         let sent_at = OffsetDateTime::now_utc();
-        let mut attempt = self.umeng.send(&app.credentials, &prepared.body).await;
+        let mut attempt = self.send(&app, &prepared).await;
         if let (Some(content), Some(uploaded)) = (&upload, &file) {
             let forgotten = matches!(&attempt.result, Err(e) if e.code() == Some(FILE_NOT_FOUND));
             if forgotten && uploaded.reused {
@@ -263,7 +290,7 @@ impl Gateway {
                             sha256: uploaded.sha256.clone(),
                             reused: false,
                         });
-                        attempt = self.umeng.send(&app.credentials, &prepared.body).await;
+                        attempt = self.send(&app, &prepared).await;
                     }
                     Err(e) => {
                         attempt.result = Err(e);
@@ -300,22 +327,17 @@ impl Gateway {
         };
         // A task-class retry carrying the same out_biz_no is deduped by Umeng; anything else
         // sent again may reach the devices twice.
-        let may_resend = prepared.task_class && prepared.out_biz_no.is_some();
-        let result = match attempt.result {
-            Ok(ok) if prepared.task_class && ok.task_id.is_none() => Err(UmengError::Unknown {
-                reason: "Umeng answered SUCCESS without a task_id for a task-class push".into(),
-                timed_out: false,
-                raw: Some(ok.raw),
-            }),
-            other => other,
-        };
-        match result {
+        let dedupes = prepared.task_class && prepared.out_biz_no.is_some();
+        let result = delivery::outcome::missing_task_id(attempt.result, prepared.task_class);
+        let verdict = delivery::classify(&result, dedupes);
+        self.breaker.record(permit, verdict.reached_umeng);
+        count(verdict.metric);
+        let e = match result {
             Ok(ok) => {
                 tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, umeng.latency_ms = attempt.latency.as_millis() as u64, "umeng accepted the push");
-                count(PushOutcome::Accepted);
                 recorder
                     .finish(Finish {
-                        status: PushStatus::Accepted,
+                        status: verdict.status,
                         umeng_response: Some(ok.raw.clone()),
                         msg_id: ok.msg_id.clone(),
                         task_id: ok.task_id.clone(),
@@ -323,133 +345,105 @@ impl Gateway {
                         ..base
                     })
                     .await;
-                Ok(PushAnswer {
+                return Ok(PushAnswer {
                     status: StatusCode::CREATED,
-                    push: view(PushStatus::Accepted, ok.msg_id, ok.task_id),
+                    push: view(verdict.status, ok.msg_id, ok.task_id),
                     replayed: false,
                     quota: quota_state,
-                })
-            }
-            Err(e) => {
-                let (code, msg) = umeng_code(&e);
-                let umeng = |retryable| UmengDetail {
-                    error_code: code.clone(),
-                    error_msg: msg.clone(),
-                    retryable,
-                };
-                let (status, quota_action, err) = match &e {
-                    // Umeng's own internal errors (600x and the like): it may still have
-                    // queued the push, so the slot is kept and the outcome is unknown.
-                    UmengError::Fail { .. } if e.outcome() == Outcome::Unknown => (
-                        PushStatus::Unknown,
-                        QuotaAction::Keep,
-                        ApiError::Upstream {
-                            detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
-                            umeng: umeng(may_resend),
-                            push_id: Some(push_id.clone()),
-                        },
-                    ),
-                    UmengError::Unknown { timed_out: true, .. } => (
-                        PushStatus::Unknown,
-                        QuotaAction::Keep,
-                        ApiError::UpstreamTimeout {
-                            detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
-                            umeng: umeng(may_resend),
-                            push_id: Some(push_id.clone()),
-                        },
-                    ),
-                    UmengError::Unknown { .. } => (
-                        PushStatus::Unknown,
-                        QuotaAction::Keep,
-                        ApiError::UpstreamUnclear {
-                            detail: format!("Umeng's answer could not be used ({msg}); the push may or may not have been accepted and is recorded as unknown"),
-                            umeng: umeng(may_resend),
-                            push_id: Some(push_id.clone()),
-                        },
-                    ),
-                    UmengError::Fail { class: ErrorClass::Quota, .. } => {
-                        let action = match prepared.counted_quota() {
-                            Some(kind) => QuotaAction::Saturate(app.app.quotas[&kind].window),
-                            None => QuotaAction::Keep,
-                        };
-                        (
-                            PushStatus::Failed,
-                            action,
-                            ApiError::RateLimited {
-                                quota: quota_state,
-                                app: app.app.name.clone(),
-                                from_umeng: true,
-                                retry_after: 60,
-                                push_id: Some(push_id.clone()),
-                            },
-                        )
-                    }
-                    _ => (
-                        PushStatus::Failed,
-                        QuotaAction::Refund,
-                        ApiError::Upstream {
-                            detail: match &e {
-                                UmengError::NotSent { .. } => format!("Umeng could not be reached, nothing was sent: {msg}"),
-                                _ => format!("Umeng answered FAIL {code}: {msg}"),
-                            },
-                            umeng: umeng(e.is_retryable()),
-                            push_id: Some(push_id.clone()),
-                        },
-                    ),
-                };
-                tracing::warn!(push.id = %push_id, umeng.error_code = %code, push.status = %status, "umeng call did not succeed");
-                let mut err = err;
-                let finish = Finish {
-                    status,
-                    umeng_response: umeng_raw(&e),
-                    error_code: Some(code.clone()),
-                    error_msg: Some(msg.clone()),
-                    http_status: err.status().as_u16(),
-                    quota: quota_action,
-                    ..base
-                };
-                if let ApiError::RateLimited { quota, .. } = &mut err {
-                    count(PushOutcome::RateLimited);
-                    let kind = prepared
-                        .counted_quota()
-                        .map_or_else(|| "none".to_owned(), |k| k.to_string());
-                    metrics::quota_rejection(app_name, &kind, true);
-                    recorder.finish(finish).await;
-                    // Umeng called the window of now full: answer with that window's
-                    // state (read after the finish saturated it), not the admission's.
-                    if let Some(kind) = prepared.counted_quota() {
-                        let limit = app.app.quotas[&kind];
-                        match self.store.quota_state(&app.app.appkey, kind, limit).await {
-                            Ok(now) => *quota = Some(now),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "could not read the quota window after a 2050")
-                            }
-                        }
-                    }
-                    if let Some(q) = quota {
-                        let mut full = *q;
-                        full.used = full.used.max(full.limit);
-                        metrics::quota_remaining(app_name, &full);
-                    }
-                    if let ApiError::RateLimited {
-                        quota: Some(q),
-                        retry_after,
-                        ..
-                    } = &mut err
-                    {
-                        *retry_after = q.reset_after_secs.max(1);
-                    }
-                    return Err(err);
-                }
-                count(if status == PushStatus::Unknown {
-                    PushOutcome::Unknown
-                } else {
-                    PushOutcome::Failed
                 });
-                recorder.finish(finish).await;
-                Err(err)
+            }
+            Err(e) => e,
+        };
+        let (code, msg) = umeng_code(&e);
+        tracing::warn!(push.id = %push_id, umeng.error_code = %code, push.status = %verdict.status, "umeng call did not succeed");
+        let umeng = UmengDetail {
+            error_code: code.clone(),
+            error_msg: msg.clone(),
+            retryable: verdict.retryable,
+        };
+        let push_id_field = Some(push_id.clone());
+        let mut err = match &e {
+            UmengError::Fail {
+                class: ErrorClass::Quota,
+                ..
+            } => ApiError::RateLimited {
+                quota: quota_state,
+                app: app.app.name.clone(),
+                from_umeng: true,
+                retry_after: 60,
+                push_id: push_id_field,
+            },
+            UmengError::Fail { .. } if verdict.status == PushStatus::Unknown => ApiError::Upstream {
+                detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
+                umeng,
+                push_id: push_id_field,
+            },
+            UmengError::Fail { .. } => ApiError::Upstream {
+                detail: format!("Umeng answered FAIL {code}: {msg}"),
+                umeng,
+                push_id: push_id_field,
+            },
+            UmengError::NotSent { .. } => ApiError::Upstream {
+                detail: format!("Umeng could not be reached, nothing was sent: {msg}"),
+                umeng,
+                push_id: push_id_field,
+            },
+            UmengError::Unknown { timed_out: true, .. } => ApiError::UpstreamTimeout {
+                detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
+                umeng,
+                push_id: push_id_field,
+            },
+            UmengError::Unknown { .. } => ApiError::UpstreamUnclear {
+                detail: format!("Umeng's answer could not be used ({msg}); the push may or may not have been accepted and is recorded as unknown"),
+                umeng,
+                push_id: push_id_field,
+            },
+        };
+        let quota_kind = prepared.counted_quota();
+        let quota_action = match (verdict.quota, quota_kind) {
+            (QuotaEffect::Keep, _) => QuotaAction::Keep,
+            (QuotaEffect::Refund, _) => QuotaAction::Refund,
+            (QuotaEffect::Saturate, Some(kind)) => {
+                QuotaAction::Saturate(app.app.quotas[&kind].window)
+            }
+            (QuotaEffect::Saturate, None) => QuotaAction::Keep,
+        };
+        recorder
+            .finish(Finish {
+                status: verdict.status,
+                umeng_response: umeng_raw(&e),
+                error_code: Some(code),
+                error_msg: Some(msg),
+                http_status: err.status().as_u16(),
+                quota: quota_action,
+                ..base
+            })
+            .await;
+        if let (
+            ApiError::RateLimited {
+                quota, retry_after, ..
+            },
+            Some(kind),
+        ) = (&mut err, quota_kind)
+        {
+            // Umeng called the window of now full: answer with that window's state (read
+            // after the finish saturated it), not the admission's.
+            metrics::quota_rejection(app_name, kind.as_str(), true);
+            let limit = app.app.quotas[&kind];
+            match self.store.quota_state(&app.app.appkey, kind, limit).await {
+                Ok(now) => {
+                    let mut full = now;
+                    full.used = full.used.max(full.limit);
+                    metrics::quota_remaining(app_name, &full);
+                    *retry_after = now.reset_after_secs.max(1);
+                    *quota = Some(now);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the quota window after a 2050")
+                }
             }
         }
+        Err(err)
     }
 
     /// Admission: quota slot, idempotency claim and pending row in one atomic step.
@@ -541,18 +535,41 @@ impl Gateway {
         })
     }
 
-    /// Upload `content` and remember its file_id for reuse.
+    /// Upload `content` and remember its file_id for reuse. An upload that sent nothing is
+    /// tried once more at once.
     async fn upload_fresh(
         &self,
         app: &AppRuntime,
         content: &str,
         sha256: &str,
     ) -> Result<String, UmengError> {
-        let id = self.umeng.upload(&app.credentials, content).await?;
+        let id = match self.umeng.upload(&app.credentials, content).await {
+            Err(UmengError::NotSent { reason }) => {
+                tracing::info!(error = %reason, "the upload sent nothing; trying once more");
+                self.umeng.upload(&app.credentials, content).await?
+            }
+            other => other?,
+        };
         if let Err(e) = self.store.save_upload(&app.app.appkey, sha256, &id).await {
             tracing::warn!(error = %e, "could not remember the uploaded file");
         }
         Ok(id)
+    }
+
+    /// Send `prepared` to Umeng. A first attempt that sent nothing (refused, DNS, TLS,
+    /// connect timeout) is tried once more at once: a fresh connection often gets through,
+    /// and nothing can be duplicated.
+    async fn send(&self, app: &AppRuntime, prepared: &PreparedPush) -> SendAttempt {
+        let first = self.umeng.send(&app.credentials, &prepared.body).await;
+        match &first.result {
+            Err(UmengError::NotSent { reason }) => {
+                tracing::info!(error = %reason, "the send reached nothing; trying once more");
+                let mut second = self.umeng.send(&app.credentials, &prepared.body).await;
+                second.latency += first.latency;
+                second
+            }
+            _ => first,
+        }
     }
 
     /// Outcomes whose record is still being retried (the database was unreachable).

@@ -5,6 +5,8 @@
 pub mod background;
 /// Settings from file and environment, validated once.
 pub mod config;
+/// A push after admission: the outcome table and the Umeng circuit breaker.
+pub mod delivery;
 /// The HTTP error type (RFC 9457 problem+json).
 pub mod error;
 /// The send pipeline: admit, upload, send, record.

@@ -32,6 +32,8 @@ pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
 pub const QUOTA_REJECTIONS: &str = "quota_rejections_total";
 /// Database pool connections at scrape time: `state` (`idle`, `in_use`).
 pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
+/// Gauge: the Umeng circuit breaker (0 closed, 1 half-open, 2 open).
+pub const UMENG_BREAKER: &str = "umeng_breaker_state";
 
 /// Buckets for both latency histograms (seconds): Umeng answers in well under 2 s normally
 /// and may take up to the configured 30 s timeout.
@@ -133,6 +135,8 @@ pub enum PushOutcome {
     InFlight,
     /// The out_biz_no was used for a different request.
     Mismatch,
+    /// Refused at once while the Umeng circuit breaker is open.
+    Unavailable,
 }
 
 impl PushOutcome {
@@ -146,6 +150,7 @@ impl PushOutcome {
             PushOutcome::Invalid => "invalid",
             PushOutcome::InFlight => "in_flight",
             PushOutcome::Mismatch => "mismatch",
+            PushOutcome::Unavailable => "umeng_unavailable",
         }
     }
 }
@@ -203,4 +208,9 @@ pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
 pub fn db_pool(idle: u32, in_use: u32) {
     ::metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
     ::metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+}
+
+/// The Umeng circuit breaker's state: 0 closed, 1 half-open, 2 open.
+pub fn umeng_breaker(state: f64) {
+    ::metrics::gauge!(UMENG_BREAKER).set(state);
 }

@@ -72,7 +72,7 @@ pub const MAX_PAGE: u32 = 200;
             ("RateLimit-Policy" = String, description = "`\"<bucket>\";q=<limit>;w=<window seconds>`"),
         )),
         (status = 502, description = "Umeng answered FAIL, or could not be reached (`not_sent`); or (`umeng-unclear-answer`) its answer could not be used and the push is recorded as `unknown`. `umeng.retryable` says whether the same request may be sent again", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unreachable (nothing was sent), or the request timed out", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "The database is unreachable (nothing was sent), the Umeng circuit breaker is open (`umeng-unavailable`: nothing was sent or stored), or the request timed out", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = u32, description = "Seconds to wait"),
         )),
         (status = 504, description = "Umeng did not answer in time: the push is recorded as `unknown`", body = Problem, content_type = "application/problem+json"),

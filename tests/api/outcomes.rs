@@ -17,6 +17,7 @@ on_both_backends!(
     a_forgotten_reused_upload_is_uploaded_again,
     unknown_outcomes_say_whether_a_retry_is_safe,
     shutdown_waits_for_admitted_pushes,
+    the_breaker_answers_503_while_umeng_is_unreachable_then_probes,
 );
 
 fn fault(path: &str, kind: FaultKind) -> Fault {
@@ -285,5 +286,51 @@ async fn shutdown_waits_for_admitted_pushes(backend: Backend) {
         .await
         .unwrap()
         .expect("an answer, not a dropped connection");
+    assert_eq!(r.status(), 201);
+}
+
+async fn the_breaker_answers_503_while_umeng_is_unreachable_then_probes(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.umeng.breaker_failures = 2;
+    settings.umeng.breaker_cooldown_secs = 1;
+    let app = env.spawn_app_with(settings).await;
+    // Two answers that are not Umeng's (a proxy's HTML 502) in a row open the breaker.
+    env.sim.add_fault(Fault {
+        times: Some(2),
+        ..fault("/api/send", FaultKind::HttpStatus { status: 502 })
+    });
+    for key in ["b-1", "b-2"] {
+        let r = app.post_push(&production("groupcast", key)).await;
+        assert_eq!(r.status(), 502, "{key}");
+    }
+    let stored_before = env.db.query_i64("select count(*) from pushes").await;
+    let used_before = app.quota_used(ANDROID_APP, "groupcast").await;
+
+    let r = app.post_push(&production("groupcast", "b-3")).await;
+
+    assert_eq!(r.status(), 503);
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(retry_after, 1);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["type"],
+        "urn:umeng-push-gateway:problem:umeng-unavailable"
+    );
+    assert_eq!(env.sends().len(), 2, "Umeng was not called");
+    assert_eq!(
+        env.db.query_i64("select count(*) from pushes").await,
+        stored_before
+    );
+    assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, used_before);
+    // After the cool-down a probe goes through; Umeng answers and the breaker closes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = app.post_push(&production("groupcast", "b-3")).await;
+    assert_eq!(r.status(), 201);
+    let r = app.post_push(&production("groupcast", "b-4")).await;
     assert_eq!(r.status(), 201);
 }
