@@ -563,8 +563,8 @@ fn translate(
         }
     }
     if let Some(t) = &req.device_tokens {
-        // The exact token length is checked with the Umeng body; this only bounds errors.
-        check_items("device_tokens", t, MAX_NAME_BYTES, errors);
+        // The exact token length is checked with the Umeng body.
+        check_items("device_tokens", t, usize::MAX, errors);
     }
     if let Some(a) = &req.aliases {
         check_items("aliases", a, MAX_NAME_BYTES, errors);

@@ -13,6 +13,8 @@ on_both_backends!(
     ios_groupcast_by_group_id_is_refused,
     android_extra_values_must_be_strings,
     retries_that_write_defaults_out_are_the_same_request,
+    oversized_free_text_is_refused_before_anything_is_sent,
+    start_time_needs_a_margin_for_the_upload_and_the_send,
 );
 
 async fn count_rows(env: &TestEnv) -> i64 {
@@ -199,5 +201,55 @@ async fn retries_that_write_defaults_out_are_the_same_request(backend: Backend) 
     other["notification"]["text"] = json!("Other");
     assert_eq!(app.post_push(&other).await.status(), 422);
     assert_eq!(env.sends().len(), 1, "sent once");
+    app.stop().await;
+}
+
+async fn oversized_free_text_is_refused_before_anything_is_sent(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app().await;
+    // The repro: an 11 MB description was sent to Umeng and stored twice.
+    let mut body = push_body(ANDROID_APP, "unicast");
+    body["description"] = json!("d".repeat(11 * 1024 * 1024));
+    assert_eq!(refused_fields(&app, &body).await, ["description"]);
+    let mut body = push_body(ANDROID_APP, "unicast");
+    body["callback_params"] = json!({"k": "v".repeat(4096)});
+    body["umeng"] = json!({"thirdparty_id": "x".repeat(8192)});
+    assert_eq!(
+        refused_fields(&app, &body).await,
+        ["callback_params", "umeng"]
+    );
+    assert!(env.sends().is_empty());
+    assert_eq!(count_rows(&env).await, 0);
+    app.stop().await;
+}
+
+async fn start_time_needs_a_margin_for_the_upload_and_the_send(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app().await;
+    let at = |ahead: time::Duration| {
+        let mut body = push_body(ANDROID_APP, "broadcast");
+        let t = time::OffsetDateTime::now_utc() + ahead;
+        body["policy"] = json!({"start_time": t
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("formats")});
+        body
+    };
+    // The review's repro used now + 2 s, which Umeng refused (2002) after a slow send.
+    assert_eq!(
+        refused_fields(&app, &at(time::Duration::seconds(2))).await,
+        ["policy.start_time"]
+    );
+    assert_eq!(
+        refused_fields(&app, &at(time::Duration::minutes(4))).await,
+        ["policy.start_time"]
+    );
+    assert!(env.sends().is_empty());
+    assert_eq!(
+        app.post_push(&at(time::Duration::minutes(6)))
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(env.sends().len(), 1);
     app.stop().await;
 }
