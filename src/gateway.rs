@@ -25,7 +25,7 @@ use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
 use crate::quota::QuotaState;
 use crate::store::{
-    Admission, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
+    Admission, Attempt, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
 };
 use crate::umeng::{AppCredentials, ErrorClass, SendAttempt, UmengClient, UmengError};
 
@@ -221,11 +221,13 @@ impl Gateway {
             admitted_at,
         };
 
+        // Every Umeng call made for this push, recorded with its outcome.
+        let mut calls = Vec::new();
         // A token file given inline is uploaded first (or an identical earlier upload reused).
         let upload = prepared.upload_content.take();
         let mut file = None;
         if let Some(content) = &upload {
-            match self.upload(&app, content).await {
+            match self.upload(&app, content, &mut calls).await {
                 Ok(uploaded) => {
                     prepared.set_file_id(&uploaded.file_id);
                     file = Some(uploaded);
@@ -259,6 +261,7 @@ impl Gateway {
                             latency_ms: None,
                             sent_at: None,
                             quota: QuotaAction::Refund,
+                            attempts: calls,
                         })
                         .await;
                     return Err(err);
@@ -267,7 +270,7 @@ impl Gateway {
         }
 
         let sent_at = OffsetDateTime::now_utc();
-        let mut attempt = self.send(&app, &prepared).await;
+        let mut attempt = self.send(&app, &prepared, &mut calls).await;
         if let (Some(content), Some(uploaded)) = (&upload, &file) {
             let forgotten = matches!(&attempt.result, Err(e) if e.code() == Some(FILE_NOT_FOUND));
             if forgotten && uploaded.reused {
@@ -282,7 +285,10 @@ impl Gateway {
                 {
                     tracing::warn!(error = %e, "could not forget the stale upload");
                 }
-                match self.upload_fresh(&app, content, &uploaded.sha256).await {
+                match self
+                    .upload_fresh(&app, content, &uploaded.sha256, &mut calls)
+                    .await
+                {
                     Ok(id) => {
                         prepared.set_file_id(&id);
                         file = Some(Upload {
@@ -290,7 +296,7 @@ impl Gateway {
                             sha256: uploaded.sha256.clone(),
                             reused: false,
                         });
-                        attempt = self.send(&app, &prepared).await;
+                        attempt = self.send(&app, &prepared, &mut calls).await;
                     }
                     Err(e) => {
                         attempt.result = Err(e);
@@ -313,6 +319,7 @@ impl Gateway {
             latency_ms,
             sent_at: Some(sent_at),
             quota: QuotaAction::Keep,
+            attempts: calls,
         };
         let view = |status: PushStatus, msg_id: Option<String>, task_id: Option<String>| PushView {
             id: push_id.clone(),
@@ -509,7 +516,12 @@ impl Gateway {
     }
 
     /// Upload a token/alias file, reusing an earlier upload of identical content.
-    async fn upload(&self, app: &AppRuntime, content: &str) -> Result<Upload, UmengError> {
+    async fn upload(
+        &self,
+        app: &AppRuntime,
+        content: &str,
+        calls: &mut Vec<Attempt>,
+    ) -> Result<Upload, UmengError> {
         let sha256 = hex::encode(sha2::Sha256::digest(content.as_bytes()));
         let max_age = self.config.settings.history.upload_reuse_days as i64 * 86_400;
         match self
@@ -527,7 +539,7 @@ impl Gateway {
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "upload lookup failed; uploading again"),
         }
-        let file_id = self.upload_fresh(app, content, &sha256).await?;
+        let file_id = self.upload_fresh(app, content, &sha256, calls).await?;
         Ok(Upload {
             file_id,
             sha256,
@@ -542,14 +554,14 @@ impl Gateway {
         app: &AppRuntime,
         content: &str,
         sha256: &str,
+        calls: &mut Vec<Attempt>,
     ) -> Result<String, UmengError> {
-        let id = match self.umeng.upload(&app.credentials, content).await {
-            Err(UmengError::NotSent { reason }) => {
-                tracing::info!(error = %reason, "the upload sent nothing; trying once more");
-                self.umeng.upload(&app.credentials, content).await?
-            }
-            other => other?,
-        };
+        let mut result = self.upload_once(app, content, calls).await;
+        if let Err(UmengError::NotSent { reason }) = &result {
+            tracing::info!(error = %reason, "the upload sent nothing; trying once more");
+            result = self.upload_once(app, content, calls).await;
+        }
+        let id = result?;
         if let Err(e) = self.store.save_upload(&app.app.appkey, sha256, &id).await {
             tracing::warn!(error = %e, "could not remember the uploaded file");
         }
@@ -559,17 +571,63 @@ impl Gateway {
     /// Send `prepared` to Umeng. A first attempt that sent nothing (refused, DNS, TLS,
     /// connect timeout) is tried once more at once: a fresh connection often gets through,
     /// and nothing can be duplicated.
-    async fn send(&self, app: &AppRuntime, prepared: &PreparedPush) -> SendAttempt {
-        let first = self.umeng.send(&app.credentials, &prepared.body).await;
+    async fn send(
+        &self,
+        app: &AppRuntime,
+        prepared: &PreparedPush,
+        calls: &mut Vec<Attempt>,
+    ) -> SendAttempt {
+        let first = self.send_once(app, prepared, calls).await;
         match &first.result {
             Err(UmengError::NotSent { reason }) => {
                 tracing::info!(error = %reason, "the send reached nothing; trying once more");
-                let mut second = self.umeng.send(&app.credentials, &prepared.body).await;
+                let mut second = self.send_once(app, prepared, calls).await;
                 second.latency += first.latency;
                 second
             }
             _ => first,
         }
+    }
+
+    /// One `/api/send` call, recorded in `calls`.
+    async fn send_once(
+        &self,
+        app: &AppRuntime,
+        prepared: &PreparedPush,
+        calls: &mut Vec<Attempt>,
+    ) -> SendAttempt {
+        let started_at = OffsetDateTime::now_utc();
+        let sent = self.umeng.send(&app.credentials, &prepared.body).await;
+        let error = sent.result.as_ref().err();
+        calls.push(attempt(
+            "send",
+            calls.len(),
+            started_at,
+            sent.latency,
+            error,
+        ));
+        sent
+    }
+
+    /// One `/upload` call, recorded in `calls`.
+    async fn upload_once(
+        &self,
+        app: &AppRuntime,
+        content: &str,
+        calls: &mut Vec<Attempt>,
+    ) -> Result<String, UmengError> {
+        let started_at = OffsetDateTime::now_utc();
+        let clock = std::time::Instant::now();
+        let result = self.umeng.upload(&app.credentials, content).await;
+        let error = result.as_ref().err();
+        calls.push(attempt(
+            "upload",
+            calls.len(),
+            started_at,
+            clock.elapsed(),
+            error,
+        ));
+        result
     }
 
     /// Outcomes whose record is still being retried (the database was unreachable).
@@ -594,6 +652,33 @@ impl Gateway {
             return left;
         }
         0
+    }
+}
+
+/// The record of one Umeng call: `done` calls were made before it.
+fn attempt(
+    call: &str,
+    done: usize,
+    started_at: OffsetDateTime,
+    latency: Duration,
+    error: Option<&UmengError>,
+) -> Attempt {
+    let (outcome, error_code) = match error {
+        None => ("accepted", None),
+        Some(UmengError::Fail { code, .. }) => ("failed", Some(code.clone())),
+        Some(UmengError::NotSent { .. }) => ("not_sent", None),
+        Some(UmengError::Unknown {
+            timed_out: true, ..
+        }) => ("timeout", None),
+        Some(UmengError::Unknown { .. }) => ("unknown", None),
+    };
+    Attempt {
+        number: u32::try_from(done + 1).unwrap_or(u32::MAX),
+        call: call.to_owned(),
+        started_at,
+        outcome: outcome.to_owned(),
+        error_code,
+        latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
     }
 }
 

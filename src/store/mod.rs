@@ -267,6 +267,26 @@ pub struct Finish {
     pub sent_at: Option<OffsetDateTime>,
     /// What to do with the quota slot taken at admission.
     pub quota: QuotaAction,
+    /// Every Umeng call made for this push, in order.
+    pub attempts: Vec<Attempt>,
+}
+
+/// One Umeng call made for a push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Attempt {
+    /// 1, 2, ... in the order the calls were made.
+    pub number: u32,
+    /// `upload` (a `file_lines` token file) or `send`.
+    pub call: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// `accepted` (SUCCESS), `failed` (Umeng's FAIL), `not_sent` (nothing reached Umeng),
+    /// `timeout` or `unknown` (sent, no usable answer).
+    pub outcome: String,
+    /// Umeng's error code, for FAIL answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    pub latency_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,6 +391,8 @@ pub struct PushRecord {
     #[serde(with = "time::serde::rfc3339::option")]
     pub task_checked_at: Option<OffsetDateTime>,
     pub latency_ms: Option<i64>,
+    /// Every Umeng call made for this push (upload and send), in order.
+    pub attempts: Vec<Attempt>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -531,6 +553,16 @@ pub trait Store: Send + Sync + 'static {
         content_sha256: &str,
         file_id: &str,
     ) -> StoreResult<()>;
+}
+
+/// The stored form of a push's attempts.
+pub(crate) fn attempts_json(attempts: &[Attempt]) -> Value {
+    serde_json::to_value(attempts).unwrap_or_else(|_| Value::Array(Vec::new()))
+}
+
+/// Reads a push's stored attempts.
+pub(crate) fn attempts_of(v: Value) -> Result<Vec<Attempt>, sqlx::Error> {
+    serde_json::from_value(v).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 /// A snapshot of a connection pool.

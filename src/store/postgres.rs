@@ -11,9 +11,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
-    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
+    Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
+    PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -33,7 +33,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
-     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
+     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
@@ -51,7 +51,7 @@ const FINISH: &str = "with o as (
     update pushes p
        set status = $2, umeng_request = $3, umeng_response = $4, msg_id = $5, task_id = $6,
            file_id = $7, error_code = $8, error_msg = $9, http_status = $10, latency_ms = $11,
-           sent_at = $12,
+           sent_at = $12, attempts = $15,
            quota_refunded = p.quota_refunded
                or ($13::text = 'refund' and p.quota_window is not null),
            finished_at = now(), updated_at = now()
@@ -305,7 +305,8 @@ impl Store for PgStore {
             .bind(finish.latency_ms)
             .bind(finish.sent_at)
             .bind(action)
-            .bind(unit);
+            .bind(unit)
+            .bind(attempts_json(&finish.attempts));
         let pool = self.pool.clone();
         let changed =
             run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
@@ -679,6 +680,7 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         task_status: row.try_get("task_status")?,
         task_checked_at: row.try_get("task_checked_at")?,
         latency_ms: row.try_get("latency_ms")?,
+        attempts: attempts_of(row.try_get::<Value, _>("attempts")?)?,
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,

@@ -19,9 +19,9 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
-    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
+    Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
+    PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -34,7 +34,7 @@ const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
-     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
+     quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at";
 
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status
@@ -89,7 +89,7 @@ const FINISH: &str = concat!(
    set status = ?2, umeng_request = ?3, umeng_response = ?4, msg_id = ?5, task_id = ?6,
        file_id = ?7, error_code = ?8, error_msg = ?9, http_status = ?10, latency_ms = ?11,
        sent_at = ?12, quota_refunded = (quota_refunded or ?13), finished_at = ?14,
-       updated_at = ?14
+       updated_at = ?14, attempts = ?15
  where id = ?1 and ",
     finishable!()
 );
@@ -788,6 +788,7 @@ fn bind_finish<'q>(
     refunded: bool,
     now: i64,
 ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let attempts = attempts_json(&finish.attempts);
     sqlx::query(FINISH)
         .bind(push_id)
         .bind(finish.status.as_str())
@@ -803,6 +804,7 @@ fn bind_finish<'q>(
         .bind(finish.sent_at.map(to_ms))
         .bind(refunded)
         .bind(now)
+        .bind(Json(attempts))
 }
 
 async fn finish_push(
@@ -931,6 +933,7 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         task_status: opt_json(row, "task_status")?,
         task_checked_at: opt_time(row, "task_checked_at")?,
         latency_ms: row.try_get("latency_ms")?,
+        attempts: attempts_of(row.try_get::<Json<Value>, _>("attempts")?.0)?,
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,

@@ -218,6 +218,7 @@ async fn stored_task(env: &TestEnv, task_id: &str, request: Value) -> String {
         latency_ms: Some(1),
         sent_at: None,
         quota: QuotaAction::Keep,
+        attempts: Vec::new(),
     };
     assert!(matches!(store.finish(&id, finish).await, Ok(true)));
     id

@@ -203,6 +203,41 @@ async fn a_forgotten_reused_upload_is_uploaded_again(backend: Backend) {
     assert_ne!(v["file_id"], first["file_id"], "a fresh upload");
     assert_eq!(uploads(), 2);
     assert_eq!(env.sends().len(), 3);
+    // Every Umeng call made for the push is on its record.
+    let stored = app
+        .get_json(&format!("/v1/pushes/{}", v["id"].as_str().unwrap()))
+        .await;
+    let calls: Vec<(u64, &str, &str, Option<&str>)> = stored["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["number"].as_u64().unwrap(),
+                a["call"].as_str().unwrap(),
+                a["outcome"].as_str().unwrap(),
+                a["error_code"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            (1, "send", "failed", Some("2019")),
+            (2, "upload", "accepted", None),
+            (3, "send", "accepted", None),
+        ]
+    );
+    let first_stored = app
+        .get_json(&format!("/v1/pushes/{}", first["id"].as_str().unwrap()))
+        .await;
+    let first_calls: Vec<&str> = first_stored["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["call"].as_str().unwrap())
+        .collect();
+    assert_eq!(first_calls, ["upload", "send"]);
     // The fresh file_id is the one reused from now on.
     let third: Value = app
         .post_push(&production("filecast", "file-3"))

@@ -71,6 +71,7 @@ fn accepted(task_id: Option<&str>) -> Finish {
         latency_ms: Some(5),
         sent_at: None,
         quota: QuotaAction::Keep,
+        attempts: Vec::new(),
     }
 }
 

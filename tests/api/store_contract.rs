@@ -7,8 +7,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
 use umeng_push_gateway::store::{
-    Admission, Finish, NewPush, PoolOptions, PushQuery, PushStatus, QuotaAction, QuotaClaim, Store,
-    TaskUpdate,
+    Admission, Attempt, Finish, NewPush, PoolOptions, PushQuery, PushStatus, QuotaAction,
+    QuotaClaim, Store, TaskUpdate,
 };
 
 use crate::helpers::StoreCtx;
@@ -92,6 +92,14 @@ fn finish(status: PushStatus, quota: QuotaAction) -> Finish {
         latency_ms: Some(42),
         sent_at: None,
         quota,
+        attempts: vec![Attempt {
+            number: 1,
+            call: "send".into(),
+            started_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            outcome: "accepted".into(),
+            error_code: None,
+            latency_ms: 42,
+        }],
     }
 }
 
@@ -251,6 +259,7 @@ async fn admit_finish_get_round_trip(ctx: StoreCtx) {
     assert_eq!(r.task_status, None);
     assert_eq!(r.task_checked_at, None);
     assert_eq!(r.latency_ms, Some(137));
+    assert_eq!(r.attempts, done.attempts);
     assert_eq!(r.sent_at, sent_at);
     let slack = time::Duration::seconds(5);
     assert!(r.created_at >= before - slack && r.created_at <= before + slack);
