@@ -803,9 +803,104 @@ mod tests {
     }
 
     #[test]
+    fn check_url_refuses_malformed_urls_without_the_password() {
+        assert!(check_url("postgres://gw:s3cret@db:5432/gw").is_ok());
+        assert!(check_url("sqlite://data/x.db").is_ok());
+        for bad in [
+            "postgres://gw:s3cret@db:port/gw",
+            "mysql://gw:s3cret@db/gw",
+            "db.example",
+        ] {
+            let err = check_url(bad).expect_err(bad).to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
     fn scrub_removes_the_password_from_messages() {
         let msg = scrub("failed for s3cret".to_owned(), "postgres://gw:s3cret@db/gw");
         assert_eq!(msg, "failed for ***");
+    }
+
+    fn record(request: Value, description: Option<String>) -> PushRecord {
+        let now = OffsetDateTime::now_utc();
+        PushRecord {
+            id: "p".into(),
+            app: "a".into(),
+            appkey: "k".into(),
+            platform: "android".into(),
+            cast_type: "unicast".into(),
+            task_class: false,
+            production_mode: false,
+            client: "c".into(),
+            out_biz_no: None,
+            fingerprint: "f".into(),
+            status: PushStatus::Accepted,
+            description,
+            request,
+            umeng_request: Some(serde_json::json!({"small": true})),
+            umeng_response: None,
+            msg_id: None,
+            task_id: None,
+            file_id: None,
+            error_code: None,
+            error_msg: None,
+            http_status: Some(201),
+            quota_kind: None,
+            quota_window: None,
+            quota_refunded: false,
+            task_status: None,
+            task_checked_at: None,
+            latency_ms: None,
+            created_at: now,
+            sent_at: None,
+            finished_at: None,
+            updated_at: now,
+            truncated: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bounded_cuts_large_fields_and_names_them() {
+        let big = serde_json::json!({"extra": "é".repeat(DETAIL_FIELD_BYTES)});
+        let r = record(big, Some("d".repeat(DETAIL_FIELD_BYTES + 1))).bounded();
+
+        assert_eq!(r.truncated, ["request", "description"]);
+        let cut = r.request.as_str().expect("a cut field is a string");
+        assert!(cut.len() <= DETAIL_FIELD_BYTES && cut.len() > DETAIL_FIELD_BYTES - 4);
+        assert!(cut.starts_with("{\"extra\":\"é"));
+        assert_eq!(
+            r.description.as_ref().map(String::len),
+            Some(DETAIL_FIELD_BYTES)
+        );
+        assert_eq!(r.umeng_request, Some(serde_json::json!({"small": true})));
+        let shown = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            shown["truncated"],
+            serde_json::json!(["request", "description"])
+        );
+    }
+
+    #[test]
+    fn bounded_leaves_small_records_alone() {
+        let request = serde_json::json!({"app": "a", "type": "unicast"});
+        let r = record(request.clone(), Some("short".into())).bounded();
+        assert!(r.truncated.is_empty());
+        assert_eq!(r.request, request);
+        assert!(serde_json::to_value(&r).unwrap().get("truncated").is_none());
+    }
+
+    #[test]
+    fn history_cursors_round_trip_and_refuse_other_text() {
+        let c = HistoryCursor {
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(1_790_000_000_123_456_000)
+                .unwrap(),
+            id: "019abcde-0000-7000-8000-000000000001".into(),
+        };
+        assert_eq!(HistoryCursor::decode(&c.encode()), Some(c));
+        for bad in ["", "x", "12", ".id", "12.", "a.b", "1.with space", "1.ü"] {
+            assert_eq!(HistoryCursor::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test]
