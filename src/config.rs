@@ -69,6 +69,18 @@ pub struct ServerSettings {
     pub shutdown_grace_secs: u64,
     /// Serve Prometheus metrics at `GET /metrics` on the API port (open, like the probes).
     pub metrics_enabled: bool,
+    /// Request-body bytes all requests together may hold at once (by `Content-Length`; a
+    /// body without one counts as `body_limit_bytes`). A request that would go over waits
+    /// up to 2 s for room, then gets 503 with `Retry-After`.
+    pub inflight_body_bytes: usize,
+    /// A connection whose request head has not fully arrived within this long is closed: a
+    /// new connection that sends nothing, a client trickling its headers, and an idle
+    /// keep-alive connection between requests (so this is also the keep-alive timeout).
+    pub header_read_timeout_secs: u64,
+    /// Open API connections at most; lowered at start so that descriptors stay free for the
+    /// database pool and Umeng under the process's open-file limit. At the cap the
+    /// connection idle for the longest is closed to make room.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -79,6 +91,9 @@ impl Default for ServerSettings {
             request_timeout_secs: 90,
             shutdown_grace_secs: 30,
             metrics_enabled: true,
+            inflight_body_bytes: 48 * 1024 * 1024,
+            header_read_timeout_secs: 20,
+            max_connections: 4096,
         }
     }
 }

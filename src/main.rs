@@ -125,6 +125,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig => {
             let config = load(cli.config).map_err(anyhow::Error::msg)?;
+            umeng_push_gateway::store::check_url(config.settings.database.url.expose())
+                .map_err(|e| anyhow::anyhow!("database.url: {e}"))?;
             if config.demo {
                 println!(
                     "configuration OK: no apps configured, the gateway would run in demo mode"

@@ -116,6 +116,37 @@ fn describe() {
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state");
 }
 
+/// The Umeng endpoints `umeng_request_duration_seconds` is labelled with.
+pub const UMENG_ENDPOINTS: [&str; 4] = ["send", "status", "cancel", "upload"];
+
+/// Create the push, Umeng and quota series at zero for every configured app, cast type,
+/// outcome, endpoint and bucket, so dashboards and alerts see them before the first push
+/// (an absent series and a zero look different to PromQL).
+pub fn preregister<'a>(apps: impl IntoIterator<Item = (&'a str, Vec<String>)>) {
+    for (app, kinds) in apps {
+        for cast_type in crate::umeng::CastType::ALL {
+            for outcome in PushOutcome::ALL {
+                ::metrics::counter!(PUSHES, "app" => app.to_owned(), "type" => cast_type.as_str(), "outcome" => outcome.as_str())
+                    .increment(0);
+            }
+        }
+        ::metrics::counter!(IDEMPOTENT_REPLAYS, "app" => app.to_owned()).increment(0);
+        for kind in kinds {
+            for source in ["local", "umeng"] {
+                ::metrics::counter!(QUOTA_REJECTIONS, "app" => app.to_owned(), "kind" => kind.clone(), "source" => source)
+                    .increment(0);
+            }
+        }
+    }
+    for endpoint in UMENG_ENDPOINTS {
+        // Registering a histogram renders it with zero counts.
+        let _ = ::metrics::histogram!(UMENG_DURATION, "endpoint" => endpoint);
+    }
+    for code in ["not_sent", "unknown"] {
+        ::metrics::counter!(UMENG_ERRORS, "code" => code).increment(0);
+    }
+}
+
 /// How a push request ended, as the `outcome` label of `pushes_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -140,6 +171,17 @@ pub enum PushOutcome {
 }
 
 impl PushOutcome {
+    pub const ALL: [PushOutcome; 8] = [
+        PushOutcome::Accepted,
+        PushOutcome::Failed,
+        PushOutcome::Unknown,
+        PushOutcome::RateLimited,
+        PushOutcome::Replayed,
+        PushOutcome::Invalid,
+        PushOutcome::InFlight,
+        PushOutcome::Mismatch,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PushOutcome::Accepted => "accepted",

@@ -94,12 +94,31 @@ impl Application {
         let background = crate::background::spawn(Arc::clone(&gateway), stop_rx);
         let grace = shutdown_grace(&gateway.config);
         let app = crate::http::router(Arc::clone(&gateway));
+        let server_settings = &gateway.config.settings.server;
+        let nofile = crate::http::serve::raise_descriptor_limit();
+        let reserved = crate::http::serve::RESERVED_DESCRIPTORS
+            + u64::from(gateway.config.settings.database.max_connections);
+        let options = crate::http::serve::ServeOptions {
+            header_read_timeout: Duration::from_secs(server_settings.header_read_timeout_secs),
+            max_connections: crate::http::serve::connection_cap(
+                server_settings.max_connections,
+                nofile,
+                reserved,
+            ),
+        };
+        if options.max_connections < server_settings.max_connections {
+            tracing::info!(
+                max_connections = options.max_connections,
+                open_file_limit = nofile,
+                "connection cap lowered to leave descriptors for the database and Umeng"
+            );
+        }
         let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = crate::http::serve::serve(listener, app, options, async move {
             shutdown.await;
             let _ = signal_tx.send(());
         });
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         let mut server = server;
         tokio::select! {
             res = &mut server => { res??; }

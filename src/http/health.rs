@@ -14,6 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::gateway::Gateway;
+use crate::store::StoreError;
 
 /// `/readyz` answers 503 when the database has not answered within this long, so a probe
 /// never waits for the pool's whole acquire timeout.
@@ -50,9 +51,10 @@ pub struct Readiness {
     /// `postgres` or `sqlite`.
     #[schema(example = "postgres")]
     pub database: &'static str,
-    /// Why the gateway is not ready (never a secret).
+    /// Why the gateway is not ready, in general terms (the database's own error text is
+    /// only logged).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub error: Option<&'static str>,
 }
 
 /// The process is alive. No I/O.
@@ -66,24 +68,39 @@ pub async fn get_healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The database is reachable and every migration of this build is applied.
+/// The database is reachable, writable, and every migration of this build is applied.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
     responses(
         (status = 200, description = "Ready to serve", body = Readiness),
-        (status = 503, description = "The database is unreachable or not migrated", body = Readiness),
+        (status = 503, description = "The database is unreachable, read-only or not migrated", body = Readiness),
     ),
 )]
 pub async fn get_readyz(State(gateway): State<Arc<Gateway>>) -> (StatusCode, Json<Readiness>) {
     let database = gateway.store.backend();
+    // The cause (which may name the database, its host or its user) goes to the log; the
+    // open endpoint answers only a generic reason.
     let result = match tokio::time::timeout(READY_TIMEOUT, gateway.store.ready()).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "the database did not answer within {} s",
-            READY_TIMEOUT.as_secs()
-        )),
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "not ready");
+            Err(match e {
+                StoreError::Migration(_) => "the database is not migrated",
+                StoreError::Unavailable(_) => "the database is unreachable or read-only",
+                StoreError::Database(_) | StoreError::BadUrl(_) => {
+                    "the database answered with an error"
+                }
+            })
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_secs = READY_TIMEOUT.as_secs(),
+                "not ready: the database did not answer in time"
+            );
+            Err("the database did not answer in time")
+        }
     };
     match result {
         Ok(()) => (
@@ -94,17 +111,14 @@ pub async fn get_readyz(State(gateway): State<Arc<Gateway>>) -> (StatusCode, Jso
                 error: None,
             }),
         ),
-        Err(error) => {
-            tracing::warn!(%error, "not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(Readiness {
-                    status: "unavailable",
-                    database,
-                    error: Some(error),
-                }),
-            )
-        }
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Readiness {
+                status: "unavailable",
+                database,
+                error: Some(error),
+            }),
+        ),
     }
 }
 

@@ -19,9 +19,11 @@ use crate::gateway::Gateway;
 
 pub mod auth;
 pub mod health;
+pub mod limits;
 pub mod openapi;
 pub mod pushes;
 pub mod quotas;
+pub mod serve;
 
 /// The request id header, taken from the caller or made, and returned.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -34,6 +36,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     if settings.metrics_enabled {
         // The process-wide recorder; a gateway with metrics off never installs one.
         crate::metrics::handle();
+        crate::metrics::preregister(gateway.apps.values().map(|a| {
+            let kinds = a.app.quotas.keys().map(|k| k.to_string()).collect();
+            (a.app.name.as_str(), kinds)
+        }));
     }
     let (routes, _) = documented_routes(settings.metrics_enabled);
     routes
@@ -44,10 +50,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
+        .layer(middleware::from_fn_with_state(
+            limits::BodyBudget::new(settings.inflight_body_bytes, body_limit),
+            limits::limit_bodies,
+        ))
         .layer(middleware::from_fn(count_request))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unfit_request_id))
         .layer(SetSensitiveRequestHeadersLayer::new([
             axum::http::header::AUTHORIZATION,
         ]))
@@ -66,6 +77,28 @@ pub fn documented_routes(
         .merge(health::router(metrics_enabled))
         .merge(openapi::router())
         .split_for_parts()
+}
+
+/// The longest `X-Request-Id` taken from a caller.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// A caller's `X-Request-Id` is kept only when it is 1 to [`MAX_REQUEST_ID_LEN`] visible
+/// ASCII characters; otherwise it is removed here and a fresh one is made, so a caller
+/// cannot put arbitrary text into every log line of its request.
+pub fn acceptable_request_id(v: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&v.len()) && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+async fn drop_unfit_request_id(mut req: Request<Body>, next: Next) -> Response {
+    let headers = req.headers_mut();
+    let unfit = headers.get_all(REQUEST_ID).iter().count() > 1
+        || headers
+            .get(REQUEST_ID)
+            .is_some_and(|v| !acceptable_request_id(v.as_bytes()));
+    if unfit {
+        headers.remove(REQUEST_ID);
+    }
+    next.run(req).await
 }
 
 /// The span every log line of a request is written in: the request id (from the caller's

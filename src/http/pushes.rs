@@ -17,7 +17,9 @@ use crate::error::{rate_limit_headers, ApiError, Problem, UmengDetail};
 use crate::gateway::{Gateway, PushAnswer, PushView};
 use crate::http::auth::Caller;
 use crate::push::PushRequest;
-use crate::store::{PushQuery, PushRecord, PushStatus, TaskUpdate};
+use crate::store::{
+    HistoryCursor, PushQuery, PushRecord, PushStatus, PushSummary, TaskUpdate, MAX_PAGE,
+};
 use crate::task_status::{refresh_task, RefreshError, TaskRef};
 use crate::umeng::UmengError;
 use utoipa_axum::router::OpenApiRouter;
@@ -30,9 +32,6 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
         .routes(routes!(refresh_push))
         .routes(routes!(cancel_push))
 }
-
-/// The largest page of history.
-pub const MAX_PAGE: u32 = 200;
 
 /// Validate a push, take its quota slot, send it to Umeng and record it.
 ///
@@ -96,19 +95,55 @@ async fn create_push(
             }
         }
     })?;
-    let raw: Value = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
-        detail: format!("the body is not valid JSON: {e}"),
-        field: None,
+    let req = parse_push(&gateway, &body)?;
+    drop(body);
+    // The allow-list first: a client limited to some apps gets the same 403 for an app that
+    // does not exist as for one it may not use, so it cannot probe for app names.
+    caller.require_app(&req.app)?;
+    let app = gateway.app(&req.app).ok_or_else(|| {
+        ApiError::Validation(vec![crate::umeng::FieldError {
+            field: "app".into(),
+            message: format!("no app named {:?} is configured", req.app),
+        }])
     })?;
-    if !raw.is_object() {
-        return Err(ApiError::BadRequest {
-            detail: "the body must be a JSON object".into(),
-            field: None,
+    let stored = req.stored_form();
+    let answer = gateway.create_push(caller.name(), app, req, stored).await?;
+    Ok(push_answer(answer))
+}
+
+/// Parse the body straight into the typed request (no generic JSON value of the whole body
+/// is built first, so a huge array of the wrong type is refused at its first element). The
+/// first broken rule is named by its path: 400 for a body that is not a JSON object, 422
+/// for a field of the wrong shape.
+fn parse_push(gateway: &Gateway, body: &[u8]) -> Result<PushRequest, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(match first {
+            None => ApiError::BadRequest {
+                detail: "the body is empty: expected a JSON object".into(),
+                field: None,
+            },
+            Some(b'[' | b'"' | b't' | b'f' | b'n' | b'-' | b'0'..=b'9') => ApiError::BadRequest {
+                detail: "the body must be a JSON object".into(),
+                field: None,
+            },
+            Some(_) => ApiError::BadRequest {
+                detail: "the body is not valid JSON: expected a JSON object".into(),
+                field: None,
+            },
         });
     }
-    let req: PushRequest = serde_path_to_error::deserialize(&raw).map_err(|e| {
-        count_invalid(&gateway, &raw);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let req = serde_path_to_error::deserialize::<_, PushRequest>(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        let inner = e.into_inner();
+        if !inner.is_data() {
+            return ApiError::BadRequest {
+                detail: format!("the body is not valid JSON: {inner}"),
+                field: None,
+            };
+        }
+        count_invalid(gateway, body);
         ApiError::Validation(vec![crate::umeng::FieldError {
             // "." is the body itself; "" an unknown field whose name is empty.
             field: if path == "." || path.is_empty() {
@@ -116,41 +151,116 @@ async fn create_push(
             } else {
                 path
             },
-            message: e.into_inner().to_string(),
+            message: without_position(&inner.to_string()).to_owned(),
         }])
+    })?;
+    de.end().map_err(|e| ApiError::BadRequest {
+        detail: format!("the body is not valid JSON: {e}"),
+        field: None,
     })?;
     // Numbers that parsing rounded cannot be sent as written: refuse them by name.
-    let inexact = crate::push::inexact_numbers(&body);
+    let inexact = crate::push::inexact_numbers(body);
     if !inexact.is_empty() {
-        count_invalid(&gateway, &raw);
+        count_invalid(gateway, body);
         return Err(ApiError::Validation(inexact));
     }
-    let app = gateway.app(&req.app).ok_or_else(|| {
-        ApiError::Validation(vec![crate::umeng::FieldError {
-            field: "app".into(),
-            message: format!("no app named {:?} is configured", req.app),
-        }])
-    })?;
-    caller.require_app(&app.app.name)?;
-    let answer = gateway.create_push(caller.name(), app, req, raw).await?;
-    Ok(push_answer(answer))
+    Ok(req)
+}
+
+/// A serde_json message without its " at line L column C" suffix: the field path says
+/// where, and positions in a machine-made body help nobody.
+fn without_position(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(i)
+            if message[i + 9..]
+                .split(" column ")
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            &message[..i]
+        }
+        _ => message,
+    }
+}
+
+/// The two fields a refused body is counted by, read loosely: anything but a string
+/// (however large) is skipped without being built.
+#[derive(Deserialize)]
+struct CountedFields {
+    #[serde(default)]
+    app: LooseStr,
+    #[serde(default, rename = "type")]
+    cast_type: LooseStr,
+}
+
+/// A string, or nothing for a value of any other type.
+#[derive(Default)]
+struct LooseStr(Option<String>);
+
+impl<'de> Deserialize<'de> for LooseStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = LooseStr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<LooseStr, E> {
+                Ok(LooseStr(Some(v.to_owned())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<LooseStr, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<LooseStr, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<LooseStr, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<LooseStr, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_unit<E>(self) -> Result<LooseStr, E> {
+                Ok(LooseStr(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<LooseStr, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(LooseStr(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<LooseStr, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(LooseStr(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Count a request refused before its app was resolved, when it names a configured app
 /// (anything else would put caller text into metric labels).
-fn count_invalid(gateway: &Gateway, raw: &Value) {
-    let Some(app) = raw.get("app").and_then(Value::as_str) else {
+fn count_invalid(gateway: &Gateway, body: &[u8]) {
+    let Ok(fields) = serde_json::from_slice::<CountedFields>(body) else {
         return;
     };
-    if gateway.app(app).is_none() {
+    let Some(app) = fields.app.0 else { return };
+    if gateway.app(&app).is_none() {
         return;
     }
-    let cast_type = raw
-        .get("type")
-        .and_then(Value::as_str)
+    let cast_type = fields
+        .cast_type
+        .0
+        .as_deref()
         .and_then(crate::umeng::CastType::parse)
         .map_or("invalid", |c| c.as_str());
-    crate::metrics::push(app, cast_type, crate::metrics::PushOutcome::Invalid);
+    crate::metrics::push(&app, cast_type, crate::metrics::PushOutcome::Invalid);
 }
 
 fn push_answer(answer: PushAnswer) -> Response {
@@ -202,10 +312,11 @@ pub struct ListParams {
     pub limit: Option<u32>,
 }
 
-/// One page of history, newest first.
+/// One page of history, newest first: a summary per push (the stored request and Umeng
+/// bodies are on `GET /v1/pushes/{id}`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PushPage {
-    pub items: Vec<PushRecord>,
+    pub items: Vec<PushSummary>,
     /// Pass as `cursor` for the next (older) page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
@@ -301,6 +412,14 @@ async fn list_pushes(
         .apps
         .clone()
         .filter(|_| !caller.0.has_scope(Scope::Admin));
+    let before = p
+        .cursor
+        .as_deref()
+        .map(|c| {
+            HistoryCursor::decode(c)
+                .ok_or_else(|| field_error("cursor", "not a next_cursor from an earlier page"))
+        })
+        .transpose()?;
     let query = PushQuery {
         app: p.app,
         apps_allowed,
@@ -312,13 +431,14 @@ async fn list_pushes(
         task_id: p.task_id,
         from: parse_time("from", &p.from)?,
         to: parse_time("to", &p.to)?,
-        before_id: p.cursor,
+        before,
+        // One more than the page: if it comes back, another page follows.
         limit: limit + 1,
     };
     let mut items = gateway.store.list_pushes(&query).await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|r| r.id.clone())
+        items.last().map(|r| HistoryCursor::after(r).encode())
     } else {
         None
     };
@@ -342,7 +462,8 @@ async fn visible_push(
     Ok(push)
 }
 
-/// The whole record of one push.
+/// The whole record of one push; a large field (over 64 KiB) is cut and named in
+/// `truncated`.
 #[utoipa::path(
     get,
     path = "/v1/pushes/{id}",
@@ -363,7 +484,7 @@ async fn get_push(
     Path(id): Path<String>,
 ) -> Result<Json<PushRecord>, ApiError> {
     caller.require(Scope::Read)?;
-    Ok(Json(visible_push(&gateway, &caller, &id).await?))
+    Ok(Json(visible_push(&gateway, &caller, &id).await?.bounded()))
 }
 
 /// The task_id of a task-class push, or 409.
@@ -510,7 +631,7 @@ async fn refresh_push(
         RefreshError::Store(e) => e.into(),
     })?;
     let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push))
+    Ok(Json(push.bounded()))
 }
 
 /// Cancel a task via Umeng's `/api/cancel`.
@@ -534,7 +655,7 @@ async fn cancel_push(
     let push = visible_push(&gateway, &caller, &id).await?;
     let task_id = task_of(&push, "cancel")?;
     if push.status == PushStatus::Cancelled {
-        return Ok(Json(push));
+        return Ok(Json(push.bounded()));
     }
     let app = gateway
         .app(&push.app)
@@ -574,5 +695,5 @@ async fn cancel_push(
         )
         .await?;
     let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push))
+    Ok(Json(push.bounded()))
 }

@@ -62,7 +62,7 @@ pub struct QuotaList {
         (status = 400, description = "Unknown query parameter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The client lacks the `read` scope or may not use the app", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such app", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such app (for a client allowed every app; a client limited to some apps gets 403 for any other name)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The database is unreachable", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -78,10 +78,12 @@ async fn list_quotas(
     })?;
     let mut names: Vec<&String> = match &q.app {
         Some(name) => {
+            // The allow-list first: a client limited to some apps gets the same 403 for an
+            // app that does not exist as for one it may not use.
+            caller.require_app(name)?;
             let app = gateway
                 .app(name)
                 .ok_or_else(|| ApiError::NotFound(format!("no app named {name:?}")))?;
-            caller.require_app(&app.app.name)?;
             vec![&app.app.name]
         }
         None => gateway

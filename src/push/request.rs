@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::Digest;
 
 use crate::umeng::CastType;
 
@@ -67,6 +68,97 @@ pub struct PushRequest {
     /// Raw Umeng fields merged into the body last (objects merge, `null` removes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umeng: Option<Map<String, Value>>,
+}
+
+impl PushRequest {
+    /// The request as history stores it: as received, except that `file_lines` (up to
+    /// 10 MiB of tokens) is replaced by what identifies it, `{"sha256", "lines", "bytes"}`
+    /// of the uploaded content (each line followed by `\n`; the same digest the upload
+    /// reuse keys on). The upload's `file_id` is in the push record.
+    pub fn stored_form(&self) -> Value {
+        let without_lines = StoredView(self);
+        let mut stored = serde_json::to_value(without_lines).unwrap_or(Value::Null);
+        if let (Some(lines), Some(obj)) = (&self.file_lines, stored.as_object_mut()) {
+            obj.insert("file_lines".into(), file_lines_digest(lines));
+        }
+        stored
+    }
+}
+
+/// `{"sha256", "lines", "bytes"}` of the upload content made of `lines`.
+pub fn file_lines_digest(lines: &[String]) -> Value {
+    let mut hash = sha2::Sha256::new();
+    let mut bytes = 0usize;
+    for line in lines {
+        hash.update(line.as_bytes());
+        hash.update(b"\n");
+        bytes += line.len() + 1;
+    }
+    serde_json::json!({
+        "sha256": hex::encode(hash.finalize()),
+        "lines": lines.len(),
+        "bytes": bytes,
+    })
+}
+
+/// Serialises a request without its `file_lines`, without copying them.
+struct StoredView<'a>(&'a PushRequest);
+
+impl Serialize for StoredView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // Exhaustive: a new field must be placed here, or it would be dropped from history.
+        let PushRequest {
+            app,
+            cast_type,
+            device_tokens,
+            alias_type,
+            aliases,
+            filter,
+            group_id,
+            file_id,
+            file_lines: _,
+            notification,
+            message,
+            policy,
+            out_biz_no,
+            production_mode,
+            description,
+            callback_params,
+            android,
+            ios,
+            umeng,
+        } = self.0;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("app", app)?;
+        map.serialize_entry("type", cast_type)?;
+        macro_rules! opt {
+            ($($name:literal => $field:ident),* $(,)?) => {$(
+                if let Some(v) = $field {
+                    map.serialize_entry($name, v)?;
+                }
+            )*};
+        }
+        opt!(
+            "device_tokens" => device_tokens,
+            "alias_type" => alias_type,
+            "aliases" => aliases,
+            "filter" => filter,
+            "group_id" => group_id,
+            "file_id" => file_id,
+            "notification" => notification,
+            "message" => message,
+            "policy" => policy,
+            "out_biz_no" => out_biz_no,
+            "production_mode" => production_mode,
+            "description" => description,
+            "callback_params" => callback_params,
+            "android" => android,
+            "ios" => ios,
+            "umeng" => umeng,
+        );
+        map.end()
+    }
 }
 
 /// A visible notification.

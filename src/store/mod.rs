@@ -401,6 +401,178 @@ pub struct PushRecord {
     pub finished_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Fields cut to [`DETAIL_FIELD_BYTES`] in this answer (absent when none was): a cut
+    /// JSON field becomes a string holding the start of its JSON text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
+}
+
+/// Bytes of any one large field (`request`, `umeng_request`, `umeng_response`,
+/// `task_status`, `description`, `error_msg`) that `GET /v1/pushes/{id}` shows.
+pub const DETAIL_FIELD_BYTES: usize = 64 * 1024;
+
+impl PushRecord {
+    /// This record with every large field cut to [`DETAIL_FIELD_BYTES`] and named in
+    /// `truncated`.
+    pub fn bounded(mut self) -> Self {
+        let mut truncated = Vec::new();
+        for (name, field) in [
+            ("request", Some(&mut self.request)),
+            ("umeng_request", self.umeng_request.as_mut()),
+            ("umeng_response", self.umeng_response.as_mut()),
+            ("task_status", self.task_status.as_mut()),
+        ] {
+            let Some(value) = field else { continue };
+            if let Some(cut) = cut_json(value) {
+                *value = Value::String(cut);
+                truncated.push(name.to_owned());
+            }
+        }
+        for (name, field) in [
+            ("description", self.description.as_mut()),
+            ("error_msg", self.error_msg.as_mut()),
+        ] {
+            if let Some(text) = field {
+                if text.len() > DETAIL_FIELD_BYTES {
+                    text.truncate(char_boundary(text, DETAIL_FIELD_BYTES));
+                    truncated.push(name.to_owned());
+                }
+            }
+        }
+        self.truncated = truncated;
+        self
+    }
+}
+
+/// The first [`DETAIL_FIELD_BYTES`] of `value`'s JSON text when it is longer than that.
+fn cut_json(value: &Value) -> Option<String> {
+    let mut out = LimitedWriter::default();
+    if serde_json::to_writer(&mut out, value).is_ok() {
+        return None;
+    }
+    let mut text = String::from_utf8_lossy(&out.buf).into_owned();
+    text.truncate(char_boundary(&text, DETAIL_FIELD_BYTES));
+    Some(text)
+}
+
+/// The largest index <= `max` that is a char boundary of `s`.
+fn char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// Collects at most [`DETAIL_FIELD_BYTES`] bytes, then fails, so serialising a large value
+/// stops early instead of building all of it.
+#[derive(Default)]
+struct LimitedWriter {
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for LimitedWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = DETAIL_FIELD_BYTES - self.buf.len();
+        if data.len() > room {
+            self.buf.extend_from_slice(&data[..room]);
+            return Err(std::io::Error::other("field longer than the bound"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stored push as a history list shows it: what it was and how it ended, without the
+/// stored request and Umeng bodies (those are on `GET /v1/pushes/{id}`). `description` and
+/// `error_msg` hold at most [`SUMMARY_TEXT_CHARS`] characters here.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PushSummary {
+    pub id: String,
+    pub app: String,
+    pub platform: String,
+    #[serde(rename = "type")]
+    pub cast_type: String,
+    pub task_class: bool,
+    pub production_mode: bool,
+    pub client: String,
+    pub out_biz_no: Option<String>,
+    pub status: PushStatus,
+    /// The first 256 characters.
+    pub description: Option<String>,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    pub file_id: Option<String>,
+    pub error_code: Option<String>,
+    /// The first 256 characters.
+    pub error_msg: Option<String>,
+    pub http_status: Option<u16>,
+    pub latency_ms: Option<i64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub sent_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// Characters of `description` and `error_msg` a [`PushSummary`] carries.
+pub const SUMMARY_TEXT_CHARS: u32 = 256;
+
+/// The largest page of history a caller may ask for.
+pub const MAX_PAGE: u32 = 200;
+
+/// Where the next (older) page of history starts: rows strictly before this
+/// `(created_at, id)` in the history order (newest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryCursor {
+    pub created_at: OffsetDateTime,
+    pub id: String,
+}
+
+impl HistoryCursor {
+    /// The cursor after `row`.
+    pub fn after(row: &PushSummary) -> Self {
+        HistoryCursor {
+            created_at: row.created_at,
+            id: row.id.clone(),
+        }
+    }
+
+    /// The opaque text form: `<unix microseconds>.<id>`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{}.{}",
+            self.created_at.unix_timestamp_nanos() / 1000,
+            self.id
+        )
+    }
+
+    /// Parse [`HistoryCursor::encode`]'s form; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Self> {
+        let (micros, id) = s.split_once('.')?;
+        if micros.len() > 20 || id.is_empty() || id.len() > 64 {
+            return None;
+        }
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return None;
+        }
+        let micros: i64 = micros.parse().ok()?;
+        let created_at =
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).ok()?;
+        Some(HistoryCursor {
+            created_at,
+            id: id.to_owned(),
+        })
+    }
 }
 
 /// Filters for [`Store::list_pushes`]. All given filters must match (AND).
@@ -419,9 +591,10 @@ pub struct PushQuery {
     pub from: Option<OffsetDateTime>,
     /// created_at < to
     pub to: Option<OffsetDateTime>,
-    /// Cursor: only ids strictly smaller than this (the last id of the previous page).
-    pub before_id: Option<String>,
-    /// Page size, 1..=200 (callers clamp).
+    /// Only rows older than this cursor (the last row of the previous page).
+    pub before: Option<HistoryCursor>,
+    /// Rows to return, 1..=[`MAX_PAGE`] + 1 (one more than a page, so a caller can tell
+    /// whether another page follows).
     pub limit: u32,
 }
 
@@ -480,8 +653,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>>;
 
-    /// Newest first (by id), at most `query.limit` rows.
-    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>>;
+    /// Newest first (by `created_at`, then `id`), at most `query.limit` rows. Reads only
+    /// the summary columns, never the stored bodies.
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>>;
 
     /// Mark `pending` pushes created more than `older_than_secs` ago as `unknown`
     /// (quota kept). Returns how many changed.
@@ -621,6 +795,34 @@ pub async fn connect(url: &str, options: &PoolOptions) -> StoreResult<std::sync:
     }
 }
 
+/// Check that `url` is a database URL [`connect`] can use, without connecting. The error
+/// never carries the URL's password.
+pub fn check_url(url: &str) -> StoreResult<()> {
+    use std::str::FromStr;
+    let bad = |e: sqlx::Error| {
+        StoreError::BadUrl(format!(
+            "{}: {}",
+            redact_url(url),
+            scrub(e.to_string(), url)
+        ))
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        sqlx::postgres::PgConnectOptions::from_str(url).map_err(bad)?;
+        // sqlx accepts some URLs the url crate (and so every other tool) refuses.
+        url::Url::parse(url)
+            .map_err(|e| StoreError::BadUrl(format!("{}: {e}", redact_url(url))))?;
+        Ok(())
+    } else if url.starts_with("sqlite:") {
+        sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(bad)?;
+        Ok(())
+    } else {
+        Err(StoreError::BadUrl(format!(
+            "unsupported database url {:?}: expected postgres://, postgresql:// or sqlite:",
+            redact_url(url)
+        )))
+    }
+}
+
 /// `url` with any password replaced by `***`, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -671,13 +873,15 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> StoreError {
             // Postgres: class 08 (connection), 57P01-57P03 (shutdown / cannot connect now),
             // 53300 (too many connections), 55P03 (lock_timeout), 57014 (statement_timeout),
             // 55000 and 3D000 when a new connection finds the database closed to
-            // connections (ALLOW_CONNECTIONS false) or gone.
+            // connections (ALLOW_CONNECTIONS false) or gone, 25006 when it is read-only
+            // (a standby after a failover, or default_transaction_read_only).
             // SQLite: 5 SQLITE_BUSY, 6 SQLITE_LOCKED (after busy_timeout expired).
             let unavailable = code.starts_with("08")
                 || code.starts_with("57P")
                 || matches!(
                     code.as_str(),
                     "53300"
+                        | "25006"
                         | "55P03"
                         | "57014"
                         | "55000"
@@ -759,9 +963,105 @@ mod tests {
     }
 
     #[test]
+    fn check_url_refuses_malformed_urls_without_the_password() {
+        assert!(check_url("postgres://gw:s3cret@db:5432/gw").is_ok());
+        assert!(check_url("sqlite://data/x.db").is_ok());
+        for bad in [
+            "postgres://gw:s3cret@db:port/gw",
+            "mysql://gw:s3cret@db/gw",
+            "db.example",
+        ] {
+            let err = check_url(bad).expect_err(bad).to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
     fn scrub_removes_the_password_from_messages() {
         let msg = scrub("failed for s3cret".to_owned(), "postgres://gw:s3cret@db/gw");
         assert_eq!(msg, "failed for ***");
+    }
+
+    fn record(request: Value, description: Option<String>) -> PushRecord {
+        let now = OffsetDateTime::now_utc();
+        PushRecord {
+            id: "p".into(),
+            app: "a".into(),
+            appkey: "k".into(),
+            platform: "android".into(),
+            cast_type: "unicast".into(),
+            task_class: false,
+            production_mode: false,
+            client: "c".into(),
+            out_biz_no: None,
+            fingerprint: "f".into(),
+            status: PushStatus::Accepted,
+            description,
+            request,
+            umeng_request: Some(serde_json::json!({"small": true})),
+            umeng_response: None,
+            msg_id: None,
+            task_id: None,
+            file_id: None,
+            error_code: None,
+            error_msg: None,
+            http_status: Some(201),
+            quota_kind: None,
+            quota_window: None,
+            quota_refunded: false,
+            task_status: None,
+            task_checked_at: None,
+            latency_ms: None,
+            attempts: Vec::new(),
+            created_at: now,
+            sent_at: None,
+            finished_at: None,
+            updated_at: now,
+            truncated: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn bounded_cuts_large_fields_and_names_them() {
+        let big = serde_json::json!({"extra": "é".repeat(DETAIL_FIELD_BYTES)});
+        let r = record(big, Some("d".repeat(DETAIL_FIELD_BYTES + 1))).bounded();
+
+        assert_eq!(r.truncated, ["request", "description"]);
+        let cut = r.request.as_str().expect("a cut field is a string");
+        assert!(cut.len() <= DETAIL_FIELD_BYTES && cut.len() > DETAIL_FIELD_BYTES - 4);
+        assert!(cut.starts_with("{\"extra\":\"é"));
+        assert_eq!(
+            r.description.as_ref().map(String::len),
+            Some(DETAIL_FIELD_BYTES)
+        );
+        assert_eq!(r.umeng_request, Some(serde_json::json!({"small": true})));
+        let shown = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            shown["truncated"],
+            serde_json::json!(["request", "description"])
+        );
+    }
+
+    #[test]
+    fn bounded_leaves_small_records_alone() {
+        let request = serde_json::json!({"app": "a", "type": "unicast"});
+        let r = record(request.clone(), Some("short".into())).bounded();
+        assert!(r.truncated.is_empty());
+        assert_eq!(r.request, request);
+        assert!(serde_json::to_value(&r).unwrap().get("truncated").is_none());
+    }
+
+    #[test]
+    fn history_cursors_round_trip_and_refuse_other_text() {
+        let c = HistoryCursor {
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(1_790_000_000_123_456_000)
+                .unwrap(),
+            id: "019abcde-0000-7000-8000-000000000001".into(),
+        };
+        assert_eq!(HistoryCursor::decode(&c.encode()), Some(c));
+        for bad in ["", "x", "12", ".id", "12.", "a.b", "1.with space", "1.ü"] {
+            assert_eq!(HistoryCursor::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[tokio::test]

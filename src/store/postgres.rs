@@ -13,7 +13,8 @@ use time::OffsetDateTime;
 use super::{
     attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
     Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
-    PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
+    TaskUpdate, MAX_PAGE,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -35,6 +36,24 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at";
+
+/// How `max_connections` is shared: a quarter (1 to 4) for history reads, the rest (at
+/// least 1) for everything else.
+fn split_pool(max_connections: u32) -> (u32, u32) {
+    let read = (max_connections / 4).clamp(1, 4);
+    let write = max_connections.saturating_sub(read).max(1);
+    (write, read)
+}
+
+/// True when this session cannot write: a standby, or `default_transaction_read_only`.
+const READ_ONLY: &str =
+    "select pg_is_in_recovery() or current_setting('transaction_read_only') = 'on'";
+
+/// What a history list reads: no stored bodies, long texts cut in the database.
+const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
+     client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
+     file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
+     created_at, sent_at, finished_at, updated_at";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs \
@@ -194,6 +213,9 @@ const APPLIED_MIGRATIONS: &str = "select version from _sqlx_migrations where suc
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// A few connections of their own for history reads, so a slow history query cannot
+    /// take the connections admissions need.
+    read_pool: PgPool,
 }
 
 impl PgStore {
@@ -210,8 +232,15 @@ impl PgStore {
             })?
             .application_name("umeng-push-gateway")
             .options(SESSION_OPTIONS);
+        let (write_size, read_size) = split_pool(options.max_connections);
+        let read_pool = PgPoolOptions::new()
+            .max_connections(read_size)
+            .acquire_timeout(options.acquire_timeout)
+            .max_lifetime(MAX_LIFETIME)
+            .idle_timeout(IDLE_TIMEOUT)
+            .connect_lazy_with(connect.clone());
         let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
+            .max_connections(write_size)
             .acquire_timeout(options.acquire_timeout)
             .max_lifetime(MAX_LIFETIME)
             .idle_timeout(IDLE_TIMEOUT)
@@ -230,7 +259,7 @@ impl PgStore {
                 )),
                 other => other,
             })?;
-        Ok(Self { pool })
+        Ok(Self { pool, read_pool })
     }
 
     /// The underlying pool (for tests and operational queries).
@@ -246,7 +275,12 @@ impl Store for PgStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus::from_counts(self.pool.size(), self.pool.num_idle())
+        let write = PoolStatus::from_counts(self.pool.size(), self.pool.num_idle());
+        let read = PoolStatus::from_counts(self.read_pool.size(), self.read_pool.num_idle());
+        PoolStatus {
+            idle: write.idle + read.idle,
+            in_use: write.in_use + read.in_use,
+        }
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -264,7 +298,17 @@ impl Store for PgStore {
                 StoreError::Database(m) => StoreError::Migration(format!("not migrated: {m}")),
                 other => other,
             })?;
-        missing_migration(&MIGRATOR, &applied)
+        missing_migration(&MIGRATOR, &applied)?;
+        let read_only: bool = sqlx::query_scalar(READ_ONLY)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        if read_only {
+            return Err(StoreError::Unavailable(
+                "the database is read-only (a standby, or default_transaction_read_only)".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn now(&self) -> StoreResult<OffsetDateTime> {
@@ -336,12 +380,13 @@ impl Store for PgStore {
     }
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
-        get_push(&self.pool, push_id).await
+        get_push(&self.read_pool, push_id).await
     }
 
-    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
-        let mut qb =
-            QueryBuilder::<Postgres>::new(format!("select {PUSH_COLUMNS} from pushes where true"));
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
+        let mut qb = QueryBuilder::<Postgres>::new(format!(
+            "select {SUMMARY_COLUMNS} from pushes where true"
+        ));
         if let Some(app) = &query.app {
             qb.push(" and app = ").push_bind(app.clone());
         }
@@ -372,14 +417,23 @@ impl Store for PgStore {
         if let Some(to) = query.to {
             qb.push(" and created_at < ").push_bind(to);
         }
-        if let Some(before_id) = &query.before_id {
-            qb.push(" and id < ").push_bind(before_id.clone());
+        // A row comparison the (created_at desc, id desc) indexes serve directly.
+        if let Some(before) = &query.before {
+            qb.push(" and (created_at, id) < (")
+                .push_bind(before.created_at)
+                .push(", ")
+                .push_bind(before.id.clone())
+                .push(")");
         }
-        qb.push(" order by id desc limit ")
-            .push_bind(i64::from(query.limit.clamp(1, 200)));
-        let rows = qb.build().fetch_all(&self.pool).await.map_err(map_sqlx)?;
+        qb.push(" order by created_at desc, id desc limit ")
+            .push_bind(i64::from(query.limit.clamp(1, MAX_PAGE + 1)));
+        let rows = qb
+            .build()
+            .fetch_all(&self.read_pool)
+            .await
+            .map_err(map_sqlx)?;
         rows.iter()
-            .map(|r| push_from_row(r).map_err(map_sqlx))
+            .map(|r| summary_from_row(r).map_err(map_sqlx))
             .collect()
     }
 
@@ -641,6 +695,35 @@ fn decode_err(message: String) -> sqlx::Error {
     sqlx::Error::Decode(message.into())
 }
 
+fn summary_from_row(row: &PgRow) -> Result<PushSummary, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let http_status: Option<i32> = row.try_get("http_status")?;
+    Ok(PushSummary {
+        id: row.try_get("id")?,
+        app: row.try_get("app")?,
+        platform: row.try_get("platform")?,
+        cast_type: row.try_get("cast_type")?,
+        task_class: row.try_get("task_class")?,
+        production_mode: row.try_get("production_mode")?,
+        client: row.try_get("client")?,
+        out_biz_no: row.try_get("out_biz_no")?,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+        description: row.try_get("description")?,
+        msg_id: row.try_get("msg_id")?,
+        task_id: row.try_get("task_id")?,
+        file_id: row.try_get("file_id")?,
+        error_code: row.try_get("error_code")?,
+        error_msg: row.try_get("error_msg")?,
+        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+        latency_ms: row.try_get("latency_ms")?,
+        created_at: row.try_get("created_at")?,
+        sent_at: row.try_get("sent_at")?,
+        finished_at: row.try_get("finished_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
 fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let quota_kind: Option<String> = row.try_get("quota_kind")?;
@@ -685,5 +768,6 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
+        truncated: Vec::new(),
     })
 }

@@ -21,7 +21,8 @@ use super::postgres::missing_migration;
 use super::{
     attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
     Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
-    PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
+    TaskUpdate, MAX_PAGE,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -36,6 +37,12 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at";
+
+/// What a history list reads: no stored bodies, long texts cut in the database.
+const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
+     client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
+     file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
+     created_at, sent_at, finished_at, updated_at";
 
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status
   from idempotency_keys k join pushes p on p.id = k.push_id
@@ -361,9 +368,9 @@ impl Store for SqliteStore {
         get_push(&mut conn, push_id).await.map_err(map_sqlx)
     }
 
-    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
+    async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
         let mut qb =
-            QueryBuilder::<Sqlite>::new(format!("select {PUSH_COLUMNS} from pushes where 1"));
+            QueryBuilder::<Sqlite>::new(format!("select {SUMMARY_COLUMNS} from pushes where 1"));
         if let Some(app) = &query.app {
             qb.push(" and app = ").push_bind(app.clone());
         }
@@ -403,14 +410,19 @@ impl Store for SqliteStore {
         if let Some(to) = query.to {
             qb.push(" and created_at < ").push_bind(to_ms(to));
         }
-        if let Some(before_id) = &query.before_id {
-            qb.push(" and id < ").push_bind(before_id.clone());
+        // A row-value comparison the (created_at desc, id desc) indexes serve directly.
+        if let Some(before) = &query.before {
+            qb.push(" and (created_at, id) < (")
+                .push_bind(to_ms(before.created_at))
+                .push(", ")
+                .push_bind(before.id.clone())
+                .push(")");
         }
-        qb.push(" order by id desc limit ")
-            .push_bind(i64::from(query.limit.clamp(1, 200)));
+        qb.push(" order by created_at desc, id desc limit ")
+            .push_bind(i64::from(query.limit.clamp(1, MAX_PAGE + 1)));
         let rows = qb.build().fetch_all(&self.pool).await.map_err(map_sqlx)?;
         rows.iter()
-            .map(|r| push_from_row(r).map_err(map_sqlx))
+            .map(|r| summary_from_row(r).map_err(map_sqlx))
             .collect()
     }
 
@@ -894,6 +906,35 @@ fn opt_json(row: &SqliteRow, column: &str) -> Result<Option<Value>, sqlx::Error>
     Ok(row.try_get::<Option<Json<Value>>, _>(column)?.map(|j| j.0))
 }
 
+fn summary_from_row(row: &SqliteRow) -> Result<PushSummary, sqlx::Error> {
+    let status: String = row.try_get("status")?;
+    let http_status: Option<i64> = row.try_get("http_status")?;
+    Ok(PushSummary {
+        id: row.try_get("id")?,
+        app: row.try_get("app")?,
+        platform: row.try_get("platform")?,
+        cast_type: row.try_get("cast_type")?,
+        task_class: row.try_get("task_class")?,
+        production_mode: row.try_get("production_mode")?,
+        client: row.try_get("client")?,
+        out_biz_no: row.try_get("out_biz_no")?,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+        description: row.try_get("description")?,
+        msg_id: row.try_get("msg_id")?,
+        task_id: row.try_get("task_id")?,
+        file_id: row.try_get("file_id")?,
+        error_code: row.try_get("error_code")?,
+        error_msg: row.try_get("error_msg")?,
+        http_status: http_status.and_then(|s| u16::try_from(s).ok()),
+        latency_ms: row.try_get("latency_ms")?,
+        created_at: from_ms(row.try_get("created_at")?)?,
+        sent_at: opt_time(row, "sent_at")?,
+        finished_at: opt_time(row, "finished_at")?,
+        updated_at: from_ms(row.try_get("updated_at")?)?,
+    })
+}
+
 fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let quota_kind: Option<String> = row.try_get("quota_kind")?;
@@ -938,5 +979,6 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,
         updated_at: from_ms(row.try_get("updated_at")?)?,
+        truncated: Vec::new(),
     })
 }

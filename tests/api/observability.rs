@@ -110,6 +110,82 @@ fn settings_with_own_apps(env: &TestEnv, android: &str, ios: &str) -> Settings {
     s
 }
 
+/// True when the series `name` with exactly these labels is in the scrape, at 0.
+fn present_at_zero(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> bool {
+    samples.iter().any(|s| {
+        s.name == name
+            && s.value == 0.0
+            && s.labels.len() == labels.len()
+            && labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_umeng_series_exist_before_the_first_push() {
+    // Apps of their own: no other test in this process pushes to them.
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let suffix = &uuid::Uuid::now_v7().simple().to_string()[20..];
+    let (android, ios) = (format!("z-android-{suffix}"), format!("z-ios-{suffix}"));
+    let app = env
+        .spawn_app_with(settings_with_own_apps(&env, &android, &ios))
+        .await;
+
+    let (text, samples) = scrape(&app).await;
+
+    for (name, labels) in [
+        (
+            "pushes_total",
+            vec![
+                ("app", android.as_str()),
+                ("type", "unicast"),
+                ("outcome", "accepted"),
+            ],
+        ),
+        (
+            "pushes_total",
+            vec![
+                ("app", ios.as_str()),
+                ("type", "filecast"),
+                ("outcome", "rate_limited"),
+            ],
+        ),
+        ("idempotent_replays_total", vec![("app", ios.as_str())]),
+        (
+            "quota_rejections_total",
+            vec![
+                ("app", android.as_str()),
+                ("kind", "broadcast"),
+                ("source", "umeng"),
+            ],
+        ),
+    ] {
+        assert!(
+            present_at_zero(&samples, name, &labels),
+            "{name} {labels:?} missing before the first push:\n{text}"
+        );
+    }
+    // Series other tests in this process may have moved: present is what matters.
+    for endpoint in ["send", "status", "cancel", "upload"] {
+        assert!(
+            samples
+                .iter()
+                .any(|s| s.name == "umeng_request_duration_seconds_count"
+                    && s.labels.get("endpoint").map(String::as_str) == Some(endpoint)),
+            "no umeng_request_duration_seconds for {endpoint}:\n{text}"
+        );
+    }
+    for code in ["not_sent", "unknown"] {
+        assert!(
+            samples.iter().any(|s| s.name == "umeng_errors_total"
+                && s.labels.get("code").map(String::as_str) == Some(code)),
+            "no umeng_errors_total for {code}"
+        );
+    }
+    app.stop().await;
+}
+
 async fn metrics_count_pushes_by_outcome(backend: Backend) {
     // Arrange: a groupcast quota of one per day for the Android app.
     let env = TestEnv::new(backend).await;

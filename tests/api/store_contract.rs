@@ -7,8 +7,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
 use umeng_push_gateway::store::{
-    Admission, Attempt, Finish, NewPush, PoolOptions, PushQuery, PushStatus, QuotaAction,
-    QuotaClaim, Store, TaskUpdate,
+    Admission, Attempt, Finish, HistoryCursor, NewPush, PoolOptions, PushQuery, PushStatus,
+    QuotaAction, QuotaClaim, Store, TaskUpdate,
 };
 
 use crate::helpers::StoreCtx;
@@ -418,14 +418,17 @@ async fn cursor_pagination_covers_every_row_once(ctx: StoreCtx) {
     let mut query = all(3);
     let mut pages = 0;
     loop {
-        let page = list(store, query.clone()).await;
+        let page = match store.list_pushes(&query).await {
+            Ok(rows) => rows,
+            Err(e) => panic!("list_pushes failed: {e}"),
+        };
         assert!(page.len() <= 3, "limit honoured");
         pages += 1;
-        let Some(last) = page.last().cloned() else {
+        let Some(last) = page.last() else {
             break;
         };
-        seen.extend(page);
-        query.before_id = Some(last);
+        query.before = Some(HistoryCursor::after(last));
+        seen.extend(page.into_iter().map(|r| r.id));
     }
     assert_eq!(seen, ids, "every row exactly once, newest first");
     assert_eq!(pages, 4, "3 + 3 + 1, then an empty page");

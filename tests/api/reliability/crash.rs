@@ -264,7 +264,7 @@ async fn kill_9_under_load(backend: Backend) {
         for _ in 0..1000 {
             let page = store.list_pushes(&q).await.unwrap();
             let Some(last) = page.last() else { break };
-            q.before_id = Some(last.id.clone());
+            q.before = Some(umeng_push_gateway::store::HistoryCursor::after(last));
             all.extend(page);
         }
         all.into_iter()

@@ -4,8 +4,10 @@
 //! `#[ignore]`d here or live in `reliability/run.sh`; `RELIABILITY.md` has the figures.
 
 mod bad_input;
+mod bounds;
 mod crash;
 mod faults;
+mod figures;
 #[path = "../../../fuzz/src/check.rs"]
 mod fuzz_check;
 mod fuzz_seeds;
