@@ -33,6 +33,8 @@ pub struct Settings {
     pub history: HistorySettings,
     pub poller: PollerSettings,
     pub log: LogSettings,
+    /// The ops console at `/ui/`.
+    pub console: crate::console::ConsoleSettings,
     pub apps: Vec<AppSettings>,
     pub clients: Vec<ClientSettings>,
 }
@@ -339,6 +341,8 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// No app configured: run the built-in simulator with demo apps and the `demo` token.
     pub demo: bool,
+    /// The key console session cookies are signed with, when configured.
+    pub console_key: Option<Secret>,
 }
 
 impl Settings {
@@ -526,6 +530,7 @@ impl Config {
             ));
         }
 
+        let console_key = crate::console::load_session_key(&settings.console)?;
         let demo = apps.is_empty();
         if !demo && clients.is_empty() {
             return Err(ConfigError(
@@ -537,6 +542,7 @@ impl Config {
             apps,
             clients,
             demo,
+            console_key,
         })
     }
 
@@ -706,8 +712,8 @@ mod tests {
         let built_in = Settings::default();
         let dump = |s: &Settings| {
             format!(
-                "{:?} {:?} {:?} {:?} {:?} {:?}",
-                s.server, s.database, s.umeng, s.history, s.poller, s.log
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                s.server, s.database, s.umeng, s.history, s.poller, s.log, s.console
             )
         };
         assert_eq!(dump(&file), dump(&built_in));

@@ -5,6 +5,8 @@
 pub mod background;
 /// Settings from file and environment, validated once.
 pub mod config;
+/// The ops console at `/ui/`: server-rendered pages over the same store queries as the API.
+pub mod console;
 /// The HTTP error type (RFC 9457 problem+json).
 pub mod error;
 /// The send pipeline: admit, upload, send, record.

@@ -162,7 +162,7 @@ fn push_answer(answer: PushAnswer) -> Response {
 }
 
 /// Query string of `GET /v1/pushes`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
@@ -251,6 +251,16 @@ async fn list_pushes(
         detail: e.body_text(),
         field: None,
     })?;
+    Ok(Json(history(&gateway, &caller, p).await?))
+}
+
+/// One page of the history `caller` may see, filtered by `p` (the API and the console).
+pub async fn history(
+    gateway: &Gateway,
+    caller: &Caller,
+    p: ListParams,
+) -> Result<PushPage, ApiError> {
+    caller.require(Scope::Read)?;
     // U+0000 cannot match anything stored (and PostgreSQL rejects it in a parameter).
     for (field, v) in [
         ("app", &p.app),
@@ -290,11 +300,7 @@ async fn list_pushes(
     if let Some(app) = &p.app {
         caller.require_app(app)?;
     }
-    let apps_allowed = caller
-        .0
-        .apps
-        .clone()
-        .filter(|_| !caller.0.has_scope(Scope::Admin));
+    let apps_allowed = caller.apps_allowed();
     let query = PushQuery {
         app: p.app,
         apps_allowed,
@@ -316,11 +322,11 @@ async fn list_pushes(
     } else {
         None
     };
-    Ok(Json(PushPage { items, next_cursor }))
+    Ok(PushPage { items, next_cursor })
 }
 
 /// Load a push the caller may see (404 otherwise, so ids of other apps are not confirmed).
-async fn visible_push(
+pub async fn visible_push(
     gateway: &Gateway,
     caller: &Caller,
     id: &str,
@@ -464,10 +470,15 @@ async fn refresh_push(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PushRecord>, ApiError> {
+    Ok(Json(refresh(&gateway, &caller, &id).await?))
+}
+
+/// Refresh a task-class push's status from Umeng and return it (the API and the console).
+pub async fn refresh(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Read)?;
-    let push = visible_push(&gateway, &caller, &id).await?;
+    let push = visible_push(gateway, caller, id).await?;
     let task_id = task_of(&push, "refresh")?;
-    refresh_task(&gateway, &push.id, &push.app, &task_id)
+    refresh_task(gateway, &push.id, &push.app, &task_id)
         .await
         .map_err(|e| match e {
             RefreshError::AppGone(_) => ApiError::Conflict {
@@ -478,8 +489,7 @@ async fn refresh_push(
             RefreshError::UnknownStatus(_) => ApiError::Internal(e.to_string()),
             RefreshError::Store(e) => e.into(),
         })?;
-    let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push))
+    visible_push(gateway, caller, id).await
 }
 
 /// Cancel a task via Umeng's `/api/cancel`.
@@ -499,11 +509,16 @@ async fn cancel_push(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PushRecord>, ApiError> {
+    Ok(Json(cancel(&gateway, &caller, &id).await?))
+}
+
+/// Cancel a task-class push at Umeng and record it (the API and the console).
+pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
-    let push = visible_push(&gateway, &caller, &id).await?;
+    let push = visible_push(gateway, caller, id).await?;
     let task_id = task_of(&push, "cancel")?;
     if push.status == PushStatus::Cancelled {
-        return Ok(Json(push));
+        return Ok(push);
     }
     let app = gateway.app(&push.app).ok_or_else(|| ApiError::Conflict {
         detail: format!("app {:?} is no longer configured", push.app),
@@ -537,6 +552,5 @@ async fn cancel_push(
             },
         )
         .await?;
-    let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push))
+    visible_push(gateway, caller, id).await
 }

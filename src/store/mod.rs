@@ -307,6 +307,35 @@ pub struct PushRecord {
     pub updated_at: OffsetDateTime,
 }
 
+/// The most rows [`Store::count_pushes_by_hour`] returns.
+pub const MAX_PUSH_COUNT_ROWS: u32 = 5000;
+
+/// Pushes of one hour with one status and error code (see [`Store::count_pushes_by_hour`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourlyCount {
+    /// Start of the hour, Unix seconds.
+    pub hour: i64,
+    pub status: PushStatus,
+    pub error_code: Option<String>,
+    pub count: u64,
+}
+
+/// One row of [`Store::count_pushes_by_hour`] from its columns.
+pub(crate) fn hourly_count(
+    hour: i64,
+    status: String,
+    error_code: Option<String>,
+    count: i64,
+) -> StoreResult<HourlyCount> {
+    Ok(HourlyCount {
+        hour,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| StoreError::Database(format!("unknown push status {status:?}")))?,
+        error_code,
+        count: u64::try_from(count).unwrap_or(0),
+    })
+}
+
 /// Filters for [`Store::list_pushes`]. All given filters must match (AND).
 #[derive(Debug, Clone, Default)]
 pub struct PushQuery {
@@ -377,6 +406,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Newest first (by id), at most `query.limit` rows.
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>>;
+
+    /// Pushes created at or after `since`, counted per hour (the hour's start in Unix
+    /// seconds), status and Umeng error code, restricted to `apps_allowed` when given.
+    /// Oldest hour first; at most [`MAX_PUSH_COUNT_ROWS`] rows.
+    async fn count_pushes_by_hour(
+        &self,
+        since: OffsetDateTime,
+        apps_allowed: Option<&[String]>,
+    ) -> StoreResult<Vec<HourlyCount>>;
 
     /// Mark `pending` pushes created more than `older_than_secs` ago as `unknown`
     /// (quota kept). Returns how many changed.

@@ -1,0 +1,491 @@
+//! The ops console in a real browser: headless Chromium through WebDriver (chromedriver).
+//!
+//! Outside CI a machine without Chromium skips these tests with a message; with `CI=true`
+//! they fail when the browser cannot start. With `UMGW_CONSOLE_SCREENSHOTS=1` the SQLite
+//! runs write their screenshots to `docs/console/` (the README shows them).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+use crate::app::{
+    on_both_backends, push_body, Backend, TestApp, TestEnv, ANDROID_APP, IOS_APP,
+    TOKEN_ANDROID_ONLY, TOKEN_READER, TOKEN_SENDER,
+};
+
+on_both_backends!(
+    console_signs_in_filters_opens_refreshes_cancels_and_signs_out,
+    console_applies_scopes_app_lists_and_csrf,
+);
+
+/// One browser test at a time: each starts its own Chromium.
+static BROWSER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A chromedriver process and a browser session on it (closed on [`Browser::close`];
+/// chromedriver is killed on drop).
+struct Browser {
+    client: Client,
+    _driver: tokio::process::Child,
+    base: String,
+    shots: Option<PathBuf>,
+}
+
+fn program(env: &str, candidates: &[&str]) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Some(PathBuf::from(p));
+    }
+    candidates.iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Start Chromium (`lang` sets Accept-Language). `None` (after saying why) when the browser
+/// cannot start outside CI; a panic in CI.
+async fn browser(app: &TestApp, lang: &str, backend: Backend) -> Option<Browser> {
+    match start_browser(app, lang, backend).await {
+        Ok(b) => Some(b),
+        Err(why) if !in_ci() => {
+            eprintln!(
+                "SKIPPED: the browser cannot start ({why}); install chromium and chromium-driver"
+            );
+            None
+        }
+        Err(why) => panic!("CI=true and the browser cannot start: {why}"),
+    }
+}
+
+async fn start_browser(app: &TestApp, lang: &str, backend: Backend) -> Result<Browser, String> {
+    let driver_path = program("CHROMEDRIVER", &["/usr/bin/chromedriver"])
+        .ok_or("no chromedriver (set CHROMEDRIVER)")?;
+    let chrome = program(
+        "CHROME_BIN",
+        &["/usr/bin/chromium", "/usr/bin/chromium-browser"],
+    )
+    .ok_or("no chromium (set CHROME_BIN)")?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        l.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let driver = tokio::process::Command::new(&driver_path)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", driver_path.display()))?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chrome,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000", "--hide-scrollbars", format!("--lang={lang}")],
+            "prefs": {"intl.accept_languages": lang},
+        }),
+    );
+    let mut last = String::new();
+    // chromedriver needs a moment to listen.
+    for _ in 0..50 {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&url)
+            .await
+        {
+            Ok(client) => {
+                let shots = (backend == Backend::Sqlite
+                    && std::env::var("UMGW_CONSOLE_SCREENSHOTS").is_ok_and(|v| v == "1"))
+                .then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/console"));
+                return Ok(Browser {
+                    client,
+                    _driver: driver,
+                    base: app.base.clone(),
+                    shots,
+                });
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("no WebDriver session: {last}"))
+}
+
+impl Browser {
+    async fn goto(&self, path: &str) {
+        self.client
+            .goto(&format!("{}{path}", self.base))
+            .await
+            .unwrap_or_else(|e| panic!("goto {path}: {e}"));
+    }
+
+    async fn path(&self) -> String {
+        let u = self.client.current_url().await.expect("current url");
+        match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_owned(),
+        }
+    }
+
+    async fn find(&self, css: &str) -> fantoccini::elements::Element {
+        match self
+            .client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+        {
+            Ok(e) => e,
+            Err(e) => panic!("no element {css} on {}: {e}", self.path().await),
+        }
+    }
+
+    async fn has(&self, css: &str) -> bool {
+        !self
+            .client
+            .find_all(Locator::Css(css))
+            .await
+            .expect("find_all")
+            .is_empty()
+    }
+
+    async fn click(&self, css: &str) {
+        self.find(css).await.click().await.expect("click");
+    }
+
+    async fn text(&self, css: &str) -> String {
+        self.find(css).await.text().await.expect("text")
+    }
+
+    /// The whole visible text of the page.
+    async fn body(&self) -> String {
+        self.text("body").await
+    }
+
+    async fn sign_in(&self, token: &str) {
+        self.find("#token")
+            .await
+            .send_keys(token)
+            .await
+            .expect("type");
+        self.click("#sign-in").await;
+        self.find("#sign-out").await;
+    }
+
+    /// A PNG of the page, written to docs/console/<name>.png when asked for.
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "{name} is not a PNG");
+        if let Some(dir) = &self.shots {
+            std::fs::create_dir_all(dir).expect("docs/console");
+            std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
+        }
+    }
+
+    /// The browser's cookies as a `Cookie` header (the session cookie is HttpOnly, so only
+    /// WebDriver can read it).
+    async fn cookie_header(&self) -> String {
+        self.client
+            .get_all_cookies()
+            .await
+            .expect("cookies")
+            .iter()
+            .map(|c| format!("{}={}", c.name(), c.value()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn close(self) {
+        let _ = self.client.close().await;
+    }
+}
+
+async fn create(app: &TestApp, token: &str, body: Value) -> String {
+    let r = app.post_push_as(token, &body).await;
+    let status = r.status();
+    let v: Value = r.json().await.expect("json");
+    assert!(status.is_success(), "{status} {v}");
+    v["id"].as_str().expect("id").to_owned()
+}
+
+fn calls(env: &TestEnv, path: &str) -> usize {
+    env.sim.requests().iter().filter(|r| r.path == path).count()
+}
+
+async fn post_form(app: &TestApp, path: &str, cookie: Option<&str>, form: &str) -> u16 {
+    let mut req = app
+        .http
+        .post(format!("{}{path}", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form.to_owned());
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    req.send().await.expect("answer").status().as_u16()
+}
+
+async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend: Backend) {
+    let _one = BROWSER_LOCK.lock().await;
+    // Arrange: tasks that stay queued (so they can be cancelled), a Chinese unicast, a
+    // broadcast, and a push of the other app.
+    let env = TestEnv::with_task_step(backend, Duration::from_secs(3600)).await;
+    let app = env.spawn_app().await;
+    let mut uni = push_body(ANDROID_APP, "unicast");
+    uni["description"] = json!("订单已发货通知");
+    uni["notification"] = json!({"title": "您的订单已发货", "text": "预计明天送达"});
+    create(&app, TOKEN_SENDER, uni).await;
+    let mut bc = push_body(ANDROID_APP, "broadcast");
+    bc["out_biz_no"] = json!("console-bc-1");
+    bc["description"] = json!("weekly digest");
+    bc["production_mode"] = json!(true);
+    let bc_id = create(&app, TOKEN_SENDER, bc).await;
+    create(&app, TOKEN_SENDER, push_body(IOS_APP, "unicast")).await;
+    let Some(b) = browser(&app, "en-US", backend).await else {
+        return;
+    };
+
+    // Act + Assert: a page needs a sign-in, and comes back after it.
+    b.goto("/ui/pushes").await;
+    assert!(
+        b.path().await.starts_with("/ui/login?next="),
+        "{}",
+        b.path().await
+    );
+    b.screenshot("login").await;
+    b.find("#token")
+        .await
+        .send_keys("not-a-token")
+        .await
+        .expect("type");
+    b.click("#sign-in").await;
+    assert!(b.text(".notice.error").await.contains("not accepted"));
+    b.sign_in(TOKEN_SENDER).await;
+    assert_eq!(b.path().await, "/ui/pushes");
+
+    // History: all three pushes, CJK text intact, status badges.
+    let page = b.body().await;
+    assert!(page.contains("订单已发货通知"), "{page}");
+    assert!(page.contains("console-bc-1"), "{page}");
+    assert_eq!(
+        b.client
+            .find_all(Locator::Css("table.history tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(b.has("span.badge[data-status=accepted]").await);
+    b.screenshot("history").await;
+
+    // Filter by type: only the broadcast is left.
+    b.find("#f-type")
+        .await
+        .select_by_value("broadcast")
+        .await
+        .expect("select");
+    b.click("#apply").await;
+    b.find("table.history").await;
+    assert!(
+        b.path().await.contains("type=broadcast"),
+        "{}",
+        b.path().await
+    );
+    let rows = b
+        .client
+        .find_all(Locator::Css("table.history tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!b.body().await.contains("订单已发货通知"));
+
+    // Detail: what was sent to Umeng and what it answered.
+    b.click("a.push-link").await;
+    assert_eq!(b.path().await, format!("/ui/pushes/{bc_id}"));
+    let page = b.body().await;
+    assert!(page.contains("Body sent to Umeng"), "{page}");
+    assert!(page.contains("\"type\": \"broadcast\""), "{page}");
+    assert!(page.contains("task_id"), "{page}");
+    assert!(
+        !page.contains(crate::app::ANDROID_SECRET),
+        "the master secret is shown"
+    );
+    b.screenshot("push").await;
+
+    // Refresh asks Umeng for the task's status.
+    let before = calls(&env, "/api/status");
+    b.click("#refresh").await;
+    assert!(b.text("#notice").await.contains("refreshed"));
+    assert_eq!(calls(&env, "/api/status"), before + 1);
+
+    // Cancel asks for confirmation first; keeping it changes nothing.
+    b.click("#cancel").await;
+    assert!(b.body().await.contains("Cancel this task?"));
+    b.screenshot("cancel").await;
+    b.click("#keep").await;
+    assert_eq!(b.path().await, format!("/ui/pushes/{bc_id}"));
+    assert_eq!(calls(&env, "/api/cancel"), 0);
+    b.click("#cancel").await;
+    b.click("#confirm-cancel").await;
+    assert!(b.text("#notice").await.contains("Task cancelled"));
+    assert!(b.has("#status[data-status=cancelled]").await);
+    assert_eq!(calls(&env, "/api/cancel"), 1);
+    let api = app.get_json(&format!("/v1/pushes/{bc_id}")).await;
+    assert_eq!(api["status"], "cancelled", "{api}");
+    assert!(
+        !b.has("#cancel").await,
+        "a cancelled task offers Cancel again"
+    );
+
+    // Quotas: the production broadcast took one of the day's ten slots.
+    b.click("nav a[href='/ui/quotas']").await;
+    let page = b.body().await;
+    assert!(page.contains("broadcast"), "{page}");
+    assert!(page.contains("1 / 10"), "{page}");
+    assert!(b.has("meter").await);
+    b.screenshot("quotas").await;
+
+    // Overview: the chart and the totals.
+    b.click("nav a[href='/ui/']").await;
+    assert!(b.has("svg.chart rect.seg-ok").await);
+    let legend = b.text(".legend").await;
+    assert!(legend.contains("Accepted 2"), "{legend}");
+    assert!(legend.contains("Cancelled 1"), "{legend}");
+    b.screenshot("overview").await;
+
+    // A phone-sized screen.
+    b.client.set_window_size(375, 812).await.expect("resize");
+    b.goto("/ui/pushes").await;
+    let width: Value = b
+        .client
+        .execute("return document.documentElement.scrollWidth", vec![])
+        .await
+        .expect("scrollWidth");
+    assert!(
+        width.as_u64().is_some_and(|w| w <= 375),
+        "page is {width} px wide at 375 px"
+    );
+    b.screenshot("history-phone").await;
+    b.client.set_window_size(1280, 1000).await.expect("resize");
+
+    // Sign out: the session is gone.
+    b.click("#sign-out").await;
+    assert!(b.text(".notice.ok").await.contains("signed out"));
+    b.goto("/ui/pushes").await;
+    assert!(
+        b.path().await.starts_with("/ui/login"),
+        "{}",
+        b.path().await
+    );
+    b.close().await;
+}
+
+async fn console_applies_scopes_app_lists_and_csrf(backend: Backend) {
+    let _one = BROWSER_LOCK.lock().await;
+    // Arrange: a cancellable broadcast of the Android app, and an iOS push.
+    let env = TestEnv::with_task_step(backend, Duration::from_secs(3600)).await;
+    let app = env.spawn_app().await;
+    let bc_id = create(&app, TOKEN_SENDER, push_body(ANDROID_APP, "broadcast")).await;
+    let mut ios = push_body(IOS_APP, "unicast");
+    ios["out_biz_no"] = json!("ios-only-1");
+    let ios_id = create(&app, TOKEN_SENDER, ios).await;
+    let Some(b) = browser(&app, "zh-CN", backend).await else {
+        return;
+    };
+
+    // Chinese from Accept-Language; the reader (read scope only) sees no Cancel.
+    b.goto("/ui/login").await;
+    assert!(b.body().await.contains("登录"), "{}", b.body().await);
+    b.sign_in(TOKEN_READER).await;
+    b.goto(&format!("/ui/pushes/{bc_id}")).await;
+    assert!(b.has("#refresh").await, "the reader may refresh");
+    assert!(!b.has("#cancel").await, "the reader is offered Cancel");
+    b.goto(&format!("/ui/pushes/{bc_id}/cancel")).await;
+    assert!(b.body().await.contains("cancel"), "{}", b.body().await);
+    assert!(!b.has("#confirm-cancel").await);
+
+    // Forged POSTs: no CSRF token, a wrong one, no session; and the reader's own valid
+    // token still lacks the cancel scope. Umeng is never asked to cancel.
+    b.goto(&format!("/ui/pushes/{bc_id}")).await;
+    let csrf = b
+        .find("#refresh")
+        .await
+        .find(Locator::XPath("preceding-sibling::input[@name='csrf']"))
+        .await
+        .expect("csrf input")
+        .attr("value")
+        .await
+        .expect("value")
+        .expect("a csrf value");
+    let cookie = b.cookie_header().await;
+    let cancel = format!("/ui/pushes/{bc_id}/cancel");
+    assert_eq!(post_form(&app, &cancel, Some(&cookie), "").await, 403);
+    assert_eq!(
+        post_form(&app, &cancel, Some(&cookie), "csrf=00ff").await,
+        403
+    );
+    assert_eq!(
+        post_form(&app, &cancel, None, &format!("csrf={csrf}")).await,
+        403
+    );
+    assert_eq!(
+        post_form(&app, &cancel, Some(&cookie), &format!("csrf={csrf}")).await,
+        403
+    );
+    let refresh = format!("/ui/pushes/{bc_id}/refresh");
+    let before = calls(&env, "/api/status");
+    assert_eq!(
+        post_form(&app, &refresh, Some(&cookie), "csrf=bad").await,
+        403
+    );
+    assert_eq!(calls(&env, "/api/status"), before);
+    assert_eq!(calls(&env, "/api/cancel"), 0);
+    let api = app.get_json(&format!("/v1/pushes/{bc_id}")).await;
+    assert_ne!(api["status"], "cancelled", "{api}");
+
+    // The language switch.
+    b.click("a.lang").await;
+    assert!(b.body().await.contains("Sign out"), "{}", b.body().await);
+    b.click("a.lang").await;
+    assert!(b.body().await.contains("退出"));
+    b.click("#sign-out").await;
+
+    // A client limited to the Android app never sees the iOS push.
+    b.sign_in(TOKEN_ANDROID_ONLY).await;
+    b.goto("/ui/pushes").await;
+    let page = b.body().await;
+    assert!(!page.contains("ios-only-1"), "{page}");
+    assert!(!page.contains(IOS_APP), "{page}");
+    assert_eq!(
+        b.client
+            .find_all(Locator::Css("table.history tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    b.screenshot("history-zh").await;
+    b.goto(&format!("/ui/pushes/{ios_id}")).await;
+    assert!(!b.body().await.contains("ios-only-1"));
+    let status = app
+        .http
+        .get(format!("{}/ui/pushes/{ios_id}", app.base))
+        .header("cookie", b.cookie_header().await)
+        .send()
+        .await
+        .expect("answer")
+        .status();
+    assert_eq!(status, 404);
+    b.goto(&format!("/ui/pushes?app={IOS_APP}")).await;
+    assert!(b.has("#filter-error").await);
+    assert!(!b.body().await.contains("ios-only-1"));
+    b.goto("/ui/quotas").await;
+    assert!(!b.body().await.contains(IOS_APP));
+    b.goto("/ui/").await;
+    let legend = b.text(".legend").await;
+    assert!(legend.contains("已接受 1"), "{legend}");
+    b.close().await;
+}
