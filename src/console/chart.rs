@@ -36,7 +36,8 @@ fn axis_max(max: u64) -> u64 {
     while step * 10 < max {
         step *= 10;
     }
-    for m in [1, 2, 5, 10] {
+    // Even multiples, so the middle grid line is a whole number.
+    for m in [2, 4, 6, 8, 10] {
         if step * m >= max {
             return step * m;
         }
@@ -136,11 +137,12 @@ mod tests {
 
     #[test]
     fn axis_rounds_up() {
-        assert_eq!(axis_max(0), 1);
-        assert_eq!(axis_max(3), 5);
-        assert_eq!(axis_max(7), 10);
+        assert_eq!(axis_max(0), 2);
+        assert_eq!(axis_max(3), 4);
+        assert_eq!(axis_max(7), 8);
         assert_eq!(axis_max(11), 20);
         assert_eq!(axis_max(180), 200);
+        assert_eq!(axis_max(1000), 1000);
     }
 
     #[test]

@@ -130,6 +130,7 @@ const TEXTS: &[(&str, &str, &str)] = &[
     ("created", "Created", "创建时间"),
     ("id", "Push id", "推送 ID"),
     ("description", "Description", "描述"),
+    ("notif_title", "Notification title", "通知标题"),
     ("error", "Error", "错误"),
     ("reference", "msg_id / task_id", "msg_id / task_id"),
     ("no_pushes", "No pushes match these filters.", "没有符合条件的推送。"),

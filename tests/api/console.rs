@@ -15,6 +15,7 @@ use crate::app::{
     on_both_backends, push_body, Backend, TestApp, TestEnv, ANDROID_APP, IOS_APP,
     TOKEN_ANDROID_ONLY, TOKEN_READER, TOKEN_SENDER,
 };
+use crate::helpers::TestDb;
 
 on_both_backends!(
     console_signs_in_filters_opens_refreshes_cancels_and_signs_out,
@@ -228,12 +229,56 @@ async fn post_form(app: &TestApp, path: &str, cookie: Option<&str>, form: &str) 
     req.send().await.expect("answer").status().as_u16()
 }
 
+/// Pushes over the past day for the overview and history: nine Android unicasts, created
+/// 18, 16 ... 2 hours ago, two of them failed with Umeng error 2018 and one unknown.
+/// Returns how many.
+async fn earlier_day(env: &TestEnv, app: &TestApp) -> usize {
+    const TEXTS: [&str; 9] = [
+        "会员日优惠提醒",
+        "Order #1042 shipped",
+        "直播开始提醒",
+        "Password changed",
+        "购物车商品降价",
+        "Weekly summary",
+        "每日签到提醒",
+        "Flash sale starts",
+        "物流状态更新",
+    ];
+    for (i, text) in TEXTS.iter().enumerate() {
+        let mut body = push_body(ANDROID_APP, "unicast");
+        body["description"] = json!(text);
+        body["notification"] = json!({"title": text, "text": text});
+        let id = create(app, TOKEN_SENDER, body).await;
+        let hours = (TEXTS.len() - i) * 2;
+        env.db
+            .execute(&match env.db {
+                TestDb::Sqlite(_) => format!(
+                    "update pushes set created_at = created_at - {hours} * 3600000 where id = '{id}'"
+                ),
+                TestDb::Postgres(_) => format!(
+                    "update pushes set created_at = created_at - interval '{hours} hours' where id = '{id}'"
+                ),
+            })
+            .await;
+        let outcome = match i {
+            2 | 5 => "status = 'failed', error_code = '2018', error_msg = 'device token expired'",
+            7 => "status = 'unknown'",
+            _ => continue,
+        };
+        env.db
+            .execute(&format!("update pushes set {outcome} where id = '{id}'"))
+            .await;
+    }
+    TEXTS.len()
+}
+
 async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend: Backend) {
     let _one = BROWSER_LOCK.lock().await;
     // Arrange: tasks that stay queued (so they can be cancelled), a Chinese unicast, a
     // broadcast, and a push of the other app.
     let env = TestEnv::with_task_step(backend, Duration::from_secs(3600)).await;
     let app = env.spawn_app().await;
+    let earlier = earlier_day(&env, &app).await;
     let mut uni = push_body(ANDROID_APP, "unicast");
     uni["description"] = json!("订单已发货通知");
     uni["notification"] = json!({"title": "您的订单已发货", "text": "预计明天送达"});
@@ -266,7 +311,7 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
     b.sign_in(TOKEN_SENDER).await;
     assert_eq!(b.path().await, "/ui/pushes");
 
-    // History: all three pushes, CJK text intact, status badges.
+    // History: every push, CJK text intact, status badges.
     let page = b.body().await;
     assert!(page.contains("订单已发货通知"), "{page}");
     assert!(page.contains("console-bc-1"), "{page}");
@@ -276,8 +321,9 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
             .await
             .unwrap()
             .len(),
-        3
+        3 + earlier
     );
+    assert!(b.has("span.badge[data-status=failed]").await);
     assert!(b.has("span.badge[data-status=accepted]").await);
     b.screenshot("history").await;
 
@@ -352,8 +398,12 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
     b.click("nav a[href='/ui/']").await;
     assert!(b.has("svg.chart rect.seg-ok").await);
     let legend = b.text(".legend").await;
-    assert!(legend.contains("Accepted 2"), "{legend}");
+    assert!(legend.contains("Accepted 8"), "{legend}");
+    assert!(legend.contains("Failed 2"), "{legend}");
+    assert!(legend.contains("Unknown 1"), "{legend}");
     assert!(legend.contains("Cancelled 1"), "{legend}");
+    let codes = b.text("#codes").await;
+    assert!(codes.contains("2018 2"), "{codes}");
     b.screenshot("overview").await;
 
     // A phone-sized screen.
@@ -368,6 +418,14 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
         width.as_u64().is_some_and(|w| w <= 375),
         "page is {width} px wide at 375 px"
     );
+    b.client
+        .execute(
+            "const t = document.querySelector('table.history'); \
+             window.scrollTo(0, t.getBoundingClientRect().top + window.scrollY - 12);",
+            vec![],
+        )
+        .await
+        .expect("scroll");
     b.screenshot("history-phone").await;
     b.client.set_window_size(1280, 1000).await.expect("resize");
 
