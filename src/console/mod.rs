@@ -255,3 +255,79 @@ impl ConsoleState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_key_sources_are_checked() {
+        let none = ConsoleSettings::default();
+        assert!(load_session_key(&none).unwrap().is_none());
+
+        let inline = ConsoleSettings {
+            session_key: Some(Secret::new("k".repeat(40))),
+            ..ConsoleSettings::default()
+        };
+        assert_eq!(
+            load_session_key(&inline).unwrap().unwrap().expose(),
+            "k".repeat(40)
+        );
+
+        let short = ConsoleSettings {
+            session_key: Some(Secret::new("short")),
+            ..ConsoleSettings::default()
+        };
+        let err = load_session_key(&short).unwrap_err().to_string();
+        assert!(err.contains("at least 32 characters"), "{err}");
+        assert!(
+            !err.contains("short"),
+            "the key leaks into the error: {err}"
+        );
+
+        let two = ConsoleSettings {
+            session_key_env: Some("UMGW_TEST_CONSOLE_KEY_UNSET".into()),
+            ..inline.clone()
+        };
+        let err = load_session_key(&two).unwrap_err().to_string();
+        assert!(err.contains("at most one"), "{err}");
+
+        let unset = ConsoleSettings {
+            session_key_env: Some("UMGW_TEST_CONSOLE_KEY_UNSET".into()),
+            ..ConsoleSettings::default()
+        };
+        let err = load_session_key(&unset).unwrap_err().to_string();
+        assert!(
+            err.contains("UMGW_TEST_CONSOLE_KEY_UNSET is not set"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("{}\n", "f".repeat(64))).unwrap();
+        let file = ConsoleSettings {
+            session_key_file: Some(path),
+            ..ConsoleSettings::default()
+        };
+        assert_eq!(
+            load_session_key(&file).unwrap().unwrap().expose(),
+            "f".repeat(64)
+        );
+
+        let ttl = ConsoleSettings {
+            session_ttl_secs: 0,
+            ..ConsoleSettings::default()
+        };
+        let err = load_session_key(&ttl).unwrap_err().to_string();
+        assert!(err.contains("console.session_ttl_secs"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_session_key() {
+        let s = ConsoleSettings {
+            session_key: Some(Secret::new("x".repeat(40))),
+            ..ConsoleSettings::default()
+        };
+        assert!(!format!("{s:?}").contains("xxxx"));
+    }
+}

@@ -20,6 +20,10 @@ use crate::helpers::TestDb;
 on_both_backends!(
     console_signs_in_filters_opens_refreshes_cancels_and_signs_out,
     console_applies_scopes_app_lists_and_csrf,
+    console_answers_carry_the_security_headers_and_cookie_flags,
+    console_sign_in_needs_its_csrf_token_and_a_read_scope,
+    console_sessions_carry_across_replicas_only_with_a_shared_key,
+    console_can_be_turned_off,
 );
 
 /// One browser test at a time: each starts its own Chromium.
@@ -546,4 +550,282 @@ async fn console_applies_scopes_app_lists_and_csrf(backend: Backend) {
     let legend = b.text(".legend").await;
     assert!(legend.contains("已接受 1"), "{legend}");
     b.close().await;
+}
+
+// ----- without a browser: what the answers carry -----
+
+/// An HTTP client that does not follow redirects (to see the 303s and their cookies).
+fn plain() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+fn set_cookies(r: &reqwest::Response) -> Vec<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect()
+}
+
+/// `name=value` of cookie `name` among `Set-Cookie` values.
+fn cookie_pair(cookies: &[String], name: &str) -> Option<String> {
+    cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+}
+
+/// The value of the first hidden `csrf` input in `html`.
+fn csrf_in(html: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = html.find(marker).expect("a csrf field") + marker.len();
+    html[start..]
+        .split('"')
+        .next()
+        .expect("csrf value")
+        .to_owned()
+}
+
+/// Sign in through the form; the session cookie pair and all `Set-Cookie` values.
+async fn sign_in_http(base: &str, token: &str) -> (Option<String>, Vec<String>, u16) {
+    let http = plain();
+    let r = http
+        .get(format!("{base}/ui/login"))
+        .send()
+        .await
+        .expect("login page");
+    let nonce = cookie_pair(&set_cookies(&r), "umgw_signin").expect("a sign-in cookie");
+    let csrf = csrf_in(&r.text().await.expect("html"));
+    let r = http
+        .post(format!("{base}/ui/login"))
+        .header("cookie", nonce)
+        .form(&[("token", token), ("csrf", &csrf), ("next", "/ui/pushes")])
+        .send()
+        .await
+        .expect("sign in");
+    let status = r.status().as_u16();
+    let cookies = set_cookies(&r);
+    (cookie_pair(&cookies, "umgw_session"), cookies, status)
+}
+
+async fn console_answers_carry_the_security_headers_and_cookie_flags(backend: Backend) {
+    // Arrange
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app().await;
+    let mut settings = env.settings();
+    settings.console.secure_cookies = true;
+    let tls = env.spawn_app_with(settings).await;
+
+    // Act
+    let r = plain()
+        .get(format!("{}/ui/login", app.base))
+        .send()
+        .await
+        .expect("answer");
+    let (session, cookies, status) = sign_in_http(&app.base, TOKEN_SENDER).await;
+    let (_, tls_cookies, _) = sign_in_http(&tls.base, TOKEN_SENDER).await;
+
+    // Assert: the page's headers
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert!(!csp.contains("script-src"), "{csp}");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["cache-control"], "no-store");
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html; charset=utf-8"));
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "inline script in the page");
+    assert!(!html.contains("style=\""), "inline style in the page");
+    // ... and the session cookie's flags.
+    assert_eq!(status, 303);
+    assert!(session.is_some(), "{cookies:?}");
+    let line = cookies
+        .iter()
+        .find(|c| c.starts_with("umgw_session="))
+        .unwrap();
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age=28800"] {
+        assert!(line.contains(flag), "{flag} missing: {line}");
+    }
+    assert!(!line.contains("Secure"), "{line}");
+    let tls_line = tls_cookies
+        .iter()
+        .find(|c| c.starts_with("umgw_session="))
+        .unwrap();
+    assert!(tls_line.contains("; Secure"), "{tls_line}");
+    // The stylesheet is served from the binary.
+    let css = plain()
+        .get(format!("{}/ui/assets/style.css", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(css.status(), 200);
+    assert!(css.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/css"));
+}
+
+async fn console_sign_in_needs_its_csrf_token_and_a_read_scope(backend: Backend) {
+    // Arrange
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings
+        .clients
+        .push(umeng_push_gateway::config::ClientSettings {
+            name: "send-only".into(),
+            token_sha256: Some(umeng_push_gateway::config::token_sha256_hex(
+                "token-send-only",
+            )),
+            token_sha256_env: None,
+            scopes: vec![umeng_push_gateway::config::Scope::Send],
+            apps: None,
+        });
+    let app = env.spawn_app_with(settings).await;
+    let http = plain();
+    let page = http
+        .get(format!("{}/ui/login", app.base))
+        .send()
+        .await
+        .unwrap();
+    let nonce = cookie_pair(&set_cookies(&page), "umgw_signin").unwrap();
+    let csrf = csrf_in(&page.text().await.unwrap());
+    let post = |cookie: Option<String>, form: Vec<(&'static str, String)>| {
+        let mut req = http.post(format!("{}/ui/login", app.base)).form(&form);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send()
+    };
+
+    // Act + Assert: a valid token without the form's CSRF token, with another nonce's, or
+    // without the nonce cookie is refused and signs nobody in.
+    for (cookie, form) in [
+        (
+            Some(nonce.clone()),
+            vec![("token", TOKEN_SENDER.to_owned())],
+        ),
+        (
+            Some("umgw_signin=00112233".to_owned()),
+            vec![("token", TOKEN_SENDER.to_owned()), ("csrf", csrf.clone())],
+        ),
+        (
+            None,
+            vec![("token", TOKEN_SENDER.to_owned()), ("csrf", csrf.clone())],
+        ),
+    ] {
+        let r = post(cookie, form).await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(cookie_pair(&set_cookies(&r), "umgw_session").is_none());
+    }
+    // A wrong token is told so; a client without the read scope too.
+    let r = post(
+        Some(nonce.clone()),
+        vec![("token", "wrong".to_owned()), ("csrf", csrf.clone())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("This token is not accepted."));
+    let r = post(
+        Some(nonce.clone()),
+        vec![
+            ("token", "token-send-only".to_owned()),
+            ("csrf", csrf.clone()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(cookie_pair(&set_cookies(&r), "umgw_session").is_none());
+    // A forged or tampered session is no session.
+    let (session, _, _) = sign_in_http(&app.base, TOKEN_SENDER).await;
+    let session = session.unwrap();
+    let tampered = format!("{}0", session);
+    for cookie in [tampered, "umgw_session=7b7d.00".to_owned()] {
+        let r = http
+            .get(format!("{}/ui/pushes", app.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        assert!(r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/ui/login"));
+    }
+    let r = http
+        .get(format!("{}/ui/pushes", app.base))
+        .header("cookie", session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+async fn console_sessions_carry_across_replicas_only_with_a_shared_key(backend: Backend) {
+    // Arrange: two replicas with one configured key, a third with its own.
+    let env = TestEnv::new(backend).await;
+    let mut shared = env.settings();
+    shared.console.session_key = Some(umeng_push_gateway::secret::Secret::new(
+        "0123456789abcdef0123456789abcdef-shared",
+    ));
+    let a = env.spawn_app_with(shared.clone()).await;
+    let b = env.spawn_app_with(shared).await;
+    let other = env.spawn_app().await;
+
+    // Act
+    let (session, _, _) = sign_in_http(&a.base, TOKEN_SENDER).await;
+    let session = session.unwrap();
+    let on = |base: String| {
+        let session = session.clone();
+        async move {
+            plain()
+                .get(format!("{base}/ui/quotas"))
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+
+    // Assert
+    assert_eq!(on(a.base.clone()).await, 200);
+    assert_eq!(on(b.base.clone()).await, 200);
+    assert_eq!(on(other.base.clone()).await, 303);
+}
+
+async fn console_can_be_turned_off(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.console.enabled = false;
+    let app = env.spawn_app_with(settings).await;
+
+    for path in ["/ui/", "/ui/login", "/ui/assets/style.css"] {
+        let r = plain()
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    // The API is still there.
+    assert_eq!(app.get("/v1/pushes").await.status(), 200);
 }
