@@ -24,6 +24,7 @@ on_both_backends!(
     console_sign_in_needs_its_csrf_token_and_a_read_scope,
     console_sessions_carry_across_replicas_only_with_a_shared_key,
     console_can_be_turned_off,
+    console_bad_input_gets_a_clear_page_not_a_500,
 );
 
 /// One browser test at a time: each starts its own Chromium.
@@ -828,4 +829,113 @@ async fn console_can_be_turned_off(backend: Backend) {
     }
     // The API is still there.
     assert_eq!(app.get("/v1/pushes").await.status(), 200);
+}
+
+async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
+    // Arrange
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app().await;
+    create(&app, TOKEN_SENDER, push_body(ANDROID_APP, "unicast")).await;
+    let (session, _, _) = sign_in_http(&app.base, TOKEN_SENDER).await;
+    let session = session.unwrap();
+    let get = |path: &'static str| {
+        let session = session.clone();
+        let base = app.base.clone();
+        async move {
+            let r = plain()
+                .get(format!("{base}{path}"))
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+
+    // Act + Assert: bad filters name the field; the page still renders.
+    let (status, html) = get("/ui/pushes?from=yesterday").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("from: must be an RFC 3339 time"), "{html}");
+    let (status, html) = get("/ui/pushes?status=lost").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("unknown status"), "{html}");
+    let (status, _) = get("/ui/pushes?app=test-android&unknown=1&cursor=zzz").await;
+    assert_eq!(status, 200);
+    // A time from the form's datetime-local field is Beijing time: the push made just now
+    // is after a start one hour ago, and not before it.
+    let an_hour_ago = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .to_offset(time::macros::offset!(+8));
+    let local = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}",
+        an_hour_ago.year(),
+        u8::from(an_hour_ago.month()),
+        an_hour_ago.day(),
+        an_hour_ago.hour(),
+        an_hour_ago.minute()
+    );
+    let after = plain()
+        .get(format!("{}/ui/pushes?from={local}", app.base))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        after.contains("push-link"),
+        "nothing after {local}: {after}"
+    );
+    let before = plain()
+        .get(format!("{}/ui/pushes?to={local}", app.base))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!before.contains("push-link"), "a push before {local}");
+    // Ids that cannot exist, and unknown pages.
+    for path in ["/ui/pushes/%00", "/ui/pushes/nope", "/ui/nothing/here"] {
+        let (status, html) = get(path).await;
+        assert_eq!(status, 404, "{path}");
+        assert!(html.contains("<!doctype html>"), "{path}: {html}");
+    }
+    let (status, _) = get("/ui/pushes/nope/cancel").await;
+    assert_eq!(status, 404);
+    // Refresh of a unicast: the API's 409, shown on the push page.
+    let id = create(&app, TOKEN_SENDER, push_body(ANDROID_APP, "unicast")).await;
+    let page = plain()
+        .get(format!("{}/ui/pushes/{id}", app.base))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = csrf_in(&page);
+    let r = plain()
+        .post(format!("{}/ui/pushes/{id}/refresh", app.base))
+        .header("cookie", session.clone())
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("only for task-class pushes"));
+    // An oversized form is refused before it is read.
+    let r = plain()
+        .post(format!("{}/ui/login", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", "a".repeat(64 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
 }
