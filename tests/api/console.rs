@@ -364,13 +364,18 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
         !page.contains(crate::app::ANDROID_SECRET),
         "the master secret is shown"
     );
-    b.screenshot("push").await;
 
-    // Refresh asks Umeng for the task's status.
+    // Refresh asks Umeng for the task's status: the timeline and the counters show it.
     let before = calls(&env, "/api/status");
     b.click("#refresh").await;
     assert!(b.text("#notice").await.contains("refreshed"));
     assert_eq!(calls(&env, "/api/status"), before + 1);
+    assert!(b.text(".timeline").await.contains("Task status checked"));
+    let counters = b.text(".counters").await;
+    for label in ["Sent", "Opened", "Dismissed"] {
+        assert!(counters.contains(label), "{counters}");
+    }
+    b.screenshot("push").await;
 
     // Cancel asks for confirmation first; keeping it changes nothing.
     b.click("#cancel").await;
