@@ -857,7 +857,30 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
         }
     };
 
-    // Act + Assert: bad filters name the field; the page still renders.
+    // Act + Assert: caller text is escaped, never markup.
+    let mut evil = push_body(ANDROID_APP, "unicast");
+    evil["description"] = json!("<script>alert(1)</script>");
+    evil["notification"]["title"] = json!("<img src=x onerror=alert(1)>");
+    let evil_id = create(&app, TOKEN_SENDER, evil).await;
+    let (_, html) = get("/ui/pushes").await;
+    assert!(html.contains("&lt;script&gt;alert(1)&lt;"), "{html}");
+    assert!(!html.contains("<script>"), "{html}");
+    let html = plain()
+        .get(format!("{}/ui/pushes/{evil_id}", app.base))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!html.contains("<img src=x"), "{html}");
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "{html}"
+    );
+
+    // Bad filters name the field; the page still renders.
     let (status, html) = get("/ui/pushes?from=yesterday").await;
     assert_eq!(status, 422);
     assert!(html.contains("from: must be an RFC 3339 time"), "{html}");
