@@ -617,8 +617,13 @@ pub async fn confirm_cancel(
         Ok(p) => p,
         Err(e) => return error_page(&state, &session, e),
     };
+    let detail = PushDetail::of(&push, lang);
+    if !detail.cancellable {
+        // Nothing to confirm: the push page says why there is no Cancel.
+        return see_other(&format!("/ui/pushes/{}", push.id), &[]);
+    }
     let mut ctx = base(lang, Some(&session), "history", &here(&uri));
-    ctx.insert("p".into(), json!(PushDetail::of(&push, lang)));
+    ctx.insert("p".into(), json!(detail));
     state.render(StatusCode::OK, "cancel.html", Value::Object(ctx))
 }
 

@@ -395,6 +395,8 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
         !b.has("#cancel").await,
         "a cancelled task offers Cancel again"
     );
+    b.goto(&format!("/ui/pushes/{bc_id}/cancel")).await;
+    assert_eq!(b.path().await, format!("/ui/pushes/{bc_id}"));
 
     // Quotas: the production broadcast took one of the day's ten slots.
     b.click("nav a[href='/ui/quotas']").await;
@@ -437,6 +439,23 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
         .await
         .expect("scroll");
     b.screenshot("history-phone").await;
+    for path in [
+        "/ui/".to_owned(),
+        "/ui/quotas".to_owned(),
+        format!("/ui/pushes/{bc_id}"),
+        format!("/ui/pushes/{bc_id}/cancel"),
+    ] {
+        b.goto(&path).await;
+        let width: Value = b
+            .client
+            .execute("return document.documentElement.scrollWidth", vec![])
+            .await
+            .expect("scrollWidth");
+        assert!(
+            width.as_u64().is_some_and(|w| w <= 375),
+            "{path} is {width} px wide at 375 px"
+        );
+    }
     b.client.set_window_size(1280, 1000).await.expect("resize");
 
     // Sign out: the session is gone.
