@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::http::auth::Caller;
 use crate::http::pushes::{self, ListParams};
 use crate::http::quotas;
-use crate::store::PushStatus;
+use crate::store::{HourlyCount, PushStatus};
 
 type St = State<Arc<ConsoleState>>;
 
@@ -305,40 +305,12 @@ async fn overview_page(
     let apps = session.caller.apps_allowed();
     let rows = store.count_pushes_by_hour(since, apps.as_deref()).await?;
 
-    let mut bars: Vec<HourBar> = (0..24)
-        .map(|i| {
-            let hour = first + i * 3600;
-            HourBar {
-                hour,
-                label: chart::hour_label(hour),
-                counts: [0; 5],
-                total: 0,
-            }
-        })
-        .collect();
-    let mut totals = [0u64; 5];
-    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
-    let mut pending = 0;
-    for r in &rows {
-        let group = view::outcome(r.status);
-        if let Some(bar) = usize::try_from((r.hour - first).div_euclid(3600))
-            .ok()
-            .and_then(|i| bars.get_mut(i))
-        {
-            bar.counts[group] += r.count;
-            bar.total += r.count;
-        }
-        totals[group] += r.count;
-        if r.status == PushStatus::Pending {
-            pending += r.count;
-        }
-        if let Some(code) = &r.error_code {
-            *codes.entry(code.clone()).or_default() += r.count;
-        }
-    }
-    let mut codes: Vec<(String, u64)> = codes.into_iter().collect();
-    codes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    codes.truncate(50);
+    let Tally {
+        bars,
+        totals,
+        codes,
+        pending,
+    } = tally(&rows, first);
 
     let legend: Vec<Value> = view::OUTCOMES
         .iter()
@@ -365,6 +337,59 @@ async fn overview_page(
     ctx.insert("since".into(), json!(TimeView::of(since)));
     ctx.insert("now".into(), json!(TimeView::of(now)));
     Ok(state.render(StatusCode::OK, "overview.html", Value::Object(ctx)))
+}
+
+/// The overview's numbers: 24 hourly bars from `first`, totals per outcome group, error
+/// codes by count (at most 50), and pending pushes.
+struct Tally {
+    bars: Vec<HourBar>,
+    totals: [u64; 5],
+    codes: Vec<(String, u64)>,
+    pending: u64,
+}
+
+fn tally(rows: &[HourlyCount], first: i64) -> Tally {
+    let mut bars: Vec<HourBar> = (0..24)
+        .map(|i| {
+            let hour = first + i * 3600;
+            HourBar {
+                hour,
+                label: chart::hour_label(hour),
+                counts: [0; 5],
+                total: 0,
+            }
+        })
+        .collect();
+    let mut totals = [0u64; 5];
+    let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pending = 0;
+    for r in rows {
+        let group = view::outcome(r.status);
+        if let Some(bar) = usize::try_from((r.hour - first).div_euclid(3600))
+            .ok()
+            .and_then(|i| bars.get_mut(i))
+        {
+            bar.counts[group] += r.count;
+            bar.total += r.count;
+        }
+        totals[group] += r.count;
+        if r.status == PushStatus::Pending {
+            pending += r.count;
+        }
+        if let Some(code) = &r.error_code {
+            *codes.entry(code.clone()).or_default() += r.count;
+        }
+    }
+    let mut codes: Vec<(String, u64)> = codes.into_iter().collect();
+    codes.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    codes.truncate(50);
+
+    Tally {
+        bars,
+        totals,
+        codes,
+        pending,
+    }
 }
 
 // ----- history -----
@@ -709,6 +734,36 @@ mod tests {
         );
         assert_eq!(t("2026-12-01T09:00:00Z").unwrap(), "2026-12-01T09:00:00Z");
         assert_eq!(t("  "), None);
+    }
+
+    #[test]
+    fn tally_groups_hours_outcomes_and_codes() {
+        let row = |hour: i64, status, code: Option<&str>, count| HourlyCount {
+            hour,
+            status,
+            error_code: code.map(str::to_owned),
+            count,
+        };
+        let first = 36_000;
+        let rows = [
+            row(first, PushStatus::Accepted, None, 3),
+            row(first, PushStatus::Failed, Some("2018"), 2),
+            row(first + 23 * 3600, PushStatus::Done, None, 1),
+            row(first + 23 * 3600, PushStatus::SendFailed, Some("2018"), 1),
+            row(first + 23 * 3600, PushStatus::Pending, None, 4),
+            // Outside the 24 hours (a clock step): counted in the totals only.
+            row(first + 24 * 3600, PushStatus::Unknown, Some("5000"), 1),
+        ];
+        let t = tally(&rows, first);
+        assert_eq!(t.bars.len(), 24);
+        assert_eq!((t.bars[0].counts, t.bars[0].total), ([3, 2, 0, 0, 0], 5));
+        assert_eq!((t.bars[23].counts, t.bars[23].total), ([1, 1, 0, 4, 0], 6));
+        assert_eq!(t.totals, [4, 3, 1, 4, 0]);
+        assert_eq!(
+            t.codes,
+            vec![("2018".to_owned(), 3), ("5000".to_owned(), 1)]
+        );
+        assert_eq!(t.pending, 4);
     }
 
     #[test]
