@@ -50,6 +50,8 @@ pub struct Settings {
     pub history: HistorySettings,
     pub poller: PollerSettings,
     pub log: LogSettings,
+    /// The ops console at `/ui/`.
+    pub console: crate::console::ConsoleSettings,
     pub apps: Vec<AppSettings>,
     pub clients: Vec<ClientSettings>,
 }
@@ -379,6 +381,8 @@ pub struct Config {
     pub clients: Vec<Client>,
     /// No app configured: run the built-in simulator with demo apps and the `demo` token.
     pub demo: bool,
+    /// The key console session cookies are signed with, when configured.
+    pub console_key: Option<Secret>,
 }
 
 impl Settings {
@@ -576,6 +580,7 @@ impl Config {
             ));
         }
 
+        let console_key = crate::console::load_session_key(&settings.console)?;
         let demo = apps.is_empty();
         if !demo && clients.is_empty() {
             return Err(ConfigError(
@@ -587,6 +592,7 @@ impl Config {
             apps,
             clients,
             demo,
+            console_key,
         })
     }
 
@@ -887,8 +893,8 @@ mod tests {
         let built_in = Settings::default();
         let dump = |s: &Settings| {
             format!(
-                "{:?} {:?} {:?} {:?} {:?} {:?}",
-                s.server, s.database, s.umeng, s.history, s.poller, s.log
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                s.server, s.database, s.umeng, s.history, s.poller, s.log, s.console
             )
         };
         assert_eq!(dump(&file), dump(&built_in));

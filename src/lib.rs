@@ -5,6 +5,8 @@
 pub mod background;
 /// Settings from file and environment, validated once.
 pub mod config;
+/// The ops console at `/ui/`: server-rendered pages over the same store queries as the API.
+pub mod console;
 /// A push after admission: the outcome table and the Umeng circuit breaker.
 pub mod delivery;
 /// The HTTP error type (RFC 9457 problem+json).

@@ -844,6 +844,10 @@ fn kubernetes_config_passes_check_config_with_real_secrets_only() {
             "dummy-ios-master-secret".to_owned(),
         ),
         (
+            "console-session-key",
+            "dummy-console-session-key-0123456789abcdef".to_owned(),
+        ),
+        (
             "order-service-token-sha256",
             umeng_push_gateway::config::token_sha256_hex("order"),
         ),

@@ -42,6 +42,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         }));
     }
     let (routes, _) = documented_routes(settings.metrics_enabled);
+    let mut routes = routes.with_state(Arc::clone(&gateway));
+    if gateway.config.settings.console.enabled {
+        routes = routes.merge(crate::console::router(Arc::clone(&gateway)));
+    }
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -61,8 +65,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .layer(middleware::from_fn(drop_unfit_request_id))
         .layer(SetSensitiveRequestHeadersLayer::new([
             axum::http::header::AUTHORIZATION,
+            axum::http::header::COOKIE,
         ]))
-        .with_state(gateway)
 }
 
 /// Every route with its OpenAPI description (`/metrics` only when enabled). Routes are

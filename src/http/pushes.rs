@@ -278,7 +278,7 @@ fn push_answer(answer: PushAnswer) -> Response {
 }
 
 /// Query string of `GET /v1/pushes`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
@@ -368,6 +368,16 @@ async fn list_pushes(
         detail: e.body_text(),
         field: None,
     })?;
+    Ok(Json(history(&gateway, &caller, p).await?))
+}
+
+/// One page of the history `caller` may see, filtered by `p` (the API and the console).
+pub async fn history(
+    gateway: &Gateway,
+    caller: &Caller,
+    p: ListParams,
+) -> Result<PushPage, ApiError> {
+    caller.require(Scope::Read)?;
     // U+0000 cannot match anything stored (and PostgreSQL rejects it in a parameter).
     for (field, v) in [
         ("app", &p.app),
@@ -407,11 +417,7 @@ async fn list_pushes(
     if let Some(app) = &p.app {
         caller.require_app(app)?;
     }
-    let apps_allowed = caller
-        .0
-        .apps
-        .clone()
-        .filter(|_| !caller.0.has_scope(Scope::Admin));
+    let apps_allowed = caller.apps_allowed();
     let before = p
         .cursor
         .as_deref()
@@ -442,11 +448,11 @@ async fn list_pushes(
     } else {
         None
     };
-    Ok(Json(PushPage { items, next_cursor }))
+    Ok(PushPage { items, next_cursor })
 }
 
 /// Load a push the caller may see (404 otherwise, so ids of other apps are not confirmed).
-async fn visible_push(
+pub async fn visible_push(
     gateway: &Gateway,
     caller: &Caller,
     id: &str,
@@ -610,8 +616,13 @@ async fn refresh_push(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PushRecord>, ApiError> {
+    Ok(Json(refresh(&gateway, &caller, &id).await?.bounded()))
+}
+
+/// Refresh a task-class push's status from Umeng and return it (the API and the console).
+pub async fn refresh(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Read)?;
-    let push = visible_push(&gateway, &caller, &id).await?;
+    let push = visible_push(gateway, caller, id).await?;
     let task_id = task_of(&push, "refresh")?;
     let task = TaskRef {
         push_id: &push.id,
@@ -621,7 +632,7 @@ async fn refresh_push(
         seen_checked_at: push.task_checked_at,
         claim: None,
     };
-    refresh_task(&gateway, task).await.map_err(|e| match e {
+    refresh_task(gateway, task).await.map_err(|e| match e {
         RefreshError::AppGone(_) => ApiError::Conflict {
             detail: e.to_string(),
             umeng: None,
@@ -630,8 +641,7 @@ async fn refresh_push(
         RefreshError::UnknownStatus(_) => ApiError::Internal(e.to_string()),
         RefreshError::Store(e) => e.into(),
     })?;
-    let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push.bounded()))
+    visible_push(gateway, caller, id).await
 }
 
 /// Cancel a task via Umeng's `/api/cancel`.
@@ -651,11 +661,16 @@ async fn cancel_push(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<PushRecord>, ApiError> {
+    Ok(Json(cancel(&gateway, &caller, &id).await?.bounded()))
+}
+
+/// Cancel a task-class push at Umeng and record it (the API and the console).
+pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
-    let push = visible_push(&gateway, &caller, &id).await?;
+    let push = visible_push(gateway, caller, id).await?;
     let task_id = task_of(&push, "cancel")?;
     if push.status == PushStatus::Cancelled {
-        return Ok(Json(push.bounded()));
+        return Ok(push);
     }
     let app = gateway
         .app(&push.app)
@@ -694,6 +709,5 @@ async fn cancel_push(
             },
         )
         .await?;
-    let push = visible_push(&gateway, &caller, &id).await?;
-    Ok(Json(push.bounded()))
+    visible_push(gateway, caller, id).await
 }

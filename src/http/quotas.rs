@@ -76,7 +76,19 @@ async fn list_quotas(
         detail: e.body_text(),
         field: None,
     })?;
-    let mut names: Vec<&String> = match &q.app {
+    let quotas = quota_entries(&gateway, &caller, q.app.as_deref()).await?;
+    Ok(Json(QuotaList { quotas }))
+}
+
+/// Every bucket of `app` (or of every app `caller` may use), in its current window (the API
+/// and the console).
+pub async fn quota_entries(
+    gateway: &Gateway,
+    caller: &Caller,
+    app: Option<&str>,
+) -> Result<Vec<QuotaEntry>, ApiError> {
+    caller.require(Scope::Read)?;
+    let mut names: Vec<&String> = match app {
         Some(name) => {
             // The allow-list first: a client limited to some apps gets the same 403 for an
             // app that does not exist as for one it may not use.
@@ -119,5 +131,5 @@ async fn list_quotas(
             });
         }
     }
-    Ok(Json(QuotaList { quotas }))
+    Ok(quotas)
 }

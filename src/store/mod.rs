@@ -524,6 +524,36 @@ pub struct PushSummary {
     pub updated_at: OffsetDateTime,
 }
 
+impl PushSummary {
+    /// The summary of a full record (what a history list shows of it).
+    pub fn of(r: &PushRecord) -> PushSummary {
+        let cut = |s: &Option<String>| s.as_deref().map(|s| s.chars().take(256).collect());
+        PushSummary {
+            id: r.id.clone(),
+            app: r.app.clone(),
+            platform: r.platform.clone(),
+            cast_type: r.cast_type.clone(),
+            task_class: r.task_class,
+            production_mode: r.production_mode,
+            client: r.client.clone(),
+            out_biz_no: r.out_biz_no.clone(),
+            status: r.status,
+            description: cut(&r.description),
+            msg_id: r.msg_id.clone(),
+            task_id: r.task_id.clone(),
+            file_id: r.file_id.clone(),
+            error_code: r.error_code.clone(),
+            error_msg: cut(&r.error_msg),
+            http_status: r.http_status,
+            latency_ms: r.latency_ms,
+            created_at: r.created_at,
+            sent_at: r.sent_at,
+            finished_at: r.finished_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
 /// Characters of `description` and `error_msg` a [`PushSummary`] carries.
 pub const SUMMARY_TEXT_CHARS: u32 = 256;
 
@@ -573,6 +603,35 @@ impl HistoryCursor {
             id: id.to_owned(),
         })
     }
+}
+
+/// The most rows [`Store::count_pushes_by_hour`] returns.
+pub const MAX_PUSH_COUNT_ROWS: u32 = 5000;
+
+/// Pushes of one hour with one status and error code (see [`Store::count_pushes_by_hour`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourlyCount {
+    /// Start of the hour, Unix seconds.
+    pub hour: i64,
+    pub status: PushStatus,
+    pub error_code: Option<String>,
+    pub count: u64,
+}
+
+/// One row of [`Store::count_pushes_by_hour`] from its columns.
+pub(crate) fn hourly_count(
+    hour: i64,
+    status: String,
+    error_code: Option<String>,
+    count: i64,
+) -> StoreResult<HourlyCount> {
+    Ok(HourlyCount {
+        hour,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| StoreError::Database(format!("unknown push status {status:?}")))?,
+        error_code,
+        count: u64::try_from(count).unwrap_or(0),
+    })
 }
 
 /// Filters for [`Store::list_pushes`]. All given filters must match (AND).
@@ -656,6 +715,15 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first (by `created_at`, then `id`), at most `query.limit` rows. Reads only
     /// the summary columns, never the stored bodies.
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>>;
+
+    /// Pushes created at or after `since`, counted per hour (the hour's start in Unix
+    /// seconds), status and Umeng error code, restricted to `apps_allowed` when given.
+    /// Oldest hour first; at most [`MAX_PUSH_COUNT_ROWS`] rows.
+    async fn count_pushes_by_hour(
+        &self,
+        since: OffsetDateTime,
+        apps_allowed: Option<&[String]>,
+    ) -> StoreResult<Vec<HourlyCount>>;
 
     /// Mark `pending` pushes created more than `older_than_secs` ago as `unknown`
     /// (quota kept). Returns how many changed.

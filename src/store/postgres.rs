@@ -11,10 +11,10 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
-    Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
-    PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
-    TaskUpdate, MAX_PAGE,
+    attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
+    Admission, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget,
+    PushQuery, PushRecord, PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError,
+    StoreResult, TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -31,6 +31,11 @@ const SESSION_OPTIONS: [(&str, &str); 3] = [
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+const COUNT_BY_HOUR: &str =
+    "select (floor(extract(epoch from created_at) / 3600) * 3600)::bigint as hour, \
+    status, error_code, count(*) as n from pushes \
+    where created_at >= $1 and ($2::text[] is null or app = any($2)) \
+    group by 1, 2, 3 order by 1, 2, 3 limit $3";
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
@@ -434,6 +439,30 @@ impl Store for PgStore {
             .map_err(map_sqlx)?;
         rows.iter()
             .map(|r| summary_from_row(r).map_err(map_sqlx))
+            .collect()
+    }
+
+    async fn count_pushes_by_hour(
+        &self,
+        since: OffsetDateTime,
+        apps_allowed: Option<&[String]>,
+    ) -> StoreResult<Vec<HourlyCount>> {
+        let rows = sqlx::query(COUNT_BY_HOUR)
+            .bind(since)
+            .bind(apps_allowed.map(<[String]>::to_vec))
+            .bind(i64::from(MAX_PUSH_COUNT_ROWS))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| {
+                hourly_count(
+                    r.try_get("hour").map_err(map_sqlx)?,
+                    r.try_get("status").map_err(map_sqlx)?,
+                    r.try_get("error_code").map_err(map_sqlx)?,
+                    r.try_get("n").map_err(map_sqlx)?,
+                )
+            })
             .collect()
     }
 

@@ -19,10 +19,10 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    attempts_json, attempts_of, map_sqlx, millis, redact_url, run_detached, scrub, Admission,
-    Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
-    PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
-    TaskUpdate, MAX_PAGE,
+    attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
+    Admission, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget,
+    PushQuery, PushRecord, PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError,
+    StoreResult, TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -32,6 +32,10 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
+const COUNT_BY_HOUR: &str = "select (created_at / 3600000) * 3600 as hour, status, error_code, \
+    count(*) as n from pushes where created_at >= ?1 \
+    and (?2 is null or app in (select value from json_each(?2))) \
+    group by 1, 2, 3 order by 1, 2, 3 limit ?3";
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
@@ -423,6 +427,30 @@ impl Store for SqliteStore {
         let rows = qb.build().fetch_all(&self.pool).await.map_err(map_sqlx)?;
         rows.iter()
             .map(|r| summary_from_row(r).map_err(map_sqlx))
+            .collect()
+    }
+
+    async fn count_pushes_by_hour(
+        &self,
+        since: OffsetDateTime,
+        apps_allowed: Option<&[String]>,
+    ) -> StoreResult<Vec<HourlyCount>> {
+        let rows = sqlx::query(COUNT_BY_HOUR)
+            .bind(to_ms(since))
+            .bind(apps_allowed.map(|a| Value::from(a.to_vec()).to_string()))
+            .bind(i64::from(MAX_PUSH_COUNT_ROWS))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| {
+                hourly_count(
+                    r.try_get("hour").map_err(map_sqlx)?,
+                    r.try_get("status").map_err(map_sqlx)?,
+                    r.try_get("error_code").map_err(map_sqlx)?,
+                    r.try_get("n").map_err(map_sqlx)?,
+                )
+            })
             .collect()
     }
 

@@ -4,6 +4,7 @@ mod app;
 mod background;
 mod cli;
 mod cli_ops;
+mod console;
 mod gateway;
 mod helpers;
 mod input;

@@ -38,6 +38,7 @@ crate::store_cases!(
     reclaiming_an_unknown_task_keeps_one_slot,
     saturate_marks_the_window_of_now,
     forgotten_uploads_are_not_found,
+    counts_by_hour_group_status_and_error_code_within_the_allowed_apps,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -1296,4 +1297,77 @@ async fn ready_fails_before_migrations() {
         "{before:?}"
     );
     assert!(migrated.is_ok() && store.ready().await.is_ok());
+}
+
+async fn counts_by_hour_group_status_and_error_code_within_the_allowed_apps(ctx: StoreCtx) {
+    // Arrange: two accepted and one failed push of app "shop", one accepted of app "other",
+    // one pending of "shop"; and one "shop" push two days old.
+    let store = &ctx.store;
+    let since = db_now(store).await - time::Duration::hours(24);
+    for _ in 0..2 {
+        let id = admitted(store, new_push(None), None).await;
+        assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+    }
+    let id = admitted(store, new_push(None), None).await;
+    assert!(finish_ok(store, &id, failed()).await);
+    let other = NewPush {
+        app: "other".into(),
+        ..new_push(None)
+    };
+    let id = admitted(store, other, None).await;
+    assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+    admitted(store, new_push(None), None).await;
+    let old = admitted(store, new_push(None), None).await;
+    ctx.db
+        .execute(&match ctx.db {
+            crate::helpers::TestDb::Sqlite(_) => {
+                format!("update pushes set created_at = created_at - 172800000 where id = '{old}'")
+            }
+            crate::helpers::TestDb::Postgres(_) => format!(
+                "update pushes set created_at = created_at - interval '2 days' where id = '{old}'"
+            ),
+        })
+        .await;
+
+    // Act
+    let all = store
+        .count_pushes_by_hour(since, None)
+        .await
+        .expect("counts");
+    let shop_only = store
+        .count_pushes_by_hour(since, Some(&["shop".to_string()]))
+        .await
+        .expect("counts for one app");
+
+    // Assert: every row falls in an hour (a multiple of 3600) since `since`, and the sums
+    // per (status, code) are exact; the old push and other apps are left out.
+    let sum = |rows: &[umeng_push_gateway::store::HourlyCount], status, code: Option<&str>| {
+        rows.iter()
+            .filter(|r| r.status == status && r.error_code.as_deref() == code)
+            .map(|r| r.count)
+            .sum::<u64>()
+    };
+    for r in all.iter().chain(&shop_only) {
+        assert_eq!(r.hour % 3600, 0, "{r:?}");
+        assert!(r.hour + 3600 > since.unix_timestamp(), "{r:?}");
+    }
+    assert_eq!(sum(&all, PushStatus::Accepted, None), 3, "{all:?}");
+    assert_eq!(sum(&all, PushStatus::Failed, Some("2003")), 1, "{all:?}");
+    assert_eq!(sum(&all, PushStatus::Pending, None), 1, "{all:?}");
+    assert_eq!(all.iter().map(|r| r.count).sum::<u64>(), 5, "{all:?}");
+    assert_eq!(
+        sum(&shop_only, PushStatus::Accepted, None),
+        2,
+        "{shop_only:?}"
+    );
+    assert_eq!(
+        shop_only.iter().map(|r| r.count).sum::<u64>(),
+        4,
+        "{shop_only:?}"
+    );
+    let none = store
+        .count_pushes_by_hour(since, Some(&[]))
+        .await
+        .expect("counts for no app");
+    assert!(none.is_empty(), "{none:?}");
 }

@@ -1,0 +1,337 @@
+//! What the templates see: times in Beijing time (with UTC for hovering), status badges,
+//! pushes as rows and as a detail page. Built from the store's and the API's types only.
+
+use serde::Serialize;
+use serde_json::Value;
+use time::macros::{format_description, offset};
+use time::OffsetDateTime;
+
+use super::i18n::Lang;
+use crate::store::{PushRecord, PushStatus, PushSummary};
+
+/// The most characters of one JSON body shown on a page.
+pub const MAX_BODY_CHARS: usize = 32 * 1024;
+
+/// A time as shown: Beijing time, with the UTC instant for `datetime` and hovering.
+#[derive(Debug, Serialize)]
+pub struct TimeView {
+    pub bj: String,
+    pub utc: String,
+}
+
+impl TimeView {
+    pub fn of(t: OffsetDateTime) -> TimeView {
+        let bj = t
+            .to_offset(offset!(+8))
+            .format(format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]"
+            ))
+            .unwrap_or_default();
+        let utc = t
+            .to_offset(offset!(UTC))
+            .format(format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+            ))
+            .unwrap_or_default();
+        TimeView { bj, utc }
+    }
+
+    pub fn of_unix(secs: i64) -> Option<TimeView> {
+        OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .map(TimeView::of)
+    }
+}
+
+/// Badge colour of a status: ok, bad, warn or muted.
+pub fn status_class(s: PushStatus) -> &'static str {
+    match s {
+        PushStatus::Accepted
+        | PushStatus::Done
+        | PushStatus::Queued
+        | PushStatus::Sending
+        | PushStatus::Scheduled => "ok",
+        PushStatus::Failed
+        | PushStatus::SendFailed
+        | PushStatus::Expired
+        | PushStatus::NoMatch
+        | PushStatus::TaskLost => "bad",
+        PushStatus::Unknown | PushStatus::Pending => "warn",
+        PushStatus::Cancelled => "muted",
+    }
+}
+
+/// The overview chart's outcome group of a status.
+pub fn outcome(s: PushStatus) -> usize {
+    match s {
+        PushStatus::Accepted
+        | PushStatus::Done
+        | PushStatus::Queued
+        | PushStatus::Sending
+        | PushStatus::Scheduled => 0,
+        PushStatus::Failed
+        | PushStatus::SendFailed
+        | PushStatus::Expired
+        | PushStatus::NoMatch
+        | PushStatus::TaskLost => 1,
+        PushStatus::Unknown => 2,
+        PushStatus::Pending => 3,
+        PushStatus::Cancelled => 4,
+    }
+}
+
+/// The outcome groups' keys (text keys are `o_<key>`, CSS classes `seg-<key>`).
+pub const OUTCOMES: [&str; 5] = ["ok", "failed", "unknown", "pending", "cancelled"];
+
+#[derive(Debug, Serialize)]
+pub struct StatusView {
+    pub value: &'static str,
+    pub label: &'static str,
+    pub class: &'static str,
+}
+
+pub fn status_view(s: PushStatus, lang: Lang) -> StatusView {
+    StatusView {
+        value: s.as_str(),
+        label: lang.t(status_key(s)),
+        class: status_class(s),
+    }
+}
+
+fn status_key(s: PushStatus) -> &'static str {
+    match s {
+        PushStatus::Pending => "s_pending",
+        PushStatus::Accepted => "s_accepted",
+        PushStatus::Failed => "s_failed",
+        PushStatus::Unknown => "s_unknown",
+        PushStatus::Queued => "s_queued",
+        PushStatus::Sending => "s_sending",
+        PushStatus::Done => "s_done",
+        PushStatus::SendFailed => "s_send_failed",
+        PushStatus::Cancelled => "s_cancelled",
+        PushStatus::Expired => "s_expired",
+        PushStatus::NoMatch => "s_no_match",
+        PushStatus::Scheduled => "s_scheduled",
+        PushStatus::TaskLost => "s_task_lost",
+    }
+}
+
+/// One line of history.
+#[derive(Debug, Serialize)]
+pub struct PushRow {
+    pub id: String,
+    pub short_id: String,
+    pub created: TimeView,
+    pub app: String,
+    pub cast_type: String,
+    pub status: StatusView,
+    pub client: String,
+    pub out_biz_no: Option<String>,
+    pub reference: Option<String>,
+    pub error_code: Option<String>,
+    pub description: Option<String>,
+}
+
+/// `s` cut to at most `max` characters (with an ellipsis when cut).
+pub fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+impl PushRow {
+    pub fn of(p: &PushSummary, lang: Lang) -> PushRow {
+        PushRow {
+            short_id: p
+                .id
+                .chars()
+                .rev()
+                .take(12)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect(),
+            id: p.id.clone(),
+            created: TimeView::of(p.created_at),
+            app: p.app.clone(),
+            cast_type: p.cast_type.clone(),
+            status: status_view(p.status, lang),
+            client: p.client.clone(),
+            out_biz_no: p.out_biz_no.clone(),
+            reference: p.task_id.clone().or_else(|| p.msg_id.clone()),
+            error_code: p.error_code.clone(),
+            description: p.description.as_deref().map(|d| cut(d, 80)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TimelineEntry {
+    pub at: TimeView,
+    pub label: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Counter {
+    pub label: &'static str,
+    pub value: String,
+}
+
+/// Everything the detail page shows of one push.
+#[derive(Debug, Serialize)]
+pub struct PushDetail {
+    pub row: PushRow,
+    pub platform: String,
+    pub production_mode: bool,
+    pub msg_id: Option<String>,
+    pub task_id: Option<String>,
+    pub file_id: Option<String>,
+    pub error_msg: Option<String>,
+    pub http_status: Option<u16>,
+    pub latency_ms: Option<i64>,
+    pub quota: Option<String>,
+    pub quota_refunded: bool,
+    pub title: Option<String>,
+    pub timeline: Vec<TimelineEntry>,
+    pub counters: Vec<Counter>,
+    pub request: String,
+    pub umeng_request: Option<String>,
+    pub umeng_response: Option<String>,
+    pub task_status: Option<String>,
+    /// A task whose status can be asked for.
+    pub refreshable: bool,
+    /// A task that may still be cancelled.
+    pub cancellable: bool,
+}
+
+/// A JSON body pretty-printed and cut to [`MAX_BODY_CHARS`].
+pub fn pretty(v: &Value) -> String {
+    let s = serde_json::to_string_pretty(v).unwrap_or_default();
+    cut(&s, MAX_BODY_CHARS)
+}
+
+impl PushDetail {
+    pub fn of(p: &PushRecord, lang: Lang) -> PushDetail {
+        let mut timeline = vec![TimelineEntry {
+            at: TimeView::of(p.created_at),
+            label: lang.t("tl_created"),
+            detail: format!("{} · {} · {}", p.client, p.app, p.cast_type),
+        }];
+        if let Some(t) = p.sent_at {
+            timeline.push(TimelineEntry {
+                at: TimeView::of(t),
+                label: lang.t("tl_sent"),
+                detail: String::new(),
+            });
+        }
+        for a in &p.attempts {
+            let code = a
+                .error_code
+                .as_deref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
+            timeline.push(TimelineEntry {
+                at: TimeView::of(a.started_at),
+                label: lang.t("tl_attempt"),
+                detail: format!(
+                    "#{} {} → {}{} · {} ms",
+                    a.number, a.call, a.outcome, code, a.latency_ms
+                ),
+            });
+        }
+        if let Some(t) = p.finished_at {
+            let detail = match (&p.error_code, &p.error_msg) {
+                (Some(code), Some(msg)) => format!("{code}: {}", cut(msg, 200)),
+                (Some(code), None) => code.clone(),
+                _ => p
+                    .task_id
+                    .as_ref()
+                    .map(|t| format!("task_id {t}"))
+                    .or_else(|| p.msg_id.as_ref().map(|m| format!("msg_id {m}")))
+                    .unwrap_or_default(),
+            };
+            timeline.push(TimelineEntry {
+                at: TimeView::of(t),
+                label: lang.t("tl_answered"),
+                detail,
+            });
+        }
+        if let Some(t) = p.task_checked_at {
+            timeline.push(TimelineEntry {
+                at: TimeView::of(t),
+                label: lang.t("tl_task"),
+                detail: status_view(p.status, lang).label.to_owned(),
+            });
+        }
+        let counters = p
+            .task_status
+            .as_ref()
+            .map(|ts| {
+                ["total_count", "sent_count", "open_count", "dismiss_count"]
+                    .into_iter()
+                    .filter_map(|k| {
+                        let v = ts.get(k)?;
+                        let value = match v {
+                            Value::String(s) => cut(s, 20),
+                            Value::Number(n) => n.to_string(),
+                            _ => return None,
+                        };
+                        Some(Counter {
+                            label: lang.t(k),
+                            value,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let title = p
+            .request
+            .pointer("/notification/title")
+            .or_else(|| p.request.pointer("/notification/alert/title"))
+            .and_then(Value::as_str)
+            .map(|t| cut(t, 200));
+        let has_task = p.task_class && p.task_id.is_some();
+        PushDetail {
+            row: PushRow::of(&PushSummary::of(p), lang),
+            platform: p.platform.clone(),
+            production_mode: p.production_mode,
+            msg_id: p.msg_id.clone(),
+            task_id: p.task_id.clone(),
+            file_id: p.file_id.clone(),
+            error_msg: p.error_msg.as_deref().map(|m| cut(m, 500)),
+            http_status: p.http_status,
+            latency_ms: p.latency_ms,
+            quota: p.quota_kind.map(|k| k.as_str().to_owned()),
+            quota_refunded: p.quota_refunded,
+            title,
+            timeline,
+            counters,
+            request: pretty(&p.request),
+            umeng_request: p.umeng_request.as_ref().map(pretty),
+            umeng_response: p.umeng_response.as_ref().map(pretty),
+            task_status: p.task_status.as_ref().map(pretty),
+            refreshable: has_task,
+            cancellable: has_task && !p.status.is_final_task_state(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_show_beijing_time_and_utc() {
+        let t = TimeView::of_unix(1_764_482_400).unwrap(); // 2025-11-30T06:00:00Z
+        assert_eq!(t.bj, "2025-11-30 14:00:00");
+        assert_eq!(t.utc, "2025-11-30T06:00:00Z");
+    }
+
+    #[test]
+    fn cut_counts_characters_not_bytes() {
+        assert_eq!(cut("推送网关控制台", 4), "推送网关…");
+        assert_eq!(cut("abc", 3), "abc");
+    }
+}
