@@ -74,7 +74,7 @@ impl Default for ServerSettings {
             request_timeout_secs: 90,
             shutdown_grace_secs: 30,
             metrics_enabled: true,
-            inflight_body_bytes: 48 * 1024 * 1024,
+            inflight_body_bytes: 16 * 1024 * 1024,
             header_read_timeout_secs: 20,
             max_connections: 4096,
         }
