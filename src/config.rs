@@ -93,7 +93,7 @@ impl Default for ServerSettings {
             request_timeout_secs: 90,
             shutdown_grace_secs: 30,
             metrics_enabled: true,
-            inflight_body_bytes: 48 * 1024 * 1024,
+            inflight_body_bytes: 16 * 1024 * 1024,
             header_read_timeout_secs: 20,
             max_connections: 4096,
         }
@@ -568,6 +568,18 @@ impl Config {
             ("poller.interval_secs", settings.poller.interval_secs),
             ("poller.batch_size", u64::from(settings.poller.batch_size)),
             ("poller.max_age_hours", settings.poller.max_age_hours),
+            (
+                "server.header_read_timeout_secs",
+                settings.server.header_read_timeout_secs,
+            ),
+            (
+                "server.max_connections",
+                settings.server.max_connections as u64,
+            ),
+            (
+                "server.inflight_body_bytes",
+                settings.server.inflight_body_bytes as u64,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be at least 1")));
@@ -927,6 +939,19 @@ mod tests {
             err.contains("history.purge_batch_size must be at least 1"),
             "{err}"
         );
+        for zero in [
+            "header_read_timeout_secs",
+            "max_connections",
+            "inflight_body_bytes",
+        ] {
+            let err = Config::resolve(settings(&format!("[server]\n{zero} = 0")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("server.{zero} must be at least 1")),
+                "{err}"
+            );
+        }
     }
 
     fn resolve_err(toml: &str) -> String {

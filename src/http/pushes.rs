@@ -134,37 +134,61 @@ fn parse_push(gateway: &Gateway, body: &[u8]) -> Result<PushRequest, ApiError> {
         });
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let req = serde_path_to_error::deserialize::<_, PushRequest>(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if !inner.is_data() {
-            return ApiError::BadRequest {
-                detail: format!("the body is not valid JSON: {inner}"),
-                field: None,
-            };
+    let parsed = serde_path_to_error::deserialize::<_, PushRequest>(&mut de)
+        .map_err(|e| (e.path().to_string(), e.into_inner()))
+        .and_then(|req| de.end().map(|()| req).map_err(|e| (String::new(), e)));
+    let (path, error) = match parsed {
+        Ok(req) => {
+            // Numbers that parsing rounded cannot be sent as written: refuse them by name.
+            let inexact = crate::push::inexact_numbers(body);
+            if !inexact.is_empty() {
+                count_invalid(gateway, body);
+                return Err(ApiError::Validation(inexact));
+            }
+            return Ok(req);
         }
-        count_invalid(gateway, body);
-        ApiError::Validation(vec![crate::umeng::FieldError {
-            // "." is the body itself; "" an unknown field whose name is empty.
-            field: if path == "." || path.is_empty() {
-                "(body)".into()
-            } else {
-                path
-            },
-            message: without_position(&inner.to_string()).to_owned(),
-        }])
-    })?;
-    de.end().map_err(|e| ApiError::BadRequest {
-        detail: format!("the body is not valid JSON: {e}"),
-        field: None,
-    })?;
-    // Numbers that parsing rounded cannot be sent as written: refuse them by name.
-    let inexact = crate::push::inexact_numbers(body);
-    if !inexact.is_empty() {
-        count_invalid(gateway, body);
-        return Err(ApiError::Validation(inexact));
+        Err(failure) => failure,
+    };
+    // Not JSON at all (wherever the typed parse stopped): 400, as for any syntax error.
+    // Skipping values builds nothing, whatever the size.
+    if let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(ApiError::BadRequest {
+            detail: format!("the body is not valid JSON: {syntax}"),
+            field: None,
+        });
     }
-    Ok(req)
+    count_invalid(gateway, body);
+    let (path, message) = if error.is_data() {
+        (path, without_position(&error.to_string()).to_owned())
+    } else {
+        // Valid JSON of the wrong shape where the streaming parser reports only what it
+        // expected next (e.g. an array where a cast type belongs): a small body is parsed
+        // again through a JSON value for serde's usual message.
+        shape_error(body).unwrap_or((path, "has the wrong type".to_owned()))
+    };
+    Err(ApiError::Validation(vec![crate::umeng::FieldError {
+        // "." is the body itself; "" an unknown field whose name is empty.
+        field: if path == "." || path.is_empty() {
+            "(body)".into()
+        } else {
+            path
+        },
+        message,
+    }]))
+}
+
+/// Bodies up to this size may be parsed a second time, through a generic JSON value, to
+/// word an error (only after the typed parse failed on valid JSON).
+const SHAPE_ERROR_REPARSE_BYTES: usize = 256 * 1024;
+
+/// The path and message of the typed error, read through a JSON value (small bodies only).
+fn shape_error(body: &[u8]) -> Option<(String, String)> {
+    if body.len() > SHAPE_ERROR_REPARSE_BYTES {
+        return None;
+    }
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let e = serde_path_to_error::deserialize::<_, PushRequest>(&value).err()?;
+    Some((e.path().to_string(), e.into_inner().to_string()))
 }
 
 /// A serde_json message without its " at line L column C" suffix: the field path says

@@ -18,7 +18,6 @@ on_both_backends!(
     history_lists_summaries_and_never_stores_file_lines,
     walking_history_at_the_largest_page_sees_every_row,
     history_pages_by_creation_time_with_from_and_to,
-    a_read_only_database_is_503_and_not_ready,
 );
 
 /// `n` pushes through the API, `workers` at a time; their ids.
@@ -153,11 +152,16 @@ async fn history_pages_by_creation_time_with_from_and_to(backend: Backend) {
     app.stop().await;
 }
 
-async fn a_read_only_database_is_503_and_not_ready(backend: Backend) {
-    let env = TestEnv::new(backend).await;
-    let TestDb::Postgres(pg) = &env.db else {
-        // SQLite has no read-only mode a failover could put it in.
+/// PostgreSQL only: SQLite has no read-only mode a failover could put it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_read_only_is_503_and_not_ready() {
+    if crate::helpers::skip_postgres() {
+        eprintln!("UMGW_SKIP_POSTGRES=1: skipped");
         return;
+    }
+    let env = TestEnv::new(Backend::Postgres).await;
+    let TestDb::Postgres(pg) = &env.db else {
+        unreachable!("a PostgreSQL env")
     };
     let app = env.spawn_app().await;
     assert_eq!(
