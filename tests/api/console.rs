@@ -906,8 +906,11 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
     let (status, html) = get("/ui/pushes?status=lost").await;
     assert_eq!(status, 422);
     assert!(html.contains("unknown status"), "{html}");
-    let (status, _) = get("/ui/pushes?app=test-android&unknown=1&cursor=zzz").await;
+    let (status, _) = get("/ui/pushes?app=test-android&unknown=1").await;
     assert_eq!(status, 200);
+    let (status, html) = get("/ui/pushes?app=test-android&cursor=zzz").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("cursor"), "{html}");
     // A time from the form's datetime-local field is Beijing time: the push made just now
     // is after a start one hour ago, and not before it.
     let an_hour_ago = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
