@@ -299,7 +299,8 @@ impl Gateway {
                         attempt = self.send(&app, &prepared, &mut calls).await;
                     }
                     Err(e) => {
-                        attempt.result = Err(e);
+                        // Nothing more was sent: the push failed with Umeng's 2019.
+                        tracing::warn!(push.id = %push_id, error = %e, "uploading the file again failed");
                     }
                 }
             }
