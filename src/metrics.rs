@@ -171,7 +171,7 @@ pub enum PushOutcome {
 }
 
 impl PushOutcome {
-    pub const ALL: [PushOutcome; 8] = [
+    pub const ALL: [PushOutcome; 9] = [
         PushOutcome::Accepted,
         PushOutcome::Failed,
         PushOutcome::Unknown,
@@ -180,6 +180,7 @@ impl PushOutcome {
         PushOutcome::Invalid,
         PushOutcome::InFlight,
         PushOutcome::Mismatch,
+        PushOutcome::Unavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
