@@ -3,6 +3,8 @@
 
 /// Background work: task-status poller, pending sweeper, retention purge.
 pub mod background;
+/// Signed callbacks: signing, the worker.
+pub mod callbacks;
 /// Settings from file and environment, validated once.
 pub mod config;
 /// A push after admission: the outcome table and the Umeng circuit breaker.

@@ -11,9 +11,10 @@ use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
-    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, CallbackAttempt, CallbackClaim,
+    CallbackNext, Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery,
+    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
+    TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -34,7 +35,7 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
-     sent_at, finished_at, updated_at";
+     sent_at, finished_at, updated_at, callback_url";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs \
@@ -335,7 +336,13 @@ impl Store for PgStore {
     }
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
-        get_push(&self.pool, push_id).await
+        let Some(mut push) = get_push(&self.pool, push_id).await? else {
+            return Ok(None);
+        };
+        if push.callback_url.is_some() {
+            push.callbacks = super::callbacks::pg_list(&self.pool, push_id).await?;
+        }
+        Ok(Some(push))
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
@@ -461,6 +468,23 @@ impl Store for PgStore {
             .await
             .map_err(map_sqlx)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<CallbackClaim>> {
+        super::callbacks::pg_claim(&self.pool, limit, lease).await
+    }
+
+    async fn record_callback(
+        &self,
+        claim: &CallbackClaim,
+        log: &[CallbackAttempt],
+        next: CallbackNext,
+    ) -> StoreResult<bool> {
+        super::callbacks::pg_record(&self.pool, claim, log, next).await
     }
 
     async fn quota_state(
@@ -683,5 +707,7 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
+        callback_url: row.try_get("callback_url")?,
+        callbacks: Vec::new(),
     })
 }

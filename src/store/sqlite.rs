@@ -19,9 +19,10 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    map_sqlx, millis, redact_url, run_detached, scrub, Admission, Finish, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, QuotaAction,
-    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    map_sqlx, millis, redact_url, run_detached, scrub, Admission, CallbackAttempt, CallbackClaim,
+    CallbackNext, Finish, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery,
+    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
+    TaskUpdate,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -35,7 +36,7 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, created_at, \
-     sent_at, finished_at, updated_at";
+     sent_at, finished_at, updated_at, callback_url";
 
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status
   from idempotency_keys k join pushes p on p.id = k.push_id
@@ -358,7 +359,16 @@ impl Store for SqliteStore {
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        get_push(&mut conn, push_id).await.map_err(map_sqlx)
+        let Some(mut push) = get_push(&mut conn, push_id).await.map_err(map_sqlx)? else {
+            return Ok(None);
+        };
+        drop(conn);
+        if push.callback_url.is_some() {
+            push.callbacks = super::callbacks::sqlite_list(&self.pool, push_id)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        Ok(Some(push))
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushRecord>> {
@@ -479,6 +489,31 @@ impl Store for SqliteStore {
             .await
             .map_err(map_sqlx)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<CallbackClaim>> {
+        let pool = self.pool.clone();
+        run_detached(async move {
+            super::callbacks::sqlite_claim(&pool, limit, lease, now_ms())
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn record_callback(
+        &self,
+        claim: &CallbackClaim,
+        log: &[CallbackAttempt],
+        next: CallbackNext,
+    ) -> StoreResult<bool> {
+        super::callbacks::sqlite_record(&self.pool, claim, log, next, now_ms())
+            .await
+            .map_err(map_sqlx)
     }
 
     async fn quota_state(
@@ -935,5 +970,7 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,
         updated_at: from_ms(row.try_get("updated_at")?)?,
+        callback_url: row.try_get("callback_url")?,
+        callbacks: Vec::new(),
     })
 }

@@ -2,6 +2,7 @@
 
 mod app;
 mod background;
+mod callbacks;
 mod cli;
 mod cli_ops;
 mod gateway;
