@@ -270,7 +270,7 @@ impl Default for CallbackSettings {
             lease_secs: 60,
             backoff_base_ms: 5_000,
             backoff_cap_ms: 3_600_000,
-            max_attempts: 40,
+            max_attempts: 60,
             max_age_hours: 24,
         }
     }
@@ -1093,6 +1093,91 @@ mod tests {
 
     fn resolve_err(toml: &str) -> String {
         Config::resolve(settings(toml)).unwrap_err().to_string()
+    }
+
+    const CALLBACK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn with_callbacks(lines: &str) -> String {
+        ONE_APP.replace(
+            "apps = [\"shop-android\"]",
+            &format!("apps = [\"shop-android\"]\n{lines}"),
+        )
+    }
+
+    #[test]
+    fn callback_prefixes_and_secret_resolve() {
+        let toml = with_callbacks(&format!(
+            "callback_url_prefixes = [\"https://hooks.example.com/umeng/\", \
+             \"http://127.0.0.1:9000/\"]\ncallback_secret = \"{CALLBACK_SECRET}\""
+        ));
+        let c = Config::resolve(settings(&toml)).expect("valid");
+        let cb = c.clients[0].callbacks.as_ref().expect("callbacks");
+        assert!(cb.allows("https://hooks.example.com/umeng/orders?x=1"));
+        assert!(!cb.allows("https://hooks.example.com.evil/umeng/"));
+        assert!(!cb.allows("https://hooks.example.com/other/"));
+        assert!(!format!("{c:?}").contains("MfKQ9r8G"), "secret in Debug");
+        // Without callbacks a client has none.
+        let plain = Config::resolve(settings(ONE_APP)).expect("valid");
+        assert!(plain.clients[0].callbacks.is_none());
+    }
+
+    #[test]
+    fn bad_callback_settings_are_refused_by_name() {
+        let secret = format!("callback_secret = \"{CALLBACK_SECRET}\"");
+        for (lines, needle) in [
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]".to_owned(),
+                "needs a secret",
+            ),
+            (secret.clone(), "without callback_url_prefixes"),
+            (
+                format!("callback_url_prefixes = [\"https://a.example\"]\n{secret}"),
+                "must end in /",
+            ),
+            (
+                format!("callback_url_prefixes = [\"http://127.0.0.1:\"]\n{secret}"),
+                "callback_url_prefixes[0]",
+            ),
+            (
+                format!("callback_url_prefixes = [\"ftp://a.example/\"]\n{secret}"),
+                "http or https",
+            ),
+            (
+                format!("callback_url_prefixes = [\"HTTPS://A.example/\"]\n{secret}"),
+                "normal form",
+            ),
+            (
+                format!("callback_url_prefixes = [\"https://a.example:443/\"]\n{secret}"),
+                "normal form",
+            ),
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]\n\
+                 callback_secret = \"not-a-whsec\""
+                    .to_owned(),
+                "whsec_",
+            ),
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]\n\
+                 callback_secret = \"whsec_c2hvcnQ=\""
+                    .to_owned(),
+                "24 to 64 bytes",
+            ),
+            (
+                format!(
+                    "callback_url_prefixes = [\"https://a.example/\"]\n{secret}\n\
+                     callback_secret_env = \"X\""
+                ),
+                "exactly one of callback_secret",
+            ),
+        ] {
+            let err = resolve_err(&with_callbacks(&lines));
+            assert!(err.contains(needle), "{lines}: {err}");
+            assert!(!err.contains("MfKQ9r8G"), "secret in the error: {err}");
+        }
+        let err = resolve_err(&format!(
+            "{ONE_APP}\n[callbacks]\nlease_secs = 10\ntimeout_ms = 10000"
+        ));
+        assert!(err.contains("callbacks.lease_secs"), "{err}");
     }
 
     const SECOND_APP: &str = r#"

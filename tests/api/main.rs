@@ -17,5 +17,6 @@ mod push_examples;
 mod reliability;
 mod simulator;
 mod store_background;
+mod store_callbacks;
 mod store_contract;
 mod umeng_client;
