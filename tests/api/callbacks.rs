@@ -24,6 +24,7 @@ on_both_backends!(
     a_groupcast_gets_accepted_then_done,
     a_failing_receiver_gets_the_event_once_with_the_failed_attempts_recorded,
     two_gateways_deliver_each_event_once,
+    a_receiver_down_for_a_while_then_up_gets_every_event_signed,
 );
 
 /// One request the receiver got.
@@ -46,6 +47,11 @@ struct Receiver {
 
 impl Receiver {
     async fn start(fail_first: usize) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, fail_first)
+    }
+
+    fn start_on(listener: tokio::net::TcpListener, fail_first: usize) -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let seen = Arc::clone(&got);
         let handler = move |headers: HeaderMap, body: Bytes| {
@@ -76,7 +82,6 @@ impl Receiver {
             }
         };
         let router = axum::Router::new().route("/hooks/umeng", post(handler));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -384,4 +389,111 @@ async fn two_gateways_deliver_each_event_once(backend: Backend) {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// The reliability case: the receiver is down (connection refused) while events are made,
+/// then comes up on the same address: every event arrives once, signed, after a bounded
+/// number of attempts (backoff, no hot loop), and the failed attempts say why.
+async fn a_receiver_down_for_a_while_then_up_gets_every_event_signed(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    // Take a free port, then close it: until the receiver starts, connections are refused.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let down = Receiver {
+        base: format!("http://{addr}"),
+        got: Arc::default(),
+    };
+    let (mut settings, secret) = with_callbacks(&env, &down);
+    settings.callbacks.backoff_base_ms = 100;
+    settings.callbacks.backoff_cap_ms = 400;
+    let app = env.spawn_app_with(settings).await;
+
+    let outage = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let mut push = push_body(ANDROID_APP, "unicast");
+        push["callback_url"] = Value::from(down.url());
+        let r = app.post_push(&push).await;
+        assert_eq!(r.status(), 201);
+        ids.push(
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // Wait until every event has failed at least twice.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut failed = 0;
+        for id in &ids {
+            let v = app.get_json(&format!("/v1/pushes/{id}")).await;
+            let n = v["callbacks"][0]["attempts"].as_array().map_or(0, Vec::len);
+            failed += usize::from(n >= 2);
+        }
+        if failed == ids.len() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let receiver = Receiver::start_on(listener, 0);
+    let down_for = outage.elapsed();
+    receiver.wait_for_delivered(5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = receiver.got();
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &got {
+        assert_signed(r, &secret);
+        *per_id.entry(r.id.clone()).or_default() += 1;
+    }
+    let mut counts = Vec::new();
+    for id in &ids {
+        assert_eq!(
+            per_id.get(&format!("evt_{id}_accepted")),
+            Some(&1),
+            "{per_id:?}"
+        );
+        let record = push_with_callbacks(&app, id, 1).await;
+        let event = &record["callbacks"][0];
+        assert_eq!(event["state"], "delivered", "{record}");
+        let attempts = event["attempts"].as_array().unwrap();
+        assert!(attempts.len() >= 3, "{event}");
+        assert!(attempts.len() <= 40, "backoff, not a hot loop: {event}");
+        counts.push(attempts.len());
+        let (last, failed) = attempts.split_last().unwrap();
+        assert_eq!(last["http_status"], 200);
+        for a in failed {
+            assert!(a["http_status"].is_null(), "{a}");
+            assert!(
+                a["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("connection")),
+                "{a}"
+            );
+        }
+    }
+    eprintln!("receiver down for {down_for:?}, then up: attempts per event {counts:?}");
+    // The outcome series exist (the recorder is shared by the tests of this process, so
+    // only their presence is checked here).
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["delivered", "failed_attempt", "gave_up"] {
+        assert!(
+            metrics.contains(&format!(
+                "callback_deliveries_total{{outcome=\"{outcome}\"}}"
+            )),
+            "{outcome} missing"
+        );
+    }
+    app.stop().await;
 }
