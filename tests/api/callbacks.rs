@@ -423,7 +423,7 @@ async fn a_receiver_down_for_a_while_then_up_gets_every_event_signed(backend: Ba
                 .to_owned(),
         );
     }
-    // Wait until every event has failed at least twice.
+    // Stay down for 2 s, and until every event has failed at least twice.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut failed = 0;
@@ -432,7 +432,8 @@ async fn a_receiver_down_for_a_while_then_up_gets_every_event_signed(backend: Ba
             let n = v["callbacks"][0]["attempts"].as_array().map_or(0, Vec::len);
             failed += usize::from(n >= 2);
         }
-        if failed == ids.len() || Instant::now() > deadline {
+        let long_enough = outage.elapsed() >= Duration::from_secs(2);
+        if (failed == ids.len() && long_enough) || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
