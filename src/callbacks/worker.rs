@@ -62,20 +62,6 @@ impl CallbackWorker {
         Duration::from_secs(self.settings.lease_secs)
     }
 
-    /// Claim what is due (at most `limit`); deliver each concurrently; returns how many
-    /// were claimed. Used by the loop and by tests.
-    pub async fn round(self: &Arc<Self>, limit: u32) -> crate::store::StoreResult<usize> {
-        let claims = self.store.claim_callbacks(limit, self.lease()).await?;
-        let n = claims.len();
-        let mut set = JoinSet::new();
-        for claim in claims {
-            let this = Arc::clone(self);
-            set.spawn(async move { this.deliver(claim).await });
-        }
-        while set.join_next().await.is_some() {}
-        Ok(n)
-    }
-
     /// One attempt of a claimed event, recorded.
     pub async fn deliver(&self, claim: CallbackClaim) {
         let s = &self.settings;
