@@ -25,6 +25,7 @@ on_both_backends!(
     a_failing_receiver_gets_the_event_once_with_the_failed_attempts_recorded,
     two_gateways_deliver_each_event_once,
     a_receiver_down_for_a_while_then_up_gets_every_event_signed,
+    redirects_are_not_followed_and_the_last_attempt_gives_up,
 );
 
 /// One request the receiver got.
@@ -81,7 +82,15 @@ impl Receiver {
                 status
             }
         };
-        let router = axum::Router::new().route("/hooks/umeng", post(handler));
+        let redirect = || async {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, "/hooks/umeng")],
+            )
+        };
+        let router = axum::Router::new()
+            .route("/hooks/umeng", post(handler))
+            .route("/hooks/redirect", post(redirect));
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
@@ -496,5 +505,44 @@ async fn a_receiver_down_for_a_while_then_up_gets_every_event_signed(backend: Ba
             "{outcome} missing"
         );
     }
+    app.stop().await;
+}
+
+async fn redirects_are_not_followed_and_the_last_attempt_gives_up(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let receiver = Receiver::start(0).await;
+    let (mut settings, _) = with_callbacks(&env, &receiver);
+    settings.callbacks.max_attempts = 2;
+    let app = env.spawn_app_with(settings).await;
+
+    let mut push = push_body(ANDROID_APP, "unicast");
+    push["callback_url"] = Value::from(format!("{}/hooks/redirect", receiver.base));
+    let r = app.post_push(&push).await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let v = app.get_json(&format!("/v1/pushes/{id}")).await;
+        if v["callbacks"][0]["state"] == "gave_up" || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let event = &record["callbacks"][0];
+    assert_eq!(event["state"], "gave_up", "{record}");
+    assert!(event["finished_at"].is_string(), "{event}");
+    let statuses: Vec<&Value> = event["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["http_status"])
+        .collect();
+    assert_eq!(statuses, [&Value::from(307), &Value::from(307)]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.got().is_empty(), "the redirect was not followed");
     app.stop().await;
 }
