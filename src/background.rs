@@ -42,6 +42,12 @@ pub fn spawn(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) -> Vec<JoinHand
         tokio::spawn(run_sweeper(Arc::clone(&gateway), stop.clone())),
         tokio::spawn(run_purge(Arc::clone(&gateway), stop.clone())),
     ];
+    if gateway.config.settings.callbacks.enabled {
+        match crate::callbacks::spawn(&gateway.config, Arc::clone(&gateway.store), stop.clone()) {
+            Ok(handle) => handles.push(handle),
+            Err(e) => tracing::error!(error = %e, "the callback worker cannot start"),
+        }
+    }
     if gateway.config.settings.poller.enabled {
         handles.push(tokio::spawn(run_poller(gateway, stop)));
     }

@@ -49,6 +49,7 @@ pub struct Settings {
     pub quotas: QuotaSettings,
     pub history: HistorySettings,
     pub poller: PollerSettings,
+    pub callbacks: CallbackSettings,
     pub log: LogSettings,
     /// The ops console at `/ui/`.
     pub console: crate::console::ConsoleSettings,
@@ -252,6 +253,46 @@ impl PollerSettings {
     }
 }
 
+/// The callback worker (every replica runs one): delivery of signed callback events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackSettings {
+    pub enabled: bool,
+    /// How often the worker looks for due events when it found none last time.
+    pub interval_ms: u64,
+    /// Most deliveries in flight at once on one replica.
+    pub concurrency: u32,
+    /// Whole-request timeout of one delivery (connect included).
+    pub timeout_ms: u64,
+    /// How long a claimed event belongs to one replica; must exceed `timeout_ms` by 5 s.
+    /// A replica that dies mid-delivery leaves the event to others after this long.
+    pub lease_secs: u64,
+    /// Retry waits: a random time between 0 and min(cap, base * 2^(n-1)) after attempt n
+    /// (exponential backoff with full jitter).
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// Give up after this many attempts ...
+    pub max_attempts: u32,
+    /// ... or when the next attempt would come more than this long after the event.
+    pub max_age_hours: u64,
+}
+
+impl Default for CallbackSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 1000,
+            concurrency: 16,
+            timeout_ms: 10_000,
+            lease_secs: 60,
+            backoff_base_ms: 5_000,
+            backoff_cap_ms: 3_600_000,
+            max_attempts: 60,
+            max_age_hours: 24,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -318,7 +359,7 @@ pub enum Scope {
 }
 
 /// One calling client as configured.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSettings {
     pub name: String,
@@ -332,6 +373,18 @@ pub struct ClientSettings {
     /// Apps this client may use; absent means all.
     #[serde(default)]
     pub apps: Option<Vec<String>>,
+    /// A push's `callback_url` must start with one of these (absolute http(s) URLs, each
+    /// ending in `/`). Needs a callback secret.
+    #[serde(default)]
+    pub callback_url_prefixes: Vec<String>,
+    /// The signing secret of this client's callbacks, `whsec_` + base64 of 24 to 64 bytes:
+    /// exactly one of inline (development only), an environment variable or a file.
+    #[serde(default)]
+    pub callback_secret: Option<Secret>,
+    #[serde(default)]
+    pub callback_secret_env: Option<String>,
+    #[serde(default)]
+    pub callback_secret_file: Option<PathBuf>,
 }
 
 /// A configuration problem, naming the setting at fault.
@@ -357,6 +410,25 @@ pub struct Client {
     pub token_sha256: [u8; 32],
     pub scopes: Vec<Scope>,
     pub apps: Option<Vec<String>>,
+    /// Callback settings, when the client may ask for callbacks.
+    pub callbacks: Option<ClientCallbacks>,
+}
+
+/// Where a client's callbacks may go and the secret that signs them.
+#[derive(Debug, Clone)]
+pub struct ClientCallbacks {
+    /// Each an absolute http(s) URL ending in `/`.
+    pub url_prefixes: Vec<String>,
+    /// `whsec_...`, checked at load.
+    pub secret: Secret,
+}
+
+impl ClientCallbacks {
+    pub fn allows(&self, url: &str) -> bool {
+        self.url_prefixes
+            .iter()
+            .any(|p| url.starts_with(p.as_str()))
+    }
 }
 
 impl Client {
@@ -538,11 +610,13 @@ impl Config {
                     }
                 }
             }
+            let callbacks = client_callbacks(&at, c)?;
             clients.push(Client {
                 name: c.name.clone(),
                 token_sha256,
                 scopes: c.scopes.clone(),
                 apps: c.apps.clone(),
+                callbacks,
             });
         }
 
@@ -580,6 +654,25 @@ impl Config {
                 "server.inflight_body_bytes",
                 settings.server.inflight_body_bytes as u64,
             ),
+            ("callbacks.interval_ms", settings.callbacks.interval_ms),
+            (
+                "callbacks.concurrency",
+                u64::from(settings.callbacks.concurrency),
+            ),
+            ("callbacks.timeout_ms", settings.callbacks.timeout_ms),
+            (
+                "callbacks.backoff_base_ms",
+                settings.callbacks.backoff_base_ms,
+            ),
+            (
+                "callbacks.backoff_cap_ms",
+                settings.callbacks.backoff_cap_ms,
+            ),
+            (
+                "callbacks.max_attempts",
+                u64::from(settings.callbacks.max_attempts),
+            ),
+            ("callbacks.max_age_hours", settings.callbacks.max_age_hours),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be at least 1")));
@@ -589,6 +682,25 @@ impl Config {
         if p.backoff_secs.is_empty() || p.backoff_secs.contains(&0) {
             return Err(ConfigError(
                 "poller.backoff_secs must list at least one wait, each at least 1 second".into(),
+            ));
+        }
+
+        let cb = &settings.callbacks;
+        if u128::from(cb.lease_secs) * 1000 < u128::from(cb.timeout_ms) + 5000 {
+            return Err(ConfigError(format!(
+                "callbacks.lease_secs ({}) must exceed callbacks.timeout_ms ({} ms) by at \
+                 least 5 seconds, or a slow delivery could be sent twice",
+                cb.lease_secs, cb.timeout_ms
+            )));
+        }
+        if cb.max_attempts > 100 {
+            return Err(ConfigError(
+                "callbacks.max_attempts must be at most 100 (every attempt is kept)".into(),
+            ));
+        }
+        if cb.backoff_cap_ms < cb.backoff_base_ms {
+            return Err(ConfigError(
+                "callbacks.backoff_cap_ms must be at least callbacks.backoff_base_ms".into(),
             ));
         }
 
@@ -788,6 +900,77 @@ fn load_secret(
     Ok(Secret::new(value))
 }
 
+/// A client's callback prefixes and secret: prefixes need a secret (and the other way
+/// round), each prefix is an absolute http(s) URL ending in `/`.
+fn client_callbacks(at: &str, c: &ClientSettings) -> Result<Option<ClientCallbacks>, ConfigError> {
+    let any_secret = c.callback_secret.is_some()
+        || c.callback_secret_env.is_some()
+        || c.callback_secret_file.is_some();
+    if c.callback_url_prefixes.is_empty() {
+        if any_secret {
+            return Err(ConfigError(format!(
+                "{at}: a callback secret without callback_url_prefixes has no use"
+            )));
+        }
+        return Ok(None);
+    }
+    if !any_secret {
+        return Err(ConfigError(format!(
+            "{at}.callback_url_prefixes needs a secret: give exactly one of callback_secret, \
+             callback_secret_env or callback_secret_file"
+        )));
+    }
+    for (i, prefix) in c.callback_url_prefixes.iter().enumerate() {
+        check_callback_prefix(prefix).map_err(|why| {
+            ConfigError(format!(
+                "{at}.callback_url_prefixes[{i}] {prefix:?} {why}; give an absolute http(s) \
+                 URL ending in /, e.g. https://hooks.example.com/umeng/"
+            ))
+        })?;
+    }
+    let secret = load_secret(
+        at,
+        "callback_secret",
+        c.callback_secret.as_ref(),
+        c.callback_secret_env.as_deref(),
+        c.callback_secret_file.as_deref(),
+    )?;
+    crate::callbacks::signing_key(&secret)
+        .map_err(|why| ConfigError(format!("{at}: the callback secret {why}")))?;
+    Ok(Some(ClientCallbacks {
+        url_prefixes: c.callback_url_prefixes.clone(),
+        secret,
+    }))
+}
+
+/// Why `prefix` is not a usable callback URL prefix.
+fn check_callback_prefix(prefix: &str) -> Result<(), &'static str> {
+    if !prefix.ends_with('/') {
+        return Err("must end in /");
+    }
+    let Ok(url) = url::Url::parse(prefix) else {
+        return Err("is not a valid URL");
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must use http or https");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query or fragment");
+    }
+    // The written form must be the parsed form, so a prefix match on the caller's text
+    // means what it says (no `HTTPS://`, default ports, `..` or percent tricks).
+    if url.as_str() != prefix {
+        return Err("is not in normal form (lower-case scheme and host, no default port)");
+    }
+    Ok(())
+}
+
 /// Parse 64 hex characters into a SHA-256 digest.
 pub fn parse_sha256(hex_str: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_str).ok()?;
@@ -905,8 +1088,8 @@ mod tests {
         let built_in = Settings::default();
         let dump = |s: &Settings| {
             format!(
-                "{:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-                s.server, s.database, s.umeng, s.history, s.poller, s.log, s.console
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                s.server, s.database, s.umeng, s.history, s.poller, s.callbacks, s.log, s.console
             )
         };
         assert_eq!(dump(&file), dump(&built_in));
@@ -956,6 +1139,91 @@ mod tests {
 
     fn resolve_err(toml: &str) -> String {
         Config::resolve(settings(toml)).unwrap_err().to_string()
+    }
+
+    const CALLBACK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn with_callbacks(lines: &str) -> String {
+        ONE_APP.replace(
+            "apps = [\"shop-android\"]",
+            &format!("apps = [\"shop-android\"]\n{lines}"),
+        )
+    }
+
+    #[test]
+    fn callback_prefixes_and_secret_resolve() {
+        let toml = with_callbacks(&format!(
+            "callback_url_prefixes = [\"https://hooks.example.com/umeng/\", \
+             \"http://127.0.0.1:9000/\"]\ncallback_secret = \"{CALLBACK_SECRET}\""
+        ));
+        let c = Config::resolve(settings(&toml)).expect("valid");
+        let cb = c.clients[0].callbacks.as_ref().expect("callbacks");
+        assert!(cb.allows("https://hooks.example.com/umeng/orders?x=1"));
+        assert!(!cb.allows("https://hooks.example.com.evil/umeng/"));
+        assert!(!cb.allows("https://hooks.example.com/other/"));
+        assert!(!format!("{c:?}").contains("MfKQ9r8G"), "secret in Debug");
+        // Without callbacks a client has none.
+        let plain = Config::resolve(settings(ONE_APP)).expect("valid");
+        assert!(plain.clients[0].callbacks.is_none());
+    }
+
+    #[test]
+    fn bad_callback_settings_are_refused_by_name() {
+        let secret = format!("callback_secret = \"{CALLBACK_SECRET}\"");
+        for (lines, needle) in [
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]".to_owned(),
+                "needs a secret",
+            ),
+            (secret.clone(), "without callback_url_prefixes"),
+            (
+                format!("callback_url_prefixes = [\"https://a.example\"]\n{secret}"),
+                "must end in /",
+            ),
+            (
+                format!("callback_url_prefixes = [\"http://127.0.0.1:\"]\n{secret}"),
+                "callback_url_prefixes[0]",
+            ),
+            (
+                format!("callback_url_prefixes = [\"ftp://a.example/\"]\n{secret}"),
+                "http or https",
+            ),
+            (
+                format!("callback_url_prefixes = [\"HTTPS://A.example/\"]\n{secret}"),
+                "normal form",
+            ),
+            (
+                format!("callback_url_prefixes = [\"https://a.example:443/\"]\n{secret}"),
+                "normal form",
+            ),
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]\n\
+                 callback_secret = \"not-a-whsec\""
+                    .to_owned(),
+                "whsec_",
+            ),
+            (
+                "callback_url_prefixes = [\"https://a.example/\"]\n\
+                 callback_secret = \"whsec_c2hvcnQ=\""
+                    .to_owned(),
+                "24 to 64 bytes",
+            ),
+            (
+                format!(
+                    "callback_url_prefixes = [\"https://a.example/\"]\n{secret}\n\
+                     callback_secret_env = \"X\""
+                ),
+                "exactly one of callback_secret",
+            ),
+        ] {
+            let err = resolve_err(&with_callbacks(&lines));
+            assert!(err.contains(needle), "{lines}: {err}");
+            assert!(!err.contains("MfKQ9r8G"), "secret in the error: {err}");
+        }
+        let err = resolve_err(&format!(
+            "{ONE_APP}\n[callbacks]\nlease_secs = 10\ntimeout_ms = 10000"
+        ));
+        assert!(err.contains("callbacks.lease_secs"), "{err}");
     }
 
     const SECOND_APP: &str = r#"

@@ -143,6 +143,13 @@ impl Gateway {
         req: PushRequest,
         raw: Value,
     ) -> Result<PushAnswer, ApiError> {
+        if let Some(url) = &req.callback_url {
+            let caller = self.config.clients.iter().find(|c| c.name == client);
+            crate::callbacks::check_url(caller, url).map_err(|e| {
+                metrics::push(&app.app.name, req.cast_type.as_str(), PushOutcome::Invalid);
+                ApiError::Validation(vec![e])
+            })?;
+        }
         let prepared = crate::push::prepare(&req, &app.profile, OffsetDateTime::now_utc())
             .map_err(|errors| {
                 metrics::push(&app.app.name, req.cast_type.as_str(), PushOutcome::Invalid);

@@ -3,6 +3,8 @@
 
 /// Background work: task-status poller, pending sweeper, retention purge.
 pub mod background;
+/// Signed callbacks: signing, the worker.
+pub mod callbacks;
 /// Settings from file and environment, validated once.
 pub mod config;
 /// The ops console at `/ui/`: server-rendered pages over the same store queries as the API.

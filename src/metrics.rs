@@ -34,6 +34,9 @@ pub const QUOTA_REJECTIONS: &str = "quota_rejections_total";
 pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
 /// Gauge: the Umeng circuit breaker (0 closed, 1 half-open, 2 open).
 pub const UMENG_BREAKER: &str = "umeng_breaker_state";
+/// Callback delivery attempts by how they ended: `outcome` (`delivered`, `failed_attempt`,
+/// `gave_up`).
+pub const CALLBACK_DELIVERIES: &str = "callback_deliveries_total";
 
 /// Buckets for both latency histograms (seconds): Umeng answers in well under 2 s normally
 /// and may take up to the configured 30 s timeout.
@@ -114,6 +117,50 @@ fn describe() {
         "Pushes refused for a full quota window, by app, kind and source"
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state");
+    describe_counter!(
+        CALLBACK_DELIVERIES,
+        "Callback deliveries by outcome: delivered, failed_attempt, gave_up"
+    );
+}
+
+/// How a callback delivery attempt ended, as the `outcome` label of
+/// `callback_deliveries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackOutcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Anything else; the event will be tried again.
+    FailedAttempt,
+    /// The event's last attempt failed (or it ran out of time): no more attempts.
+    GaveUp,
+}
+
+impl CallbackOutcome {
+    pub const ALL: [CallbackOutcome; 3] = [
+        CallbackOutcome::Delivered,
+        CallbackOutcome::FailedAttempt,
+        CallbackOutcome::GaveUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackOutcome::Delivered => "delivered",
+            CallbackOutcome::FailedAttempt => "failed_attempt",
+            CallbackOutcome::GaveUp => "gave_up",
+        }
+    }
+}
+
+pub fn callback_delivery(outcome: CallbackOutcome) {
+    ::metrics::counter!(CALLBACK_DELIVERIES, "outcome" => outcome.as_str()).increment(1);
+}
+
+/// Show every callback outcome (at 0) from the start, so rates and alerts work before the
+/// first delivery.
+pub fn register_callback_outcomes() {
+    for outcome in CallbackOutcome::ALL {
+        ::metrics::counter!(CALLBACK_DELIVERIES, "outcome" => outcome.as_str()).increment(0);
+    }
 }
 
 /// The Umeng endpoints `umeng_request_duration_seconds` is labelled with.

@@ -233,6 +233,8 @@ async fn enter_demo_mode(config: &mut Config) -> anyhow::Result<SimulatorHandle>
             .expect("a sha256 hex string parses"),
         scopes: vec![Scope::Admin],
         apps: None,
+        // Demo mode has no callbacks: the demo client has no prefixes and no secret.
+        callbacks: None,
     });
     Ok(sim)
 }

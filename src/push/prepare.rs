@@ -166,6 +166,7 @@ pub fn prepare(
         &req.app,
         req.out_biz_no.as_deref(),
         upload_sha256.as_deref(),
+        req.callback_url.as_deref(),
         &body,
     );
     Ok(PreparedPush {
@@ -370,9 +371,15 @@ pub fn fingerprint(
     app: &str,
     out_biz_no: Option<&str>,
     upload_sha256: Option<&str>,
+    callback_url: Option<&str>,
     body: &SendBody,
 ) -> String {
     let mut m = Map::new();
+    // A gateway-only field: left out when absent, so fingerprints of pushes without a
+    // callback are what they were before callbacks existed.
+    if let Some(url) = callback_url {
+        m.insert("callback_url".into(), Value::from(url));
+    }
     m.insert("app".into(), Value::from(app));
     m.insert(
         "out_biz_no".into(),

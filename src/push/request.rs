@@ -68,6 +68,11 @@ pub struct PushRequest {
     /// Raw Umeng fields merged into the body last (objects merge, `null` removes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umeng: Option<Map<String, Value>>,
+    /// Where to POST signed events when the push reaches a final state (at most 2048
+    /// characters). It must start with one of the calling client's
+    /// `callback_url_prefixes`. Not sent to Umeng.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
 }
 
 impl PushRequest {
@@ -128,6 +133,7 @@ impl Serialize for StoredView<'_> {
             android,
             ios,
             umeng,
+            callback_url,
         } = self.0;
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("app", app)?;
@@ -156,6 +162,7 @@ impl Serialize for StoredView<'_> {
             "android" => android,
             "ios" => ios,
             "umeng" => umeng,
+            "callback_url" => callback_url,
         );
         map.end()
     }

@@ -15,8 +15,11 @@ use time::OffsetDateTime;
 
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
+pub mod callbacks;
 pub mod postgres;
 pub mod sqlite;
+
+pub use callbacks::{CallbackAttempt, CallbackClaim, CallbackEvent, CallbackNext, CallbackState};
 
 /// Errors from the store. The message never carries a secret (the database URL's password
 /// is not part of any error produced here).
@@ -401,6 +404,13 @@ pub struct PushRecord {
     pub finished_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// Where the push's signed callbacks go (the request's `callback_url`), if anywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    /// The push's callback events with their delivery attempts (filled by
+    /// [`Store::get_push`] only; history lists leave it empty and out).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub callbacks: Vec<CallbackEvent>,
     /// Fields cut to [`DETAIL_FIELD_BYTES`] in this answer (absent when none was): a cut
     /// JSON field becomes a string holding the start of its JSON text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -763,6 +773,24 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> StoreResult<u64>;
 
+    /// Claim up to `limit` due callback events (pending, `next_attempt_at` passed), in one
+    /// statement, leasing each for `lease`: concurrent callers never get the same event
+    /// while its lease runs. Each claim counts an attempt ([`CallbackClaim::attempt`]) and
+    /// moves `next_attempt_at` to the lease's end, so an event whose worker died is due
+    /// again then. Oldest due first.
+    async fn claim_callbacks(&self, limit: u32, lease: Duration)
+        -> StoreResult<Vec<CallbackClaim>>;
+
+    /// Record an attempt of a claimed event: store `log` (every attempt so far) and the
+    /// next step. Returns false (nothing written) when the claim is no longer the latest
+    /// (its lease ran out and another worker claimed the event) or the event is done.
+    async fn record_callback(
+        &self,
+        claim: &CallbackClaim,
+        log: &[CallbackAttempt],
+        next: CallbackNext,
+    ) -> StoreResult<bool>;
+
     /// The current window's state of one bucket (used 0 when no row exists).
     async fn quota_state(
         &self,
@@ -1081,6 +1109,8 @@ mod tests {
             task_checked_at: None,
             latency_ms: None,
             attempts: Vec::new(),
+            callback_url: None,
+            callbacks: Vec::new(),
             created_at: now,
             sent_at: None,
             finished_at: None,

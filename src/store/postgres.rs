@@ -12,9 +12,10 @@ use time::OffsetDateTime;
 
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
-    Admission, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget,
-    PushQuery, PushRecord, PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError,
-    StoreResult, TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    Admission, CallbackAttempt, CallbackClaim, CallbackNext, Finish, HourlyCount, NewPush,
+    PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus,
+    PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -40,7 +41,7 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
-     sent_at, finished_at, updated_at";
+     sent_at, finished_at, updated_at, callback_url";
 
 /// How `max_connections` is shared: a quarter (1 to 4) for history reads, the rest (at
 /// least 1) for everything else.
@@ -385,7 +386,13 @@ impl Store for PgStore {
     }
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
-        get_push(&self.read_pool, push_id).await
+        let Some(mut push) = get_push(&self.read_pool, push_id).await? else {
+            return Ok(None);
+        };
+        if push.callback_url.is_some() {
+            push.callbacks = super::callbacks::pg_list(&self.read_pool, push_id).await?;
+        }
+        Ok(Some(push))
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
@@ -545,6 +552,23 @@ impl Store for PgStore {
             .await
             .map_err(map_sqlx)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<CallbackClaim>> {
+        super::callbacks::pg_claim(&self.pool, limit, lease).await
+    }
+
+    async fn record_callback(
+        &self,
+        claim: &CallbackClaim,
+        log: &[CallbackAttempt],
+        next: CallbackNext,
+    ) -> StoreResult<bool> {
+        super::callbacks::pg_record(&self.pool, claim, log, next).await
     }
 
     async fn quota_state(
@@ -798,5 +822,7 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         finished_at: row.try_get("finished_at")?,
         updated_at: row.try_get("updated_at")?,
         truncated: Vec::new(),
+        callback_url: row.try_get("callback_url")?,
+        callbacks: Vec::new(),
     })
 }

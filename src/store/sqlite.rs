@@ -20,9 +20,10 @@ use time::OffsetDateTime;
 use super::postgres::missing_migration;
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
-    Admission, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus, PurgeTarget,
-    PushQuery, PushRecord, PushStatus, PushSummary, QuotaAction, QuotaClaim, Store, StoreError,
-    StoreResult, TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    Admission, CallbackAttempt, CallbackClaim, CallbackNext, Finish, HourlyCount, NewPush,
+    PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus,
+    PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -40,7 +41,7 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
-     sent_at, finished_at, updated_at";
+     sent_at, finished_at, updated_at, callback_url";
 
 /// What a history list reads: no stored bodies, long texts cut in the database.
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
@@ -369,7 +370,16 @@ impl Store for SqliteStore {
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        get_push(&mut conn, push_id).await.map_err(map_sqlx)
+        let Some(mut push) = get_push(&mut conn, push_id).await.map_err(map_sqlx)? else {
+            return Ok(None);
+        };
+        drop(conn);
+        if push.callback_url.is_some() {
+            push.callbacks = super::callbacks::sqlite_list(&self.pool, push_id)
+                .await
+                .map_err(map_sqlx)?;
+        }
+        Ok(Some(push))
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
@@ -519,6 +529,31 @@ impl Store for SqliteStore {
             .await
             .map_err(map_sqlx)?;
         Ok(done.rows_affected())
+    }
+
+    async fn claim_callbacks(
+        &self,
+        limit: u32,
+        lease: Duration,
+    ) -> StoreResult<Vec<CallbackClaim>> {
+        let pool = self.pool.clone();
+        run_detached(async move {
+            super::callbacks::sqlite_claim(&pool, limit, lease, now_ms())
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn record_callback(
+        &self,
+        claim: &CallbackClaim,
+        log: &[CallbackAttempt],
+        next: CallbackNext,
+    ) -> StoreResult<bool> {
+        super::callbacks::sqlite_record(&self.pool, claim, log, next, now_ms())
+            .await
+            .map_err(map_sqlx)
     }
 
     async fn quota_state(
@@ -1008,5 +1043,7 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         finished_at: opt_time(row, "finished_at")?,
         updated_at: from_ms(row.try_get("updated_at")?)?,
         truncated: Vec::new(),
+        callback_url: row.try_get("callback_url")?,
+        callbacks: Vec::new(),
     })
 }

@@ -144,6 +144,7 @@ impl TestEnv {
                 token_sha256_env: None,
                 scopes: vec![Scope::Send, Scope::Read, Scope::Cancel],
                 apps: None,
+                ..ClientSettings::default()
             },
             ClientSettings {
                 name: "reader".into(),
@@ -151,6 +152,7 @@ impl TestEnv {
                 token_sha256_env: None,
                 scopes: vec![Scope::Read],
                 apps: None,
+                ..ClientSettings::default()
             },
             ClientSettings {
                 name: "android-only".into(),
@@ -158,6 +160,7 @@ impl TestEnv {
                 token_sha256_env: None,
                 scopes: vec![Scope::Send, Scope::Read],
                 apps: Some(vec![ANDROID_APP.into()]),
+                ..ClientSettings::default()
             },
         ];
         s

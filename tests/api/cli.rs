@@ -323,6 +323,19 @@ fn check_config_refuses_settings_that_break_a_promise() {
             ),
             "clients[1] (order-service): client name is used twice",
         ),
+        // Callback prefixes: absolute http(s) URLs ending in "/", with a secret.
+        (
+            format!(
+                "{TWO_APPS}callback_url_prefixes = [\"https://hooks.example.com\"]\n\
+                 callback_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
+            ),
+            "clients[0] (order-service).callback_url_prefixes[0] \"https://hooks.example.com\" \
+             must end in /",
+        ),
+        (
+            format!("{TWO_APPS}callback_url_prefixes = [\"https://hooks.example.com/\"]\n"),
+            "callback_url_prefixes needs a secret",
+        ),
     ];
     for (toml, expected) in cases {
         let (ok, err) = check_config(&toml);
@@ -333,6 +346,11 @@ fn check_config_refuses_settings_that_break_a_promise() {
     // An upper-case scheme and a default port are normalised, not refused.
     let (ok, err) = check_config(&format!(
         "[umeng]\nbase_url = \"HTTPS://MsgApi.Umeng.com:443/\"\n{TWO_APPS}"
+    ));
+    assert!(ok, "{err}");
+    let (ok, err) = check_config(&format!(
+        "{TWO_APPS}callback_url_prefixes = [\"https://hooks.example.com/umeng/\"]\n\
+         callback_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n"
     ));
     assert!(ok, "{err}");
 }

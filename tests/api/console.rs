@@ -715,6 +715,7 @@ async fn console_sign_in_needs_its_csrf_token_and_a_read_scope(backend: Backend)
             token_sha256_env: None,
             scopes: vec![umeng_push_gateway::config::Scope::Send],
             apps: None,
+            ..Default::default()
         });
     let app = env.spawn_app_with(settings).await;
     let http = plain();

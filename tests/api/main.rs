@@ -2,6 +2,7 @@
 
 mod app;
 mod background;
+mod callbacks;
 mod cli;
 mod cli_ops;
 mod console;
@@ -17,5 +18,6 @@ mod push_examples;
 mod reliability;
 mod simulator;
 mod store_background;
+mod store_callbacks;
 mod store_contract;
 mod umeng_client;

@@ -106,6 +106,34 @@ fn document_is_openapi_3_1_with_every_route_and_schema() {
     );
 }
 
+#[test]
+fn the_callback_event_is_a_webhook_and_callbacks_are_in_the_schemas() {
+    let doc: Value = serde_json::from_str(&openapi::document_json()).expect("valid JSON");
+    let hook = &doc["webhooks"]["push-event"]["post"];
+    assert_eq!(
+        hook["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/CallbackEventBody"
+    );
+    let headers: Vec<&str> = hook["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(
+        headers,
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+    );
+    let schemas = &doc["components"]["schemas"];
+    let event = &schemas["CallbackEventBody"]["properties"];
+    for field in ["type", "timestamp", "data"] {
+        assert!(event[field].is_object(), "event.{field}: {event}");
+    }
+    assert!(schemas["PushRequest"]["properties"]["callback_url"].is_object());
+    assert!(schemas["PushRecord"]["properties"]["callbacks"].is_object());
+    assert!(schemas["CallbackEvent"]["properties"]["attempts"].is_object());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_document_equals_generated_and_every_operation_is_routed() {
     let env = TestEnv::new(Backend::Sqlite).await;

@@ -1087,3 +1087,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn callback_url_is_part_of_the_fingerprint_only_when_given() {
+    let base = android(json!({"out_biz_no": "k-1"}));
+    let with = |url: &str| {
+        let mut v = base.clone();
+        v["callback_url"] = json!(url);
+        fp(v)
+    };
+    let a = with("https://hooks.example.com/a");
+    assert_ne!(a, fp(base.clone()), "a callback makes another request");
+    assert_ne!(a, with("https://hooks.example.com/b"));
+    assert_eq!(a, with("https://hooks.example.com/a"));
+}
