@@ -143,6 +143,8 @@ const TEXTS: &[(&str, &str, &str)] = &[
     ("tl_created", "Recorded by the gateway", "网关记录"),
     ("tl_sent", "Sent to Umeng", "发送至友盟"),
     ("tl_attempt", "Umeng call", "友盟调用"),
+    ("tl_callback", "Callback", "回调"),
+    ("attempts", "attempt(s)", "次尝试"),
     ("tl_answered", "Umeng answered", "友盟应答"),
     ("tl_task", "Task status checked", "查询任务状态"),
     ("request", "The caller's request", "调用方请求"),

@@ -258,6 +258,28 @@ impl PushDetail {
                 detail,
             });
         }
+        for c in &p.callbacks {
+            let last = c
+                .attempts
+                .last()
+                .map(|a| match (a.http_status, &a.error) {
+                    (Some(status), _) => format!(" · HTTP {status}"),
+                    (None, Some(e)) => format!(" · {}", cut(e, 80)),
+                    (None, None) => String::new(),
+                })
+                .unwrap_or_default();
+            timeline.push(TimelineEntry {
+                at: TimeView::of(c.finished_at.unwrap_or(c.created_at)),
+                label: lang.t("tl_callback"),
+                detail: format!(
+                    "{} → {} · {} {}{last}",
+                    c.event_type,
+                    c.state.as_str(),
+                    c.attempts.len(),
+                    lang.t("attempts")
+                ),
+            });
+        }
         if let Some(t) = p.task_checked_at {
             timeline.push(TimelineEntry {
                 at: TimeView::of(t),
@@ -327,6 +349,50 @@ mod tests {
         let t = TimeView::of_unix(1_764_482_400).unwrap(); // 2025-11-30T06:00:00Z
         assert_eq!(t.bj, "2025-11-30 14:00:00");
         assert_eq!(t.utc, "2025-11-30T06:00:00Z");
+    }
+
+    #[test]
+    fn the_timeline_shows_every_umeng_call_and_callback() {
+        use crate::store::callbacks::{CallbackAttempt, CallbackEvent, CallbackState};
+        use crate::store::Attempt;
+        let at = OffsetDateTime::from_unix_timestamp(1_764_482_400).unwrap();
+        let mut p = crate::store::sample_record(Value::Null, None);
+        p.attempts = vec![Attempt {
+            number: 1,
+            call: "send".into(),
+            started_at: at,
+            outcome: "not_sent".into(),
+            error_code: None,
+            latency_ms: 3,
+        }];
+        p.callbacks = vec![CallbackEvent {
+            id: "evt".into(),
+            event_type: "push.accepted".into(),
+            url: "https://hooks.example/x".into(),
+            state: CallbackState::Delivered,
+            created_at: at,
+            next_attempt_at: None,
+            finished_at: Some(at),
+            attempts: vec![CallbackAttempt {
+                number: 1,
+                at,
+                http_status: Some(204),
+                error: None,
+                latency_ms: 9,
+            }],
+        }];
+
+        let d = PushDetail::of(&p, Lang::En);
+
+        let details: Vec<&str> = d.timeline.iter().map(|e| e.detail.as_str()).collect();
+        assert!(
+            details.contains(&"#1 send → not_sent · 3 ms"),
+            "{details:?}"
+        );
+        assert!(
+            details.contains(&"push.accepted → delivered · 1 attempt(s) · HTTP 204"),
+            "{details:?}"
+        );
     }
 
     #[test]

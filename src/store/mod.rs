@@ -1012,6 +1012,49 @@ where
     }
 }
 
+/// A small accepted unicast record, for unit tests.
+#[cfg(test)]
+pub(crate) fn sample_record(request: Value, description: Option<String>) -> PushRecord {
+    let now = OffsetDateTime::now_utc();
+    PushRecord {
+        id: "p".into(),
+        app: "a".into(),
+        appkey: "k".into(),
+        platform: "android".into(),
+        cast_type: "unicast".into(),
+        task_class: false,
+        production_mode: false,
+        client: "c".into(),
+        out_biz_no: None,
+        fingerprint: "f".into(),
+        status: PushStatus::Accepted,
+        description,
+        request,
+        umeng_request: Some(serde_json::json!({"small": true})),
+        umeng_response: None,
+        msg_id: None,
+        task_id: None,
+        file_id: None,
+        error_code: None,
+        error_msg: None,
+        http_status: Some(201),
+        quota_kind: None,
+        quota_window: None,
+        quota_refunded: false,
+        task_status: None,
+        task_checked_at: None,
+        latency_ms: None,
+        attempts: Vec::new(),
+        callback_url: None,
+        callbacks: Vec::new(),
+        created_at: now,
+        sent_at: None,
+        finished_at: None,
+        updated_at: now,
+        truncated: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1079,44 +1122,7 @@ mod tests {
     }
 
     fn record(request: Value, description: Option<String>) -> PushRecord {
-        let now = OffsetDateTime::now_utc();
-        PushRecord {
-            id: "p".into(),
-            app: "a".into(),
-            appkey: "k".into(),
-            platform: "android".into(),
-            cast_type: "unicast".into(),
-            task_class: false,
-            production_mode: false,
-            client: "c".into(),
-            out_biz_no: None,
-            fingerprint: "f".into(),
-            status: PushStatus::Accepted,
-            description,
-            request,
-            umeng_request: Some(serde_json::json!({"small": true})),
-            umeng_response: None,
-            msg_id: None,
-            task_id: None,
-            file_id: None,
-            error_code: None,
-            error_msg: None,
-            http_status: Some(201),
-            quota_kind: None,
-            quota_window: None,
-            quota_refunded: false,
-            task_status: None,
-            task_checked_at: None,
-            latency_ms: None,
-            attempts: Vec::new(),
-            callback_url: None,
-            callbacks: Vec::new(),
-            created_at: now,
-            sent_at: None,
-            finished_at: None,
-            updated_at: now,
-            truncated: Vec::new(),
-        }
+        super::sample_record(request, description)
     }
 
     #[test]
