@@ -29,6 +29,21 @@ fn fault(path: &str, kind: FaultKind) -> Fault {
     }
 }
 
+/// POST `body` as the sender in a task of its own, so the test can act while it runs.
+fn post_in_background(
+    app: &TestApp,
+    body: Value,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let (http, base) = (app.http.clone(), app.base.clone());
+    tokio::spawn(async move {
+        http.post(format!("{base}/v1/pushes"))
+            .bearer_auth(TOKEN_SENDER)
+            .json(&body)
+            .send()
+            .await
+    })
+}
+
 fn production(cast: &str, key: &str) -> Value {
     let mut body = push_body(ANDROID_APP, cast);
     body["production_mode"] = json!(true);
@@ -48,16 +63,7 @@ async fn a_late_umeng_answer_replaces_the_sweepers_guess(backend: Backend) {
     // row unknown while the Umeng call is still running.
     let other_replica = env.db.connect_again().await;
     let body = production("filecast", "late-1");
-    let send = {
-        let (http, base) = (app.http.clone(), app.base.clone());
-        tokio::spawn(async move {
-            http.post(format!("{base}/v1/pushes"))
-                .bearer_auth(TOKEN_SENDER)
-                .json(&body)
-                .send()
-                .await
-        })
-    };
+    let send = post_in_background(&app, body);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(other_replica.sweep_stale_pending(0).await.ok(), Some(1));
 
@@ -294,16 +300,7 @@ async fn shutdown_waits_for_admitted_pushes(backend: Backend) {
     env.sim
         .add_fault(fault("/api/send", FaultKind::Latency { ms: 2000 }));
     let body = production("broadcast", "at-shutdown");
-    let send = {
-        let (http, base) = (app.http.clone(), app.base.clone());
-        tokio::spawn(async move {
-            http.post(format!("{base}/v1/pushes"))
-                .bearer_auth(TOKEN_SENDER)
-                .json(&body)
-                .send()
-                .await
-        })
-    };
+    let send = post_in_background(&app, body);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     app.stop().await;
