@@ -44,6 +44,21 @@ fn post_in_background(
     })
 }
 
+/// Waits (up to 10 s) until a push is admitted and waiting for Umeng.
+async fn wait_for_a_pending_row(env: &TestEnv) {
+    for _ in 0..200 {
+        let pending = env
+            .db
+            .query_i64("select count(*) from pushes where status = 'pending'")
+            .await;
+        if pending > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no push was admitted within 10 s");
+}
+
 fn production(cast: &str, key: &str) -> Value {
     let mut body = push_body(ANDROID_APP, cast);
     body["production_mode"] = json!(true);
@@ -64,7 +79,7 @@ async fn a_late_umeng_answer_replaces_the_sweepers_guess(backend: Backend) {
     let other_replica = env.db.connect_again().await;
     let body = production("filecast", "late-1");
     let send = post_in_background(&app, body);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_a_pending_row(&env).await;
     assert_eq!(other_replica.sweep_stale_pending(0).await.ok(), Some(1));
 
     let r = send.await.unwrap().unwrap();
@@ -301,7 +316,7 @@ async fn shutdown_waits_for_admitted_pushes(backend: Backend) {
         .add_fault(fault("/api/send", FaultKind::Latency { ms: 2000 }));
     let body = production("broadcast", "at-shutdown");
     let send = post_in_background(&app, body);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_a_pending_row(&env).await;
 
     app.stop().await;
 
