@@ -258,7 +258,7 @@ impl Gateway {
                         .finish(Finish {
                             status: PushStatus::Failed,
                             umeng_request: None,
-                            umeng_response: fail_raw(&e),
+                            umeng_response: umeng_raw(&e),
                             msg_id: None,
                             task_id: None,
                             file_id: None,
@@ -672,19 +672,16 @@ fn attempt(
     error: Option<&UmengError>,
 ) -> Attempt {
     let (outcome, error_code) = match error {
-        None => ("accepted", None),
-        Some(UmengError::Fail { code, .. }) => ("failed", Some(code.clone())),
-        Some(UmengError::NotSent { .. }) => ("not_sent", None),
-        Some(UmengError::Unknown {
-            timed_out: true, ..
-        }) => ("timeout", None),
-        Some(UmengError::Unknown { .. }) => ("unknown", None),
+        None => ("accepted".to_owned(), None),
+        Some(e @ UmengError::Fail { .. }) => ("failed".to_owned(), e.code().map(str::to_owned)),
+        // not_sent, timeout or unknown: the same code the push's record gets.
+        Some(e) => (e.record_code().to_owned(), None),
     };
     Attempt {
         number: u32::try_from(done + 1).unwrap_or(u32::MAX),
         call: call.to_owned(),
         started_at,
-        outcome: outcome.to_owned(),
+        outcome,
         error_code,
         latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
     }
@@ -814,30 +811,18 @@ pub fn replay(push: &PushRecord) -> Result<PushAnswer, ApiError> {
 }
 
 fn umeng_code(e: &UmengError) -> (String, String) {
-    match e {
-        UmengError::Fail { code, message, .. } => (code.clone(), message.clone()),
-        UmengError::NotSent { reason } => ("not_sent".into(), reason.clone()),
-        UmengError::Unknown {
-            timed_out: true,
-            reason,
-            ..
-        } => ("timeout".into(), reason.clone()),
-        UmengError::Unknown { reason, .. } => ("unknown".into(), reason.clone()),
-    }
-}
-
-/// Umeng's answer, when it sent a FAIL envelope.
-fn fail_raw(e: &UmengError) -> Option<Value> {
-    match e {
-        UmengError::Fail { raw, .. } => Some(raw.clone()),
-        _ => None,
-    }
+    let message = match e {
+        UmengError::Fail { message, .. } => message,
+        UmengError::NotSent { reason } | UmengError::Unknown { reason, .. } => reason,
+    };
+    (e.record_code().to_owned(), message.clone())
 }
 
 /// Whatever Umeng answered (a FAIL envelope, or a SUCCESS that could not be used).
 fn umeng_raw(e: &UmengError) -> Option<Value> {
     match e {
-        UmengError::Unknown { raw: Some(raw), .. } => Some(raw.clone()),
-        other => fail_raw(other),
+        UmengError::Fail { raw, .. } => Some(raw.clone()),
+        UmengError::Unknown { raw, .. } => raw.clone(),
+        UmengError::NotSent { .. } => None,
     }
 }

@@ -537,10 +537,12 @@ fn task_of(push: &PushRecord, action: &str) -> Result<String, ApiError> {
 fn umeng_failure(e: UmengError, push_id: &str) -> ApiError {
     match e {
         UmengError::Unknown {
-            reason, timed_out, ..
+            ref reason,
+            timed_out,
+            ..
         } => {
             let umeng = UmengDetail {
-                error_code: if timed_out { "timeout" } else { "unknown" }.into(),
+                error_code: e.record_code().to_owned(),
                 error_msg: reason.clone(),
                 retryable: true,
             };

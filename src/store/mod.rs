@@ -537,7 +537,10 @@ pub struct PushSummary {
 impl PushSummary {
     /// The summary of a full record (what a history list shows of it).
     pub fn of(r: &PushRecord) -> PushSummary {
-        let cut = |s: &Option<String>| s.as_deref().map(|s| s.chars().take(256).collect());
+        let cut = |s: &Option<String>| {
+            s.as_deref()
+                .map(|s| s.chars().take(SUMMARY_TEXT_CHARS as usize).collect())
+        };
         PushSummary {
             id: r.id.clone(),
             app: r.app.clone(),

@@ -185,6 +185,19 @@ impl UmengError {
         }
     }
 
+    /// The code a push's record and answer carry: Umeng's `error_code` for a FAIL, else
+    /// `not_sent`, `timeout` or `unknown`.
+    pub fn record_code(&self) -> &str {
+        match self {
+            UmengError::Fail { code, .. } => code,
+            UmengError::NotSent { .. } => "not_sent",
+            UmengError::Unknown {
+                timed_out: true, ..
+            } => "timeout",
+            UmengError::Unknown { .. } => "unknown",
+        }
+    }
+
     /// The class, for FAIL answers.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
