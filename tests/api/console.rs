@@ -863,12 +863,12 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
     create(&app, TOKEN_SENDER, push_body(ANDROID_APP, "unicast")).await;
     let (session, _, _) = sign_in_http(&app.base, TOKEN_SENDER).await;
     let session = session.unwrap();
-    let get = |path: &'static str| {
+    let get = |path: &str| {
         let session = session.clone();
-        let base = app.base.clone();
+        let url = format!("{}{path}", app.base);
         async move {
             let r = plain()
-                .get(format!("{base}{path}"))
+                .get(url)
                 .header("cookie", session)
                 .send()
                 .await
@@ -885,15 +885,7 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
     let (_, html) = get("/ui/pushes").await;
     assert!(html.contains("&lt;script&gt;alert(1)&lt;"), "{html}");
     assert!(!html.contains("<script>"), "{html}");
-    let html = plain()
-        .get(format!("{}/ui/pushes/{evil_id}", app.base))
-        .header("cookie", session.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = get(&format!("/ui/pushes/{evil_id}")).await.1;
     assert!(!html.contains("<img src=x"), "{html}");
     assert!(
         html.contains("&lt;img src=x onerror=alert(1)&gt;"),
@@ -924,28 +916,12 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
         an_hour_ago.hour(),
         an_hour_ago.minute()
     );
-    let after = plain()
-        .get(format!("{}/ui/pushes?from={local}", app.base))
-        .header("cookie", session.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let after = get(&format!("/ui/pushes?from={local}")).await.1;
     assert!(
         after.contains("push-link"),
         "nothing after {local}: {after}"
     );
-    let before = plain()
-        .get(format!("{}/ui/pushes?to={local}", app.base))
-        .header("cookie", session.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let before = get(&format!("/ui/pushes?to={local}")).await.1;
     assert!(!before.contains("push-link"), "a push before {local}");
     // Ids that cannot exist, and unknown pages.
     for path in ["/ui/pushes/%00", "/ui/pushes/nope", "/ui/nothing/here"] {
@@ -957,15 +933,7 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
     assert_eq!(status, 404);
     // Refresh of a unicast: the API's 409, shown on the push page.
     let id = create(&app, TOKEN_SENDER, push_body(ANDROID_APP, "unicast")).await;
-    let page = plain()
-        .get(format!("{}/ui/pushes/{id}", app.base))
-        .header("cookie", session.clone())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get(&format!("/ui/pushes/{id}")).await.1;
     let csrf = csrf_in(&page);
     let r = plain()
         .post(format!("{}/ui/pushes/{id}/refresh", app.base))
