@@ -197,18 +197,29 @@ async fn push_with_callbacks(app: &TestApp, id: &str, events: usize) -> Value {
     }
 }
 
+/// POSTs a `cast` push on `app_name` whose callbacks go to `url`; it must be accepted (201).
+/// Returns the answer's body.
+async fn send_with_callback_to(app: &TestApp, app_name: &str, cast: &str, url: String) -> Value {
+    let mut push = push_body(app_name, cast);
+    push["callback_url"] = Value::from(url);
+    let r = app.post_push(&push).await;
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+/// The `id` of a push answer.
+fn id_of(answer: &Value) -> String {
+    answer["id"].as_str().unwrap().to_owned()
+}
+
 async fn a_sync_push_gets_a_signed_accepted_event(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let receiver = Receiver::start(0).await;
     let (settings, secret) = with_callbacks(&env, &receiver);
     let app = env.spawn_app_with(settings).await;
 
-    let mut push = push_body(ANDROID_APP, "unicast");
-    push["callback_url"] = Value::from(receiver.url());
-    let r = app.post_push(&push).await;
-    assert_eq!(r.status(), 201);
-    let created: Value = r.json().await.unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let created = send_with_callback_to(&app, ANDROID_APP, "unicast", receiver.url()).await;
+    let id = id_of(&created);
 
     let got = receiver.wait_for_delivered(1).await;
     assert_eq!(got.len(), 1, "{got:?}");
@@ -280,12 +291,8 @@ async fn a_groupcast_gets_accepted_then_done(backend: Backend) {
     let (settings, secret) = with_callbacks(&env, &receiver);
     let app = env.spawn_app_with(settings).await;
 
-    let mut push = push_body(ANDROID_APP, "groupcast");
-    push["callback_url"] = Value::from(receiver.url());
-    let r = app.post_push(&push).await;
-    assert_eq!(r.status(), 201);
-    let created: Value = r.json().await.unwrap();
-    let id = created["id"].as_str().unwrap().to_owned();
+    let created = send_with_callback_to(&app, ANDROID_APP, "groupcast", receiver.url()).await;
+    let id = id_of(&created);
 
     let got = receiver.wait_for_delivered(2).await;
     let types: Vec<String> = got
@@ -322,14 +329,8 @@ async fn a_failing_receiver_gets_the_event_once_with_the_failed_attempts_recorde
     let (settings, secret) = with_callbacks(&env, &receiver);
     let app = env.spawn_app_with(settings).await;
 
-    let mut push = push_body(IOS_APP, "unicast");
-    push["callback_url"] = Value::from(receiver.url());
-    let r = app.post_push(&push).await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let created = send_with_callback_to(&app, IOS_APP, "unicast", receiver.url()).await;
+    let id = id_of(&created);
 
     let got = receiver.wait_for_delivered(1).await;
     let answers: Vec<u16> = got.iter().map(|r| r.answered).collect();
@@ -371,16 +372,9 @@ async fn two_gateways_deliver_each_event_once(backend: Backend) {
     let mut ids = Vec::new();
     for i in 0..12 {
         let app = if i % 2 == 0 { &a } else { &b };
-        let mut push = push_body(ANDROID_APP, "unicast");
-        push["callback_url"] = Value::from(receiver.url());
-        let r = app.post_push(&push).await;
-        assert_eq!(r.status(), 201);
-        ids.push(
-            r.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(id_of(
+            &send_with_callback_to(app, ANDROID_APP, "unicast", receiver.url()).await,
+        ));
     }
     receiver.wait_for_delivered(12).await;
     // Give a duplicate time to show up.
@@ -421,16 +415,9 @@ async fn a_receiver_down_for_a_while_then_up_gets_every_event_signed(backend: Ba
     let outage = Instant::now();
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let mut push = push_body(ANDROID_APP, "unicast");
-        push["callback_url"] = Value::from(down.url());
-        let r = app.post_push(&push).await;
-        assert_eq!(r.status(), 201);
-        ids.push(
-            r.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(id_of(
+            &send_with_callback_to(&app, ANDROID_APP, "unicast", down.url()).await,
+        ));
     }
     // Stay down for 2 s, and until every event has failed at least twice.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -515,14 +502,14 @@ async fn redirects_are_not_followed_and_the_last_attempt_gives_up(backend: Backe
     settings.callbacks.max_attempts = 2;
     let app = env.spawn_app_with(settings).await;
 
-    let mut push = push_body(ANDROID_APP, "unicast");
-    push["callback_url"] = Value::from(format!("{}/hooks/redirect", receiver.base));
-    let r = app.post_push(&push).await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let created = send_with_callback_to(
+        &app,
+        ANDROID_APP,
+        "unicast",
+        format!("{}/hooks/redirect", receiver.base),
+    )
+    .await;
+    let id = id_of(&created);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let record = loop {
