@@ -48,6 +48,12 @@ pub fn spawn(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) -> Vec<JoinHand
             Err(e) => tracing::error!(error = %e, "the callback worker cannot start"),
         }
     }
+    if gateway.config.settings.delivery.enabled {
+        handles.push(crate::delivery::worker::spawn(
+            Arc::clone(&gateway),
+            stop.clone(),
+        ));
+    }
     if gateway.config.settings.poller.enabled {
         handles.push(tokio::spawn(run_poller(gateway, stop)));
     }

@@ -50,6 +50,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub poller: PollerSettings,
     pub callbacks: CallbackSettings,
+    pub delivery: DeliverySettings,
     pub log: LogSettings,
     /// The ops console at `/ui/`.
     pub console: crate::console::ConsoleSettings,
@@ -289,6 +290,56 @@ impl Default for CallbackSettings {
             backoff_cap_ms: 3_600_000,
             max_attempts: 60,
             max_age_hours: 24,
+        }
+    }
+}
+
+/// Asynchronous delivery (every replica runs a worker): pushes admitted with
+/// `Prefer: respond-async`, `send_at` or `on_quota_exhausted: "wait"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    /// Run the delivery worker on this replica. Pushes are still accepted when it is off
+    /// (another replica sends them).
+    pub enabled: bool,
+    /// How often the worker looks for due pushes when it found none (a push admitted on
+    /// this replica wakes it at once).
+    pub interval_ms: u64,
+    /// Most pushes being sent at once by one replica ...
+    pub concurrency: u32,
+    /// ... and per app.
+    pub per_app_concurrency: u32,
+    /// How long a claimed push belongs to one replica. If the replica dies mid-send, the
+    /// push is re-sent (task-class) or marked `unknown` (unicast-class) after this long.
+    /// Must exceed twice the worst-case Umeng path plus 10 s.
+    pub lease_secs: u64,
+    /// Retry waits: a random time between 0 and min(cap, base * 2^(n-1)) after attempt n
+    /// (exponential backoff with full jitter).
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+    /// A push fails after this many attempts (claims) ...
+    pub max_attempts: u32,
+    /// ... or once this long has passed since it was due (its `send_at`, else admission)
+    /// with no attempt succeeding; `policy.expire_time` ends it earlier. Waiting for quota
+    /// ends at the same deadline.
+    pub max_age_hours: u64,
+    /// `send_at` at most this far ahead.
+    pub max_send_at_days: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: 500,
+            concurrency: 32,
+            per_app_concurrency: 16,
+            lease_secs: 180,
+            backoff_base_ms: 1000,
+            backoff_cap_ms: 300_000,
+            max_attempts: 12,
+            max_age_hours: 24,
+            max_send_at_days: 30,
         }
     }
 }
@@ -673,6 +724,29 @@ impl Config {
                 u64::from(settings.callbacks.max_attempts),
             ),
             ("callbacks.max_age_hours", settings.callbacks.max_age_hours),
+            ("delivery.interval_ms", settings.delivery.interval_ms),
+            (
+                "delivery.concurrency",
+                u64::from(settings.delivery.concurrency),
+            ),
+            (
+                "delivery.per_app_concurrency",
+                u64::from(settings.delivery.per_app_concurrency),
+            ),
+            (
+                "delivery.backoff_base_ms",
+                settings.delivery.backoff_base_ms,
+            ),
+            ("delivery.backoff_cap_ms", settings.delivery.backoff_cap_ms),
+            (
+                "delivery.max_attempts",
+                u64::from(settings.delivery.max_attempts),
+            ),
+            ("delivery.max_age_hours", settings.delivery.max_age_hours),
+            (
+                "delivery.max_send_at_days",
+                settings.delivery.max_send_at_days,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be at least 1")));
@@ -696,6 +770,22 @@ impl Config {
         if cb.max_attempts > 100 {
             return Err(ConfigError(
                 "callbacks.max_attempts must be at most 100 (every attempt is kept)".into(),
+            ));
+        }
+        let d = &settings.delivery;
+        if d.backoff_cap_ms < d.backoff_base_ms {
+            return Err(ConfigError(
+                "delivery.backoff_cap_ms must be at least delivery.backoff_base_ms".into(),
+            ));
+        }
+        if d.max_attempts > 100 {
+            return Err(ConfigError(
+                "delivery.max_attempts must be at most 100 (every attempt is kept)".into(),
+            ));
+        }
+        if d.max_send_at_days > 365 || d.max_age_hours > 24 * 30 {
+            return Err(ConfigError(
+                "delivery.max_send_at_days must be at most 365 and delivery.max_age_hours at most 720".into(),
             ));
         }
         if cb.backoff_cap_ms < cb.backoff_base_ms {
@@ -813,6 +903,14 @@ fn check_timeouts(settings: &Settings) -> Result<(), ConfigError> {
             "poller.lease_secs ({lease}) must exceed umeng.timeout_ms ({} ms): a lease that runs \
              out during the status call lets another replica poll the same task",
             u.timeout_ms
+        )));
+    }
+    let lease = settings.delivery.lease_secs;
+    if u128::from(lease) * 1000 <= 2 * worst + 10_000 {
+        return Err(ConfigError(format!(
+            "delivery.lease_secs ({lease}) must exceed twice the worst-case Umeng path, {path}, \
+             plus 10 s: a lease that runs out while a push is being sent lets another replica \
+             send it again"
         )));
     }
     let margin = crate::umeng::validate::MIN_START_AHEAD.whole_milliseconds();
@@ -1331,14 +1429,20 @@ mod tests {
         // A start_time 5 minutes ahead must still be ahead when the push reaches Umeng.
         let err = resolve_err(
             "[umeng]\ntimeout_ms = 118000\n[server]\nrequest_timeout_secs = 600\n\
-             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600",
+             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600\n\
+             [delivery]\nlease_secs = 600",
         );
         assert!(err.contains("must be at most 240000 ms"), "{err}");
         Config::resolve(settings(
             "[umeng]\ntimeout_ms = 117000\n[server]\nrequest_timeout_secs = 600\n\
-             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600",
+             [history]\npending_timeout_secs = 600\n[poller]\nlease_secs = 600\n\
+             [delivery]\nlease_secs = 600",
         ))
         .expect("W = 240000 ms");
+        // A delivery lease must outlast two Umeng paths (and 10 s).
+        let err = resolve_err("[delivery]\nlease_secs = 142");
+        assert!(err.contains("delivery.lease_secs (142)"), "{err}");
+        Config::resolve(settings("[delivery]\nlease_secs = 143")).expect("143 s");
         assert!(resolve_err("[umeng]\nconnect_timeout_ms = 0").contains("at least 1"));
     }
 

@@ -11,23 +11,26 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::Digest;
 use time::OffsetDateTime;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{App, Config};
+use crate::delivery::breaker::Permit;
 use crate::delivery::outcome::QuotaEffect;
+use crate::delivery::Verdict;
 use crate::delivery::{self, Breaker, BreakerConfig};
 use crate::error::{ApiError, UmengDetail};
 use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
 use crate::quota::QuotaState;
 use crate::store::{
-    Admission, Attempt, Finish, NewPush, PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
+    Admission, AsyncDelivery, Attempt, DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, NewPush,
+    PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
 };
-use crate::umeng::{AppCredentials, ErrorClass, SendAttempt, UmengClient, UmengError};
+use crate::umeng::{AppCredentials, ErrorClass, FieldError, SendAttempt, UmengClient, UmengError};
 
 /// An app as the pipeline uses it.
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ pub struct Gateway {
     pub breaker: Breaker,
     /// Outcome records being retried because the database was unreachable.
     unrecorded: Arc<AtomicUsize>,
+    /// Wakes this replica's delivery worker when an asynchronous push was admitted here.
+    pub delivery_wake: tokio::sync::Notify,
 }
 
 /// What the caller gets after a push was admitted (or replayed).
@@ -58,6 +63,8 @@ pub struct PushAnswer {
     pub push: PushView,
     pub replayed: bool,
     pub quota: Option<QuotaState>,
+    /// The caller asked for `Prefer: respond-async` and the push is answered 202.
+    pub async_applied: bool,
 }
 
 /// The answer body for a created or replayed push.
@@ -77,6 +84,12 @@ pub struct PushView {
     pub task_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_id: Option<String>,
+    /// When the push goes out, when that is not at once (`send_at` or `start_time`).
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub send_at: Option<OffsetDateTime>,
 }
 
 impl PushView {
@@ -91,6 +104,7 @@ impl PushView {
             msg_id: r.msg_id.clone(),
             task_id: r.task_id.clone(),
             file_id: r.file_id.clone(),
+            send_at: r.send_at,
         }
     }
 }
@@ -128,6 +142,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             breaker,
             unrecorded: Arc::new(AtomicUsize::new(0)),
+            delivery_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -135,13 +150,16 @@ impl Gateway {
         self.apps.get(name)
     }
 
-    /// Validate and send one push. `raw` is the caller's JSON as received.
+    /// Validate and send one push. `raw` is the caller's JSON as received. With
+    /// `respond_async` (the caller's `Prefer: respond-async`), or a `send_at`, the push is
+    /// stored for a delivery worker and answered 202 at once.
     pub async fn create_push(
         self: &Arc<Self>,
         client: &str,
         app: &AppRuntime,
         req: PushRequest,
         raw: Value,
+        respond_async: bool,
     ) -> Result<PushAnswer, ApiError> {
         if let Some(url) = &req.callback_url {
             let caller = self.config.clients.iter().find(|c| c.name == client);
@@ -150,11 +168,15 @@ impl Gateway {
                 ApiError::Validation(vec![e])
             })?;
         }
-        let prepared = crate::push::prepare(&req, &app.profile, OffsetDateTime::now_utc())
-            .map_err(|errors| {
-                metrics::push(&app.app.name, req.cast_type.as_str(), PushOutcome::Invalid);
-                ApiError::Validation(errors)
-            })?;
+        let now = OffsetDateTime::now_utc();
+        let invalid = |errors| {
+            metrics::push(&app.app.name, req.cast_type.as_str(), PushOutcome::Invalid);
+            ApiError::Validation(errors)
+        };
+        let prepared = crate::push::prepare(&req, &app.profile, now).map_err(invalid)?;
+        let asynchronous = respond_async || prepared.send_at.is_some();
+        self.check_async_fields(&prepared, asynchronous, now)
+            .map_err(|e| invalid(vec![e]))?;
         let quota = match (prepared.production_mode, prepared.quota_kind) {
             (true, Some(kind)) => Some(QuotaClaim {
                 kind,
@@ -162,8 +184,10 @@ impl Gateway {
             }),
             _ => None,
         };
+        let id = uuid::Uuid::now_v7().to_string();
+        let delivery = asynchronous.then(|| self.async_delivery(&id, &prepared, quota, now));
         let new = NewPush {
-            id: uuid::Uuid::now_v7().to_string(),
+            id,
             app: app.app.name.clone(),
             appkey: app.app.appkey.clone(),
             platform: app.app.platform.as_str().to_string(),
@@ -175,13 +199,22 @@ impl Gateway {
             fingerprint: prepared.fingerprint.clone(),
             request: raw,
             description: prepared.description.clone(),
+            send_at: prepared.send_at.or(prepared.start_time),
+            delivery,
         };
 
         // Admission and everything after it run to completion even if the caller goes away.
         let this = Arc::clone(self);
         let app = app.clone();
         // The spawned task keeps the request's span, so its log lines carry the request id.
-        let work = async move { this.admit_and_send(app, new, quota, prepared).await };
+        let work = async move {
+            if new.delivery.is_some() {
+                this.admit_async(app, new, quota, prepared, respond_async)
+                    .await
+            } else {
+                this.admit_and_send(app, new, quota, prepared).await
+            }
+        };
         self.tasks
             .spawn(work.in_current_span())
             .await
@@ -230,89 +263,50 @@ impl Gateway {
 
         // Every Umeng call made for this push, recorded with its outcome.
         let mut calls = Vec::new();
-        // A token file given inline is uploaded first (or an identical earlier upload reused).
+        let mut body = prepared.body.to_value();
         let upload = prepared.upload_content.take();
-        let mut file = None;
-        if let Some(content) = &upload {
-            match self.upload(&app, content, &mut calls).await {
-                Ok(uploaded) => {
-                    prepared.set_file_id(&uploaded.file_id);
-                    file = Some(uploaded);
-                }
-                Err(e) => {
-                    let (code, msg) = umeng_code(&e);
-                    let err = ApiError::Upstream {
-                        detail: format!("uploading file_lines to Umeng failed: {msg}"),
-                        umeng: UmengDetail {
-                            error_code: code.clone(),
-                            error_msg: msg.clone(),
-                            retryable: e.is_retryable(),
-                        },
-                        push_id: Some(push_id.clone()),
-                    };
-                    // The send never happened: the push failed and its slot goes back.
-                    let reached = matches!(e, UmengError::Fail { .. });
-                    self.breaker.record(permit, reached);
-                    count(PushOutcome::Failed);
-                    recorder
-                        .finish(Finish {
-                            status: PushStatus::Failed,
-                            umeng_request: None,
-                            umeng_response: umeng_raw(&e),
-                            msg_id: None,
-                            task_id: None,
-                            file_id: None,
-                            error_code: Some(code),
-                            error_msg: Some(msg),
-                            http_status: err.status().as_u16(),
-                            latency_ms: None,
-                            sent_at: None,
-                            quota: QuotaAction::Refund,
-                            attempts: calls,
-                        })
-                        .await;
-                    return Err(err);
-                }
-            }
-        }
-
         let sent_at = OffsetDateTime::now_utc();
-        let mut attempt = self.send(&app, &prepared, &mut calls).await;
-        if let (Some(content), Some(uploaded)) = (&upload, &file) {
-            let forgotten = matches!(&attempt.result, Err(e) if e.code() == Some(FILE_NOT_FOUND));
-            if forgotten && uploaded.reused {
-                // Umeng no longer knows a file_id we reused (expired or lost): forget it,
-                // upload the content again and send once more. A file_id that was fresh a
-                // moment ago is not retried: that is Umeng's problem, not a stale record.
-                tracing::warn!(push.id = %push_id, "umeng no longer knows a reused file_id; uploading again");
-                if let Err(e) = self
-                    .store
-                    .forget_upload(&app.app.appkey, &uploaded.sha256, &uploaded.file_id)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not forget the stale upload");
-                }
-                match self
-                    .upload_fresh(&app, content, &uploaded.sha256, &mut calls)
-                    .await
-                {
-                    Ok(id) => {
-                        prepared.set_file_id(&id);
-                        file = Some(Upload {
-                            file_id: id,
-                            sha256: uploaded.sha256.clone(),
-                            reused: false,
-                        });
-                        attempt = self.send(&app, &prepared, &mut calls).await;
-                    }
-                    Err(e) => {
-                        // Nothing more was sent: the push failed with Umeng's 2019.
-                        tracing::warn!(push.id = %push_id, error = %e, "uploading the file again failed");
-                    }
-                }
+        let called = self
+            .call_umeng(&app, &push_id, &mut body, upload.as_deref(), &mut calls)
+            .await;
+        let (attempt, file_id) = match called {
+            Ok(sent) => sent,
+            Err(e) => {
+                let (code, msg) = umeng_code(&e);
+                let err = ApiError::Upstream {
+                    detail: format!("uploading file_lines to Umeng failed: {msg}"),
+                    umeng: UmengDetail {
+                        error_code: code.clone(),
+                        error_msg: msg.clone(),
+                        retryable: e.is_retryable(),
+                    },
+                    push_id: Some(push_id.clone()),
+                };
+                // The send never happened: the push failed and its slot goes back.
+                let reached = matches!(e, UmengError::Fail { .. });
+                self.breaker.record(permit, reached);
+                count(PushOutcome::Failed);
+                recorder
+                    .finish(Finish {
+                        status: PushStatus::Failed,
+                        umeng_request: None,
+                        umeng_response: umeng_raw(&e),
+                        msg_id: None,
+                        task_id: None,
+                        file_id: None,
+                        error_code: Some(code),
+                        error_msg: Some(msg),
+                        http_status: err.status().as_u16(),
+                        latency_ms: None,
+                        sent_at: None,
+                        quota: QuotaAction::Refund,
+                        attempts: calls,
+                        claim: None,
+                    })
+                    .await;
+                return Err(err);
             }
-        }
-        let file_id = file.map(|f| f.file_id);
+        };
         let latency_ms = Some(attempt.latency.as_millis() as i64);
         let base = Finish {
             status: PushStatus::Failed,
@@ -328,6 +322,7 @@ impl Gateway {
             sent_at: Some(sent_at),
             quota: QuotaAction::Keep,
             attempts: calls,
+            claim: None,
         };
         let view = |status: PushStatus, msg_id: Option<String>, task_id: Option<String>| PushView {
             id: push_id.clone(),
@@ -339,6 +334,7 @@ impl Gateway {
             msg_id,
             task_id,
             file_id: file_id.clone(),
+            send_at: prepared.start_time,
         };
         // A task-class retry carrying the same out_biz_no is deduped by Umeng; anything else
         // sent again may reach the devices twice.
@@ -365,6 +361,7 @@ impl Gateway {
                     push: view(verdict.status, ok.msg_id, ok.task_id),
                     replayed: false,
                     quota: quota_state,
+                    async_applied: false,
                 });
             }
             Err(e) => e,
@@ -376,44 +373,7 @@ impl Gateway {
             error_msg: msg.clone(),
             retryable: verdict.retryable,
         };
-        let push_id_field = Some(push_id.clone());
-        let mut err = match &e {
-            UmengError::Fail {
-                class: ErrorClass::Quota,
-                ..
-            } => ApiError::RateLimited {
-                quota: quota_state,
-                app: app.app.name.clone(),
-                from_umeng: true,
-                retry_after: 60,
-                push_id: push_id_field,
-            },
-            UmengError::Fail { .. } if verdict.status == PushStatus::Unknown => ApiError::Upstream {
-                detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
-                umeng,
-                push_id: push_id_field,
-            },
-            UmengError::Fail { .. } => ApiError::Upstream {
-                detail: format!("Umeng answered FAIL {code}: {msg}"),
-                umeng,
-                push_id: push_id_field,
-            },
-            UmengError::NotSent { .. } => ApiError::Upstream {
-                detail: format!("Umeng could not be reached, nothing was sent: {msg}"),
-                umeng,
-                push_id: push_id_field,
-            },
-            UmengError::Unknown { timed_out: true, .. } => ApiError::UpstreamTimeout {
-                detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
-                umeng,
-                push_id: push_id_field,
-            },
-            UmengError::Unknown { .. } => ApiError::UpstreamUnclear {
-                detail: format!("Umeng's answer could not be used ({msg}); the push may or may not have been accepted and is recorded as unknown"),
-                umeng,
-                push_id: push_id_field,
-            },
-        };
+        let mut err = failure_error(&e, &verdict, umeng, &push_id, &app.app.name, quota_state);
         let quota_kind = prepared.counted_quota();
         let quota_action = match (verdict.quota, quota_kind) {
             (QuotaEffect::Keep, _) => QuotaAction::Keep,
@@ -582,14 +542,14 @@ impl Gateway {
     async fn send(
         &self,
         app: &AppRuntime,
-        prepared: &PreparedPush,
+        body: &Map<String, Value>,
         calls: &mut Vec<Attempt>,
     ) -> SendAttempt {
-        let first = self.send_once(app, prepared, calls).await;
+        let first = self.send_once(app, body, calls).await;
         match &first.result {
             Err(UmengError::NotSent { reason }) => {
                 tracing::info!(error = %reason, "the send reached nothing; trying once more");
-                let mut second = self.send_once(app, prepared, calls).await;
+                let mut second = self.send_once(app, body, calls).await;
                 second.latency += first.latency;
                 second
             }
@@ -601,11 +561,11 @@ impl Gateway {
     async fn send_once(
         &self,
         app: &AppRuntime,
-        prepared: &PreparedPush,
+        body: &Map<String, Value>,
         calls: &mut Vec<Attempt>,
     ) -> SendAttempt {
         let started_at = OffsetDateTime::now_utc();
-        let sent = self.umeng.send(&app.credentials, &prepared.body).await;
+        let sent = self.umeng.send_fields(&app.credentials, body.clone()).await;
         let error = sent.result.as_ref().err();
         calls.push(attempt(
             "send",
@@ -638,6 +598,439 @@ impl Gateway {
         result
     }
 
+    /// The Umeng calls of one delivery: upload the token file (or reuse an identical
+    /// earlier upload), then send. A reused `file_id` that Umeng no longer knows (2019) is
+    /// forgotten, uploaded again and sent once more. `Err` is an upload that failed
+    /// (nothing was sent); otherwise the send's result and the `file_id` used.
+    async fn call_umeng(
+        &self,
+        app: &AppRuntime,
+        push_id: &str,
+        body: &mut Map<String, Value>,
+        upload: Option<&str>,
+        calls: &mut Vec<Attempt>,
+    ) -> Result<(SendAttempt, Option<String>), UmengError> {
+        let mut file = None;
+        if let Some(content) = upload {
+            let uploaded = self.upload(app, content, calls).await?;
+            body.insert("file_id".into(), Value::String(uploaded.file_id.clone()));
+            file = Some(uploaded);
+        }
+        let mut attempt = self.send(app, body, calls).await;
+        if let (Some(content), Some(uploaded)) = (upload, &file) {
+            let forgotten = matches!(&attempt.result, Err(e) if e.code() == Some(FILE_NOT_FOUND));
+            if forgotten && uploaded.reused {
+                // Umeng no longer knows a file_id we reused (expired or lost): forget it,
+                // upload the content again and send once more. A file_id that was fresh a
+                // moment ago is not retried: that is Umeng's problem, not a stale record.
+                tracing::warn!(push.id = %push_id, "umeng no longer knows a reused file_id; uploading again");
+                if let Err(e) = self
+                    .store
+                    .forget_upload(&app.app.appkey, &uploaded.sha256, &uploaded.file_id)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not forget the stale upload");
+                }
+                match self
+                    .upload_fresh(app, content, &uploaded.sha256, calls)
+                    .await
+                {
+                    Ok(id) => {
+                        body.insert("file_id".into(), Value::String(id.clone()));
+                        file = Some(Upload {
+                            file_id: id,
+                            sha256: uploaded.sha256.clone(),
+                            reused: false,
+                        });
+                        attempt = self.send(app, body, calls).await;
+                    }
+                    Err(e) => {
+                        // Nothing more was sent: the push failed with Umeng's 2019.
+                        tracing::warn!(push.id = %push_id, error = %e, "uploading the file again failed");
+                    }
+                }
+            }
+        }
+        Ok((attempt, file.map(|f| f.file_id)))
+    }
+
+    /// The rules for `send_at` and `on_quota_exhausted` that need the settings.
+    fn check_async_fields(
+        &self,
+        prepared: &PreparedPush,
+        asynchronous: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), FieldError> {
+        if prepared.quota_wait && !asynchronous {
+            return Err(FieldError::new(
+                "on_quota_exhausted",
+                "\"wait\" needs an asynchronous push: send the header Prefer: respond-async, or give send_at",
+            ));
+        }
+        let days = self.config.settings.delivery.max_send_at_days;
+        if let Some(at) = prepared.send_at {
+            let horizon = now + time::Duration::days(i64::try_from(days).unwrap_or(365));
+            if at > horizon {
+                return Err(FieldError::new(
+                    "send_at",
+                    format!("is more than {days} days ahead (delivery.max_send_at_days)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How an asynchronous push is stored: the Umeng body for the worker (a task-class
+    /// push without `out_biz_no` gets `umgw-<push id>`, so that Umeng dedupes the
+    /// gateway's own re-sends), when it is due, and its deadline: `delivery.max_age_hours`
+    /// after it is due, or its `policy.expire_time` if earlier.
+    fn async_delivery(
+        &self,
+        id: &str,
+        prepared: &PreparedPush,
+        quota: Option<QuotaClaim>,
+        now: OffsetDateTime,
+    ) -> AsyncDelivery {
+        let mut body = prepared.body.to_value();
+        if prepared.task_class && prepared.out_biz_no.is_none() {
+            let policy = body
+                .entry("policy")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Some(policy) = policy.as_object_mut() {
+                policy.insert("out_biz_no".into(), Value::String(format!("umgw-{id}")));
+            }
+        }
+        let mut outbox = Map::new();
+        outbox.insert("body".into(), Value::Object(body));
+        if let Some(content) = &prepared.upload_content {
+            outbox.insert("upload".into(), Value::String(content.clone()));
+        }
+        let hold = prepared.send_at.is_some_and(|at| at > now);
+        let due = prepared.send_at.map_or(now, |at| at.max(now));
+        let hours = self.config.settings.delivery.max_age_hours;
+        let mut deliver_by = due + time::Duration::hours(i64::try_from(hours).unwrap_or(24));
+        let expire = prepared
+            .body
+            .policy
+            .as_ref()
+            .and_then(|p| p.expire_time.as_deref())
+            .and_then(crate::umeng::parse_policy_time);
+        if let Some(expire) = expire {
+            deliver_by = deliver_by.min(expire);
+        }
+        AsyncDelivery {
+            outbox: Value::Object(outbox),
+            hold,
+            deliver_by,
+            quota_wait: prepared.quota_wait,
+            // A held push, or one that may wait, takes its slot when it is sent; an
+            // immediate one with "reject" takes it now, so a full window answers 429.
+            defer_quota: quota.is_some() && (hold || prepared.quota_wait),
+        }
+    }
+
+    /// Admission of an asynchronous push: stored in a waiting state (or answered as a
+    /// repeat, or refused: 409, 422, 429), and answered 202 at once. Umeng's breaker does
+    /// not matter here: the push waits until it can be sent.
+    async fn admit_async(
+        &self,
+        app: AppRuntime,
+        new: NewPush,
+        quota: Option<QuotaClaim>,
+        prepared: PreparedPush,
+        respond_async: bool,
+    ) -> Result<PushAnswer, ApiError> {
+        let app_name = app.app.name.clone();
+        let status = new
+            .delivery
+            .as_ref()
+            .map_or(PushStatus::AwaitingSend, |d| d.status());
+        let send_at = new.send_at;
+        let count = |outcome| metrics::push(&app_name, prepared.cast_type.as_str(), outcome);
+        match self.admit(&app, new, quota).await? {
+            Admitted::Go { push_id, quota } => {
+                count(PushOutcome::Queued);
+                self.delivery_wake.notify_one();
+                tracing::info!(push.id = %push_id, push.status = %status, "push stored for asynchronous delivery");
+                Ok(PushAnswer {
+                    status: StatusCode::ACCEPTED,
+                    push: PushView {
+                        id: push_id,
+                        app: app_name.clone(),
+                        cast_type: prepared.cast_type.as_str().to_string(),
+                        status,
+                        production_mode: prepared.production_mode,
+                        out_biz_no: prepared.out_biz_no.clone(),
+                        msg_id: None,
+                        task_id: None,
+                        file_id: None,
+                        send_at,
+                    },
+                    replayed: false,
+                    quota,
+                    async_applied: respond_async,
+                })
+            }
+            Admitted::Answer(outcome, answer) => {
+                count(outcome);
+                answer.map(|mut a| {
+                    a.async_applied = respond_async && a.status == StatusCode::ACCEPTED;
+                    a
+                })
+            }
+        }
+    }
+
+    /// Send one claimed asynchronous push and record what happened: final (accepted,
+    /// failed, unknown), or back to waiting with a backoff (nothing was sent, Umeng's
+    /// transient errors, or a task-class timeout that Umeng dedupes), or waiting for the
+    /// next quota window (2050 with `on_quota_exhausted: "wait"`).
+    pub async fn deliver_claimed(&self, claim: DeliveryClaim, permit: Option<Permit>) {
+        let settings = &self.config.settings.delivery;
+        let Some(app) = self
+            .apps
+            .get(&claim.app)
+            .filter(|a| a.app.appkey == claim.appkey)
+            .cloned()
+        else {
+            // Claims are made for configured apps only: the configuration changed under
+            // a running worker, which cannot happen. Leave it to the lease.
+            tracing::error!(push.id = %claim.push_id, app = %claim.app, "claimed a push of an app this replica does not have");
+            return;
+        };
+        let app_name = app.app.name.as_str();
+        let permit = match permit.map_or_else(|| self.breaker.try_call(), Ok) {
+            Ok(permit) => permit,
+            Err(wait) => {
+                // Umeng is unreachable: back to waiting, nothing sent, the slot goes back.
+                self.put_back(&claim, wait, claim.attempts.clone(), None, true)
+                    .await;
+                return;
+            }
+        };
+        let Some(mut body) = claim.outbox.get("body").and_then(Value::as_object).cloned() else {
+            self.breaker.release(permit);
+            tracing::error!(push.id = %claim.push_id, "the stored push has nothing to send");
+            self.finish_claim(
+                &claim,
+                failed_finish(
+                    &claim,
+                    "outbox_missing",
+                    "the stored push has nothing to send",
+                    claim.attempts.clone(),
+                ),
+            )
+            .await;
+            return;
+        };
+        let upload = claim
+            .outbox
+            .get("upload")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut calls = claim.attempts.clone();
+        let sent_at = OffsetDateTime::now_utc();
+        let called = self
+            .call_umeng(
+                &app,
+                &claim.push_id,
+                &mut body,
+                upload.as_deref(),
+                &mut calls,
+            )
+            .await;
+        let (result, sent_body, latency, file_id) = match called {
+            Ok((attempt, file_id)) => (
+                delivery::outcome::missing_task_id(attempt.result, claim.task_class),
+                attempt.sent_body,
+                Some(attempt.latency),
+                file_id,
+            ),
+            // The upload failed: nothing was sent; judged like a send that failed alike.
+            Err(e) => (Err(e), None, None, None),
+        };
+        // Every asynchronous task-class push carries an out_biz_no upstream.
+        let verdict = delivery::classify(&result, claim.task_class);
+        self.breaker.record(permit, verdict.reached_umeng);
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(e @ UmengError::Fail { .. }) if verdict.status == PushStatus::Failed => {
+                if e.code() == Some("2050") {
+                    "rate_limited"
+                } else {
+                    "failed"
+                }
+            }
+            Err(e) => e.record_code(),
+        };
+        metrics::delivery_attempt(app_name, outcome);
+        let latency_ms = latency.map(|l| i64::try_from(l.as_millis()).unwrap_or(i64::MAX));
+        let e = match result {
+            Ok(ok) => {
+                count_final(app_name, &claim, verdict.metric);
+                tracing::info!(push.id = %claim.push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, attempt = claim.claim, "umeng accepted the push");
+                self.finish_claim(
+                    &claim,
+                    Finish {
+                        status: verdict.status,
+                        umeng_request: sent_body,
+                        umeng_response: Some(ok.raw),
+                        msg_id: ok.msg_id,
+                        task_id: ok.task_id,
+                        file_id,
+                        error_code: None,
+                        error_msg: None,
+                        http_status: StatusCode::CREATED.as_u16(),
+                        latency_ms,
+                        sent_at: Some(sent_at),
+                        quota: QuotaAction::Keep,
+                        attempts: calls,
+                        claim: Some(claim.claim),
+                    },
+                )
+                .await;
+                return;
+            }
+            Err(e) => e,
+        };
+        let (code, msg) = umeng_code(&e);
+        let now = OffsetDateTime::now_utc();
+        let is_2050 = matches!(
+            &e,
+            UmengError::Fail {
+                class: ErrorClass::Quota,
+                ..
+            }
+        );
+        if is_2050 && claim.quota_wait && claim.quota_kind.is_some() {
+            tracing::info!(push.id = %claim.push_id, "umeng says the quota window is full; waiting for the next one");
+            let retry = DeliveryRetry {
+                status: PushStatus::AwaitingQuota,
+                delay: Duration::ZERO,
+                error_code: Some(code),
+                error_msg: Some(msg),
+                umeng_response: umeng_raw(&e),
+                attempts: calls,
+                refund: false,
+            };
+            self.retry_claim(&claim, retry).await;
+            return;
+        }
+        let wait = delivery::backoff::full_jitter(
+            settings.backoff_base_ms,
+            settings.backoff_cap_ms,
+            claim.claim,
+        );
+        let within_deadline = claim.deliver_by.is_none_or(|by| now + wait < by);
+        if verdict.retryable && claim.claim < settings.max_attempts && within_deadline {
+            tracing::info!(push.id = %claim.push_id, umeng.error_code = %code, attempt = claim.claim, retry_in_ms = wait.as_millis() as u64, "push not delivered; retrying later");
+            let refund = verdict.quota == QuotaEffect::Refund;
+            self.put_back(
+                &claim,
+                wait,
+                calls,
+                Some((code, msg, umeng_raw(&e))),
+                refund,
+            )
+            .await;
+            return;
+        }
+        tracing::warn!(push.id = %claim.push_id, umeng.error_code = %code, push.status = %verdict.status, attempt = claim.claim, "push delivery ended without success");
+        count_final(app_name, &claim, verdict.metric);
+        let umeng = UmengDetail {
+            error_code: code.clone(),
+            error_msg: msg.clone(),
+            retryable: verdict.retryable,
+        };
+        let err = failure_error(&e, &verdict, umeng, &claim.push_id, app_name, None);
+        let quota = match (verdict.quota, claim.quota_kind) {
+            (QuotaEffect::Keep, _) => QuotaAction::Keep,
+            (QuotaEffect::Refund, _) => QuotaAction::Refund,
+            (QuotaEffect::Saturate, Some(kind)) => {
+                QuotaAction::Saturate(app.app.quotas[&kind].window)
+            }
+            (QuotaEffect::Saturate, None) => QuotaAction::Keep,
+        };
+        self.finish_claim(
+            &claim,
+            Finish {
+                status: verdict.status,
+                umeng_request: sent_body,
+                umeng_response: umeng_raw(&e),
+                msg_id: None,
+                task_id: None,
+                file_id,
+                error_code: Some(code),
+                error_msg: Some(msg),
+                http_status: err.status().as_u16(),
+                latency_ms,
+                sent_at: Some(sent_at),
+                quota,
+                attempts: calls,
+                claim: Some(claim.claim),
+            },
+        )
+        .await;
+    }
+
+    /// Back to `awaiting_send` after `wait`, with the last error if any.
+    async fn put_back(
+        &self,
+        claim: &DeliveryClaim,
+        wait: Duration,
+        attempts: Vec<Attempt>,
+        error: Option<(String, String, Option<Value>)>,
+        refund: bool,
+    ) {
+        let (error_code, error_msg, umeng_response) = match error {
+            Some((code, msg, raw)) => (Some(code), Some(msg), raw),
+            None => (None, None, None),
+        };
+        let retry = DeliveryRetry {
+            status: PushStatus::AwaitingSend,
+            delay: wait,
+            error_code,
+            error_msg,
+            umeng_response,
+            attempts,
+            refund,
+        };
+        self.retry_claim(claim, retry).await;
+    }
+
+    async fn retry_claim(&self, claim: &DeliveryClaim, retry: DeliveryRetry) {
+        match self.store.retry_delivery(claim, retry).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(push.id = %claim.push_id, "the push's delivery claim was taken over (its lease ran out); this attempt's record was dropped")
+            }
+            // The lease runs out and the push is recovered: re-sent if task-class (Umeng
+            // dedupes it), else unknown.
+            Err(e) => {
+                tracing::error!(push.id = %claim.push_id, error = %e, "recording a delivery attempt failed; the lease will run out")
+            }
+        }
+    }
+
+    /// Record a claimed push's final outcome, retried while the database is unreachable
+    /// (as for synchronous pushes).
+    async fn finish_claim(&self, claim: &DeliveryClaim, finish: Finish) {
+        let recorder = Recorder {
+            gateway: self,
+            push_id: &claim.push_id,
+            admitted_at: tokio::time::Instant::now(),
+        };
+        recorder.finish(finish).await;
+    }
+
+    /// Run `work` as a tracked task: shutdown ([`Gateway::drain`]) waits for it.
+    pub fn spawn_tracked<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(work);
+    }
+
     /// Outcomes whose record is still being retried (the database was unreachable).
     pub fn unrecorded_outcomes(&self) -> usize {
         self.unrecorded.load(Ordering::Relaxed)
@@ -660,6 +1053,83 @@ impl Gateway {
             return left;
         }
         0
+    }
+}
+
+/// Counts a claimed push's final outcome in `pushes_total`.
+fn count_final(app: &str, claim: &DeliveryClaim, outcome: PushOutcome) {
+    metrics::push(app, &claim.cast_type, outcome);
+}
+
+/// A definite failure of a claimed push decided without calling Umeng.
+fn failed_finish(claim: &DeliveryClaim, code: &str, msg: &str, attempts: Vec<Attempt>) -> Finish {
+    Finish {
+        status: PushStatus::Failed,
+        umeng_request: None,
+        umeng_response: None,
+        msg_id: None,
+        task_id: None,
+        file_id: None,
+        error_code: Some(code.to_owned()),
+        error_msg: Some(msg.to_owned()),
+        http_status: StatusCode::INTERNAL_SERVER_ERROR.as_u16(),
+        latency_ms: None,
+        sent_at: None,
+        quota: QuotaAction::Refund,
+        attempts,
+        claim: Some(claim.claim),
+    }
+}
+
+/// The error answer for an Umeng call that did not succeed (the synchronous answer, and
+/// the HTTP status an asynchronous push records).
+fn failure_error(
+    e: &UmengError,
+    verdict: &Verdict,
+    umeng: UmengDetail,
+    push_id: &str,
+    app: &str,
+    quota: Option<QuotaState>,
+) -> ApiError {
+    let code = &umeng.error_code;
+    let msg = &umeng.error_msg;
+    let push_id = Some(push_id.to_owned());
+    match e {
+        UmengError::Fail {
+            class: ErrorClass::Quota,
+            ..
+        } => ApiError::RateLimited {
+            quota,
+            app: app.to_owned(),
+            from_umeng: true,
+            retry_after: 60,
+            push_id,
+        },
+        UmengError::Fail { .. } if verdict.status == PushStatus::Unknown => ApiError::Upstream {
+            detail: format!("Umeng answered FAIL {code} (an internal error): {msg}; the push may or may not have been queued and is recorded as unknown"),
+            umeng,
+            push_id,
+        },
+        UmengError::Fail { .. } => ApiError::Upstream {
+            detail: format!("Umeng answered FAIL {code}: {msg}"),
+            umeng,
+            push_id,
+        },
+        UmengError::NotSent { .. } => ApiError::Upstream {
+            detail: format!("Umeng could not be reached, nothing was sent: {msg}"),
+            umeng,
+            push_id,
+        },
+        UmengError::Unknown { timed_out: true, .. } => ApiError::UpstreamTimeout {
+            detail: format!("Umeng did not answer ({msg}); the push may or may not have been delivered and is recorded as unknown"),
+            umeng,
+            push_id,
+        },
+        UmengError::Unknown { .. } => ApiError::UpstreamUnclear {
+            detail: format!("Umeng's answer could not be used ({msg}); the push may or may not have been accepted and is recorded as unknown"),
+            umeng,
+            push_id,
+        },
     }
 }
 
@@ -797,16 +1267,22 @@ pub fn replay(push: &PushRecord) -> Result<PushAnswer, ApiError> {
             out_biz_no: push.out_biz_no.clone().unwrap_or_default(),
         });
     }
-    let status = push
-        .http_status
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .filter(StatusCode::is_success)
-        .unwrap_or(StatusCode::OK);
+    // An asynchronous push not sent yet (or being sent) is still accepted for delivery.
+    let not_final = push.status.is_waiting() || push.status == PushStatus::Pending;
+    let status = if push.delivery == DeliveryMode::Async && not_final {
+        StatusCode::ACCEPTED
+    } else {
+        push.http_status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .filter(StatusCode::is_success)
+            .unwrap_or(StatusCode::OK)
+    };
     Ok(PushAnswer {
         status,
         push: PushView::from_record(push),
         replayed: true,
         quota: None,
+        async_applied: false,
     })
 }
 

@@ -37,6 +37,14 @@ pub const UMENG_BREAKER: &str = "umeng_breaker_state";
 /// Callback delivery attempts by how they ended: `outcome` (`delivered`, `failed_attempt`,
 /// `gave_up`).
 pub const CALLBACK_DELIVERIES: &str = "callback_deliveries_total";
+/// Asynchronous pushes not final yet, by `app` and `state` (awaiting_send,
+/// awaiting_send_at, awaiting_quota, pending: being sent).
+pub const QUEUE_DEPTH: &str = "push_queue_depth";
+/// How long the oldest due asynchronous push has waited past its due time, by `app`.
+pub const QUEUE_OLDEST_DUE: &str = "push_queue_oldest_due_seconds";
+/// Delivery worker attempts by `app` and `outcome` (accepted, failed, rate_limited,
+/// not_sent, timeout, unknown).
+pub const DELIVERY_ATTEMPTS: &str = "delivery_attempts_total";
 
 /// Buckets for both latency histograms (seconds): Umeng answers in well under 2 s normally
 /// and may take up to the configured 30 s timeout.
@@ -121,6 +129,48 @@ fn describe() {
         CALLBACK_DELIVERIES,
         "Callback deliveries by outcome: delivered, failed_attempt, gave_up"
     );
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Asynchronous pushes not final yet, by app and state"
+    );
+    describe_gauge!(
+        QUEUE_OLDEST_DUE,
+        Unit::Seconds,
+        "How long the oldest due asynchronous push has waited past its due time, by app"
+    );
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        "Delivery worker attempts by app and outcome"
+    );
+}
+
+/// The outcomes of `delivery_attempts_total`.
+pub const DELIVERY_OUTCOMES: [&str; 6] = [
+    "accepted",
+    "failed",
+    "rate_limited",
+    "not_sent",
+    "timeout",
+    "unknown",
+];
+
+/// Count one delivery worker attempt.
+pub fn delivery_attempt(app: &str, outcome: &str) {
+    let outcome = DELIVERY_OUTCOMES
+        .into_iter()
+        .find(|o| *o == outcome)
+        .unwrap_or("unknown");
+    ::metrics::counter!(DELIVERY_ATTEMPTS, "app" => app.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+/// Set the queue gauges of one app: `depth` per state (every state given, zeros
+/// included), and the oldest due push's wait.
+pub fn queue(app: &str, depth: &[(&'static str, u64)], oldest_due_secs: f64) {
+    for (state, n) in depth {
+        ::metrics::gauge!(QUEUE_DEPTH, "app" => app.to_owned(), "state" => *state).set(*n as f64);
+    }
+    ::metrics::gauge!(QUEUE_OLDEST_DUE, "app" => app.to_owned()).set(oldest_due_secs);
 }
 
 /// How a callback delivery attempt ended, as the `outcome` label of
@@ -178,6 +228,10 @@ pub fn preregister<'a>(apps: impl IntoIterator<Item = (&'a str, Vec<String>)>) {
             }
         }
         ::metrics::counter!(IDEMPOTENT_REPLAYS, "app" => app.to_owned()).increment(0);
+        for outcome in DELIVERY_OUTCOMES {
+            ::metrics::counter!(DELIVERY_ATTEMPTS, "app" => app.to_owned(), "outcome" => outcome)
+                .increment(0);
+        }
         for kind in kinds {
             for source in ["local", "umeng"] {
                 ::metrics::counter!(QUOTA_REJECTIONS, "app" => app.to_owned(), "kind" => kind.clone(), "source" => source)
@@ -215,10 +269,13 @@ pub enum PushOutcome {
     Mismatch,
     /// Refused at once while the Umeng circuit breaker is open.
     Unavailable,
+    /// Accepted for asynchronous delivery (202); its final outcome is counted again when
+    /// the delivery worker ends it.
+    Queued,
 }
 
 impl PushOutcome {
-    pub const ALL: [PushOutcome; 9] = [
+    pub const ALL: [PushOutcome; 10] = [
         PushOutcome::Accepted,
         PushOutcome::Failed,
         PushOutcome::Unknown,
@@ -228,6 +285,7 @@ impl PushOutcome {
         PushOutcome::InFlight,
         PushOutcome::Mismatch,
         PushOutcome::Unavailable,
+        PushOutcome::Queued,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -241,6 +299,7 @@ impl PushOutcome {
             PushOutcome::InFlight => "in_flight",
             PushOutcome::Mismatch => "mismatch",
             PushOutcome::Unavailable => "umeng_unavailable",
+            PushOutcome::Queued => "queued",
         }
     }
 }

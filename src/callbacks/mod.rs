@@ -127,7 +127,8 @@ pub fn event_data(stored: &Value) -> Value {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CallbackEventBody {
     /// `push.<state>`: push.accepted, push.failed, push.unknown, push.done,
-    /// push.send_failed, push.cancelled, push.expired, push.no_match, push.task_lost.
+    /// push.send_failed, push.cancelled, push.expired, push.no_match, push.task_lost,
+    /// push.withdrawn.
     #[serde(rename = "type")]
     #[schema(example = "push.accepted")]
     pub event_type: String,

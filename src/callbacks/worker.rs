@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -199,18 +198,12 @@ fn describe(e: &reqwest::Error) -> String {
 /// The wait after failed attempt `n` (1-based): uniformly random in
 /// `[0, min(cap, base * 2^(n-1))]` (full jitter).
 pub fn backoff(s: &CallbackSettings, n: u32) -> Duration {
-    let ceiling = backoff_ceiling(s, n);
-    Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling))
+    crate::delivery::backoff::full_jitter(s.backoff_base_ms, s.backoff_cap_ms, n)
 }
 
 /// The upper bound of the wait after failed attempt `n`, in milliseconds.
 pub fn backoff_ceiling(s: &CallbackSettings, n: u32) -> u64 {
-    let doubling = 1u64
-        .checked_shl(n.saturating_sub(1).min(63))
-        .unwrap_or(u64::MAX);
-    s.backoff_base_ms
-        .saturating_mul(doubling)
-        .min(s.backoff_cap_ms)
+    crate::delivery::backoff::ceiling_ms(s.backoff_base_ms, s.backoff_cap_ms, n)
 }
 
 /// Start the worker loop (every replica runs one). It ends when `stop` turns true; the

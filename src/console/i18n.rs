@@ -224,6 +224,10 @@ const TEXTS: &[(&str, &str, &str)] = &[
     ("s_no_match", "no match", "无匹配设备"),
     ("s_scheduled", "scheduled", "定时中"),
     ("s_task_lost", "task lost", "任务丢失"),
+    ("s_awaiting_send", "awaiting send", "等待发送"),
+    ("s_awaiting_send_at", "held until send_at", "等待定时发送"),
+    ("s_awaiting_quota", "awaiting quota", "等待配额"),
+    ("s_withdrawn", "withdrawn", "已撤回"),
 ];
 
 #[cfg(test)]

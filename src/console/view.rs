@@ -56,8 +56,12 @@ pub fn status_class(s: PushStatus) -> &'static str {
         | PushStatus::Expired
         | PushStatus::NoMatch
         | PushStatus::TaskLost => "bad",
-        PushStatus::Unknown | PushStatus::Pending => "warn",
-        PushStatus::Cancelled => "muted",
+        PushStatus::Unknown
+        | PushStatus::Pending
+        | PushStatus::AwaitingSend
+        | PushStatus::AwaitingSendAt
+        | PushStatus::AwaitingQuota => "warn",
+        PushStatus::Cancelled | PushStatus::Withdrawn => "muted",
     }
 }
 
@@ -75,8 +79,11 @@ pub fn outcome(s: PushStatus) -> usize {
         | PushStatus::NoMatch
         | PushStatus::TaskLost => 1,
         PushStatus::Unknown => 2,
-        PushStatus::Pending => 3,
-        PushStatus::Cancelled => 4,
+        PushStatus::Pending
+        | PushStatus::AwaitingSend
+        | PushStatus::AwaitingSendAt
+        | PushStatus::AwaitingQuota => 3,
+        PushStatus::Cancelled | PushStatus::Withdrawn => 4,
     }
 }
 
@@ -113,6 +120,10 @@ fn status_key(s: PushStatus) -> &'static str {
         PushStatus::NoMatch => "s_no_match",
         PushStatus::Scheduled => "s_scheduled",
         PushStatus::TaskLost => "s_task_lost",
+        PushStatus::AwaitingSend => "s_awaiting_send",
+        PushStatus::AwaitingSendAt => "s_awaiting_send_at",
+        PushStatus::AwaitingQuota => "s_awaiting_quota",
+        PushStatus::Withdrawn => "s_withdrawn",
     }
 }
 

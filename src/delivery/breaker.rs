@@ -67,6 +67,13 @@ pub struct Permit {
     probe: bool,
 }
 
+impl Permit {
+    /// The one call let through while half-open, to see whether Umeng answers again.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
 /// Thread-safe; cheap to consult on every call.
 #[derive(Debug)]
 pub struct Breaker {

@@ -100,7 +100,8 @@ fn callback_webhooks() -> serde_json::Value {
                 "description": "Sent to the push's `callback_url` when it reaches a final \
                     state: `accepted`, `failed` or `unknown` at the end of its Umeng call, and \
                     for task-class pushes later `done`, `send_failed`, `cancelled`, `expired`, \
-                    `no_match` or `task_lost`. One event per push and state, delivered at least \
+                    `no_match` or `task_lost`; `withdrawn` for an asynchronous push cancelled \
+                    before it was sent. One event per push and state, delivered at least \
                     once: a 2xx answer ends it, anything else (or no answer within \
                     `callbacks.timeout_ms`) is retried with exponential backoff and full \
                     jitter for up to a day. Redirects are not followed. Signed per the \

@@ -33,7 +33,8 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
         .routes(routes!(cancel_push))
 }
 
-/// Validate a push, take its quota slot, send it to Umeng and record it.
+/// Validate a push, take its quota slot, send it to Umeng and record it; or, with
+/// `Prefer: respond-async` or `send_at`, store it for a delivery worker and answer 202.
 ///
 /// A repeat of an earlier request with the same `out_biz_no` is answered from history with
 /// the stored status and `Idempotent-Replayed: true`, without calling Umeng.
@@ -43,7 +44,14 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
     tag = "pushes",
     security(("bearer" = ["send"])),
     request_body(content = PushRequest, description = "The push; see docs/push-request.md"),
+    params(
+        ("Prefer" = Option<String>, Header, description = "`respond-async` (RFC 7240): store the push and answer 202 at once; a delivery worker sends it, retrying transient failures (see README \"Synchronous and asynchronous pushes\")"),
+    ),
     responses(
+        (status = 202, description = "Stored for asynchronous delivery (`Prefer: respond-async`, or `send_at`): status `awaiting_send` or `awaiting_send_at`. A repeat of such a push while it is not final answers 202 with its current state and `Idempotent-Replayed: true`", body = PushView, headers(
+            ("Location" = String, description = "`/v1/pushes/{id}`"),
+            ("Preference-Applied" = String, description = "`respond-async`, when the request asked for it"),
+        )),
         (status = 201, description = "Umeng accepted the push", body = PushView, headers(
             ("Location" = String, description = "`/v1/pushes/{id}`"),
             ("RateLimit-Limit" = u32, description = "Limit of the quota bucket this push counted against"),
@@ -80,6 +88,7 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
 async fn create_push(
     State(gateway): State<Arc<Gateway>>,
     caller: Caller,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Send)?;
@@ -107,8 +116,25 @@ async fn create_push(
         }])
     })?;
     let stored = req.stored_form();
-    let answer = gateway.create_push(caller.name(), app, req, stored).await?;
+    let answer = gateway
+        .create_push(caller.name(), app, req, stored, prefers_async(&headers))
+        .await?;
     Ok(push_answer(answer))
+}
+
+/// Whether the request carries `Prefer: respond-async` (RFC 7240: preferences are
+/// comma-separated, names case-insensitive, parameters after `;`, and the header may
+/// repeat).
+pub fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|pref| {
+            let name = pref.split([';', '=']).next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("respond-async")
+        })
 }
 
 /// Parse the body straight into the typed request (no generic JSON value of the whole body
@@ -295,6 +321,12 @@ fn push_answer(answer: PushAnswer) -> Response {
     if answer.replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
+    if answer.async_applied {
+        headers.insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async"),
+        );
+    }
     if let Some(q) = &answer.quota {
         rate_limit_headers(&mut headers, q);
     }
@@ -312,7 +344,8 @@ pub struct ListParams {
     #[serde(rename = "type")]
     #[param(rename = "type")]
     pub cast_type: Option<String>,
-    /// A push status (pending, accepted, failed, unknown, or a task state).
+    /// A push status (pending, accepted, failed, unknown, a task state, or a delivery state:
+    /// awaiting_send, awaiting_send_at, awaiting_quota, withdrawn).
     #[param(value_type = Option<crate::store::PushStatus>)]
     pub status: Option<String>,
     /// The sending client's configured name.
@@ -694,6 +727,37 @@ async fn cancel_push(
 pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
     let push = visible_push(gateway, caller, id).await?;
+    if push.status.is_waiting() {
+        // Not sent yet: withdrawn here, Umeng never hears of it.
+        if gateway.store.withdraw(&push.id).await? {
+            tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
+        }
+        let push = visible_push(gateway, caller, id).await?;
+        if push.status == PushStatus::Withdrawn {
+            return Ok(push);
+        }
+        // A delivery worker claimed it in the meantime: judged as below.
+        return cancel_sent(gateway, caller, push).await;
+    }
+    cancel_sent(gateway, caller, push).await
+}
+
+/// Cancel a push the gateway has sent (or is sending).
+async fn cancel_sent(
+    gateway: &Gateway,
+    caller: &Caller,
+    push: PushRecord,
+) -> Result<PushRecord, ApiError> {
+    if push.status == PushStatus::Withdrawn {
+        return Ok(push);
+    }
+    if push.status == PushStatus::Pending {
+        return Err(ApiError::Conflict {
+            detail: "the push is being sent to Umeng right now; a task-class push can be cancelled once Umeng has accepted it".into(),
+            umeng: None,
+        });
+    }
+    let id = push.id.clone();
     let task_id = task_of(&push, "cancel")?;
     if push.status == PushStatus::Cancelled {
         return Ok(push);
@@ -735,5 +799,5 @@ pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<Push
             },
         )
         .await?;
-    visible_push(gateway, caller, id).await
+    visible_push(gateway, caller, &id).await
 }

@@ -7,8 +7,10 @@ pub mod request;
 
 pub use numbers::inexact_numbers;
 pub use prepare::{
-    fingerprint, prepare, AppProfile, PreparedPush, MAX_OUT_BIZ_NO_LEN, MAX_UPLOAD_BYTES,
+    fingerprint, prepare, AppProfile, GatewayFields, PreparedPush, MAX_OUT_BIZ_NO_LEN,
+    MAX_UPLOAD_BYTES,
 };
 pub use request::{
-    AndroidOptions, Badge, IosOptions, Message, Notification, Open, PushPolicy, PushRequest,
+    AndroidOptions, Badge, IosOptions, Message, Notification, OnQuotaExhausted, Open, PushPolicy,
+    PushRequest,
 };

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::request::{Badge, Notification, Open, PushRequest};
+use super::request::{Badge, Notification, OnQuotaExhausted, Open, PushRequest};
 use crate::quota::QuotaKind;
 use crate::umeng::model::{
     AfterOpen, AndroidBody, AndroidPayload, Aps, DisplayType, IosAlert, IosAlertFields, IosBadge,
@@ -94,6 +94,12 @@ pub struct PreparedPush {
     pub upload_content: Option<String>,
     /// The Umeng body (for `file_lines`, with a placeholder `file_id` until set).
     pub body: SendBody,
+    /// The request's `send_at`: the gateway holds the push until then.
+    pub send_at: Option<OffsetDateTime>,
+    /// Umeng's `policy.start_time` (Umeng holds the task until then).
+    pub start_time: Option<OffsetDateTime>,
+    /// `on_quota_exhausted: "wait"`.
+    pub quota_wait: bool,
 }
 
 impl PreparedPush {
@@ -128,6 +134,28 @@ pub fn prepare(
         nul_characters(&v, &mut String::new(), &mut out_errors);
     }
     check_sizes(req, &mut out_errors);
+    let send_at = req
+        .send_at
+        .as_deref()
+        .and_then(|s| match OffsetDateTime::parse(s, &Rfc3339) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                out_errors.push(FieldError::new(
+                    "send_at",
+                    "must be an RFC 3339 time, e.g. 2026-12-01T09:00:00+08:00",
+                ));
+                None
+            }
+        });
+    let start_time = req.policy.as_ref().and_then(|p| p.start_time.as_deref());
+    if req.send_at.is_some() && start_time.is_some() {
+        out_errors.push(FieldError::new(
+            "send_at",
+            "give either send_at (the gateway holds the push) or policy.start_time (Umeng holds the task), not both",
+        ));
+    }
+    let start_time = start_time.and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+    let quota_wait = req.on_quota_exhausted == Some(OnQuotaExhausted::Wait);
     if let Some(raw) = &req.umeng {
         check_raw_fields(raw, &mut out_errors);
     }
@@ -166,7 +194,11 @@ pub fn prepare(
         &req.app,
         req.out_biz_no.as_deref(),
         upload_sha256.as_deref(),
-        req.callback_url.as_deref(),
+        GatewayFields {
+            callback_url: req.callback_url.as_deref(),
+            send_at,
+            quota_wait,
+        },
         &body,
     );
     Ok(PreparedPush {
@@ -179,7 +211,20 @@ pub fn prepare(
         fingerprint,
         upload_content,
         body,
+        send_at,
+        start_time,
+        quota_wait,
     })
+}
+
+/// The request's fields that the gateway acts on and Umeng never sees. Each is left out of
+/// the fingerprint when absent (or the default), so fingerprints of pushes without them
+/// are what they were before the field existed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GatewayFields<'a> {
+    pub callback_url: Option<&'a str>,
+    pub send_at: Option<OffsetDateTime>,
+    pub quota_wait: bool,
 }
 
 /// Bytes of the compact JSON of `v`.
@@ -371,14 +416,19 @@ pub fn fingerprint(
     app: &str,
     out_biz_no: Option<&str>,
     upload_sha256: Option<&str>,
-    callback_url: Option<&str>,
+    gateway: GatewayFields<'_>,
     body: &SendBody,
 ) -> String {
     let mut m = Map::new();
-    // A gateway-only field: left out when absent, so fingerprints of pushes without a
-    // callback are what they were before callbacks existed.
-    if let Some(url) = callback_url {
+    if let Some(url) = gateway.callback_url {
         m.insert("callback_url".into(), Value::from(url));
+    }
+    // The same instant in any offset is the same request.
+    if let Some(at) = gateway.send_at {
+        m.insert("send_at".into(), Value::from(at.unix_timestamp()));
+    }
+    if gateway.quota_wait {
+        m.insert("on_quota_exhausted".into(), Value::from("wait"));
     }
     m.insert("app".into(), Value::from(app));
     m.insert(

@@ -73,6 +73,26 @@ pub struct PushRequest {
     /// `callback_url_prefixes`. Not sent to Umeng.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// RFC 3339: the gateway holds the push and sends it then (it makes the push
+    /// asynchronous; at most `delivery.max_send_at_days` ahead). Before then,
+    /// `POST /v1/pushes/{id}/cancel` withdraws it without calling Umeng. Not sent to Umeng;
+    /// exclusive with `policy.start_time` (Umeng's own scheduling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_at: Option<String>,
+    /// What an asynchronous push does when its quota window is full: `reject` (default: a
+    /// 429 at admission, or `quota_exhausted` when a held push falls due) or `wait` for a
+    /// free slot, first come first served per app and bucket, until `policy.expire_time` or
+    /// `delivery.quota_wait_max_hours`. Only with `Prefer: respond-async` or `send_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_quota_exhausted: Option<OnQuotaExhausted>,
+}
+
+/// See [`PushRequest::on_quota_exhausted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnQuotaExhausted {
+    Reject,
+    Wait,
 }
 
 impl PushRequest {
@@ -134,6 +154,8 @@ impl Serialize for StoredView<'_> {
             ios,
             umeng,
             callback_url,
+            send_at,
+            on_quota_exhausted,
         } = self.0;
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("app", app)?;
@@ -163,6 +185,8 @@ impl Serialize for StoredView<'_> {
             "ios" => ios,
             "umeng" => umeng,
             "callback_url" => callback_url,
+            "send_at" => send_at,
+            "on_quota_exhausted" => on_quota_exhausted,
         );
         map.end()
     }

@@ -70,10 +70,21 @@ pub enum PushStatus {
     /// not know the task (1014 task_id not found, 2005 message does not exist), so the
     /// poller stopped. A refresh that later gets a real task state replaces it.
     TaskLost,
+    // The gateway's delivery states (asynchronous pushes), not Umeng's.
+    /// Admitted, waiting for a delivery worker: due now, or at a retry's backoff
+    /// (`next_attempt_at`).
+    AwaitingSend,
+    /// Held by the gateway until its `send_at`.
+    AwaitingSendAt,
+    /// Its quota window is full: it waits for a free slot (first come, first served per
+    /// app and bucket) until its deadline.
+    AwaitingQuota,
+    /// Cancelled locally before it was sent: Umeng never saw it. Final.
+    Withdrawn,
 }
 
 impl PushStatus {
-    pub const ALL: [PushStatus; 13] = [
+    pub const ALL: [PushStatus; 17] = [
         PushStatus::Pending,
         PushStatus::Accepted,
         PushStatus::Failed,
@@ -87,7 +98,23 @@ impl PushStatus {
         PushStatus::NoMatch,
         PushStatus::Scheduled,
         PushStatus::TaskLost,
+        PushStatus::AwaitingSend,
+        PushStatus::AwaitingSendAt,
+        PushStatus::AwaitingQuota,
+        PushStatus::Withdrawn,
     ];
+
+    /// The states of a push the gateway has not sent yet (waiting for a delivery worker).
+    pub const WAITING: [PushStatus; 3] = [
+        PushStatus::AwaitingSend,
+        PushStatus::AwaitingSendAt,
+        PushStatus::AwaitingQuota,
+    ];
+
+    /// Waiting to be sent by the gateway (see [`PushStatus::WAITING`]).
+    pub fn is_waiting(self) -> bool {
+        Self::WAITING.contains(&self)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -104,6 +131,10 @@ impl PushStatus {
             PushStatus::NoMatch => "no_match",
             PushStatus::Scheduled => "scheduled",
             PushStatus::TaskLost => "task_lost",
+            PushStatus::AwaitingSend => "awaiting_send",
+            PushStatus::AwaitingSendAt => "awaiting_send_at",
+            PushStatus::AwaitingQuota => "awaiting_quota",
+            PushStatus::Withdrawn => "withdrawn",
         }
     }
 
@@ -159,7 +190,13 @@ impl PushStatus {
             | PushStatus::Cancelled
             | PushStatus::Expired
             | PushStatus::NoMatch => 5,
-            PushStatus::Pending | PushStatus::Failed | PushStatus::Unknown => return None,
+            PushStatus::Pending
+            | PushStatus::Failed
+            | PushStatus::Unknown
+            | PushStatus::AwaitingSend
+            | PushStatus::AwaitingSendAt
+            | PushStatus::AwaitingQuota
+            | PushStatus::Withdrawn => return None,
         })
     }
 
@@ -213,6 +250,105 @@ pub struct NewPush {
     /// The caller's request as received (JSON).
     pub request: Value,
     pub description: Option<String>,
+    /// When the push goes out, when that is not at once: its `send_at` (held by the
+    /// gateway) or Umeng's `policy.start_time` (held by Umeng). Shown in history.
+    pub send_at: Option<OffsetDateTime>,
+    /// Asynchronous delivery: stored in a waiting state for a delivery worker instead of
+    /// `pending` for the caller's own attempt.
+    pub delivery: Option<AsyncDelivery>,
+}
+
+/// How an asynchronous push is admitted.
+#[derive(Debug, Clone)]
+pub struct AsyncDelivery {
+    /// What the worker sends: `{"body": <Umeng body without appkey and timestamp>,
+    /// "upload": <file_lines content, if any>}`. Dropped when the push is final.
+    pub outbox: Value,
+    /// Held until [`NewPush::send_at`] (`awaiting_send_at`), else due at once
+    /// (`awaiting_send`).
+    pub hold: bool,
+    /// No attempt starts after this; the push then fails (`delivery_expired`, or
+    /// `quota_wait_expired` while it waits for quota).
+    pub deliver_by: OffsetDateTime,
+    /// Wait for a free quota slot instead of failing with `quota_exhausted`.
+    pub quota_wait: bool,
+    /// The quota slot (if any) is taken when the push is sent, not at admission.
+    pub defer_quota: bool,
+}
+
+impl AsyncDelivery {
+    /// The state the push is stored in at admission.
+    pub fn status(&self) -> PushStatus {
+        if self.hold {
+            PushStatus::AwaitingSendAt
+        } else {
+            PushStatus::AwaitingSend
+        }
+    }
+}
+
+/// An app whose asynchronous pushes a delivery worker may claim, and how many at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryApp {
+    pub app: String,
+    pub appkey: String,
+    pub limit: u32,
+}
+
+/// An asynchronous push claimed by [`Store::claim_deliveries`]: it is `pending`, and this
+/// worker alone sends it until `lease_until`.
+#[derive(Debug, Clone)]
+pub struct DeliveryClaim {
+    pub push_id: String,
+    pub app: String,
+    pub appkey: String,
+    pub cast_type: String,
+    pub task_class: bool,
+    pub production_mode: bool,
+    pub out_biz_no: Option<String>,
+    /// See [`AsyncDelivery::outbox`].
+    pub outbox: Value,
+    /// The calls made by earlier claims; this claim's calls are numbered after them.
+    pub attempts: Vec<Attempt>,
+    /// How many times the push has been claimed, this claim included: fences the claim's
+    /// writes ([`Finish::claim`], [`Store::retry_delivery`]).
+    pub claim: u32,
+    pub lease_until: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+    pub deliver_by: Option<OffsetDateTime>,
+    /// The bucket whose slot the push holds (production task-class pushes).
+    pub quota_kind: Option<QuotaKind>,
+    pub quota_wait: bool,
+}
+
+/// When a claimed push that was not sent (or may be sent again) is due next.
+#[derive(Debug, Clone)]
+pub struct DeliveryRetry {
+    /// `awaiting_send` (after a backoff) or `awaiting_quota` (Umeng said 2050: the
+    /// bucket's current window is marked full and the push waits for the next one).
+    pub status: PushStatus,
+    /// From now, for `awaiting_send`.
+    pub delay: Duration,
+    pub error_code: Option<String>,
+    pub error_msg: Option<String>,
+    pub umeng_response: Option<Value>,
+    /// Every call so far, this claim's included.
+    pub attempts: Vec<Attempt>,
+    /// Keep the slot (Umeng may have the push: a task-class retry carries its out_biz_no)
+    /// or give it back (nothing was accepted; the next attempt takes a slot of its own).
+    pub refund: bool,
+}
+
+/// One app's asynchronous pushes in one state (see [`Store::queue_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStat {
+    pub app: String,
+    /// A waiting state, or `pending` for pushes a worker is sending.
+    pub status: PushStatus,
+    pub count: u64,
+    /// The earliest `next_attempt_at` among them that has passed (how long the oldest due
+    /// push has waited), if any is due.
+    pub oldest_due: Option<OffsetDateTime>,
 }
 
 /// A quota slot to take during admission.
@@ -272,6 +408,9 @@ pub struct Finish {
     pub quota: QuotaAction,
     /// Every Umeng call made for this push, in order.
     pub attempts: Vec<Attempt>,
+    /// A delivery worker's claim ([`DeliveryClaim::claim`]): the write applies only while
+    /// it is still the push's latest claim. `None` for the synchronous path.
+    pub claim: Option<u32>,
 }
 
 /// One Umeng call made for a push.
@@ -404,6 +543,19 @@ pub struct PushRecord {
     pub finished_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// `sync` (the caller's request made the attempt) or `async` (a delivery worker sends
+    /// it).
+    pub delivery: DeliveryMode,
+    /// When the push goes out, when that is not at once: its `send_at` (held by the
+    /// gateway), or Umeng's `policy.start_time`.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub send_at: Option<OffsetDateTime>,
+    /// Asynchronous pushes waiting to be sent: when a worker will try next.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// Asynchronous pushes: no attempt starts after this.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub deliver_by: Option<OffsetDateTime>,
     /// Where the push's signed callbacks go (the request's `callback_url`), if anywhere.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
@@ -415,6 +567,24 @@ pub struct PushRecord {
     /// JSON field becomes a string holding the start of its JSON text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<String>,
+}
+
+/// Who sends a push: the caller's own request, or a delivery worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    Sync,
+    Async,
+}
+
+impl DeliveryMode {
+    /// From the stored `delivery` column (null for synchronous pushes).
+    pub fn from_column(value: Option<&str>) -> Self {
+        match value {
+            Some("async") => DeliveryMode::Async,
+            _ => DeliveryMode::Sync,
+        }
+    }
 }
 
 /// Bytes of any one large field (`request`, `umeng_request`, `umeng_response`,
@@ -524,6 +694,13 @@ pub struct PushSummary {
     pub error_msg: Option<String>,
     pub http_status: Option<u16>,
     pub latency_ms: Option<i64>,
+    pub delivery: DeliveryMode,
+    /// When the push goes out, when that is not at once (`send_at` or `start_time`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub send_at: Option<OffsetDateTime>,
+    /// Waiting pushes: when a worker will try next.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -559,6 +736,9 @@ impl PushSummary {
             error_msg: cut(&r.error_msg),
             http_status: r.http_status,
             latency_ms: r.latency_ms,
+            delivery: r.delivery,
+            send_at: r.send_at,
+            next_attempt_at: r.next_attempt_at,
             created_at: r.created_at,
             sent_at: r.sent_at,
             finished_at: r.finished_at,
@@ -793,6 +973,48 @@ pub trait Store: Send + Sync + 'static {
         log: &[CallbackAttempt],
         next: CallbackNext,
     ) -> StoreResult<bool>;
+
+    /// Claim up to `limit` due asynchronous pushes of `apps` (at most each app's `limit`),
+    /// oldest due first, leasing each for `lease`: it becomes `pending` and concurrent
+    /// callers (other replicas) never get it while its lease runs. Due: a waiting state
+    /// ([`PushStatus::WAITING`]) and `next_attempt_at` passed. On the way:
+    /// - a push past its `deliver_by` fails (`delivery_expired`, or `quota_wait_expired`
+    ///   while waiting for quota; a slot it held is given back) and is not returned;
+    /// - a push that needs a quota slot takes one in the window of now, first come first
+    ///   served per bucket (behind an older push waiting for the bucket, it waits too);
+    ///   with the window full it moves to `awaiting_quota` until the window ends (when it
+    ///   waits for quota, or has been tried before), or else fails `quota_exhausted` (429).
+    async fn claim_deliveries(
+        &self,
+        limit: u32,
+        lease: Duration,
+        apps: &[DeliveryApp],
+    ) -> StoreResult<Vec<DeliveryClaim>>;
+
+    /// Put a claimed push back to wait (see [`DeliveryRetry`]), giving its quota slot back
+    /// when asked. Returns false (nothing written) when the claim is no longer the push's
+    /// latest or the push is no longer `pending`.
+    async fn retry_delivery(
+        &self,
+        claim: &DeliveryClaim,
+        retry: DeliveryRetry,
+    ) -> StoreResult<bool>;
+
+    /// Asynchronous pushes whose worker's lease ran out while `pending` (the replica died
+    /// or stalled mid-send): a task-class push goes back to `awaiting_send` (its re-send
+    /// carries the same `out_biz_no`, which Umeng dedupes); any other push may have
+    /// reached Umeng and becomes `unknown` (`stale_pending`), never re-sent. Returns how
+    /// many changed.
+    async fn recover_deliveries(&self) -> StoreResult<u64>;
+
+    /// Cancel a push the gateway has not sent yet (a waiting state): it becomes
+    /// `withdrawn`, and a quota slot it held is given back. Returns false when it is not
+    /// waiting (any more).
+    async fn withdraw(&self, push_id: &str) -> StoreResult<bool>;
+
+    /// Asynchronous pushes not yet final, per app and state (waiting states, and
+    /// `pending` for those being sent), with the oldest due time.
+    async fn queue_stats(&self) -> StoreResult<Vec<QueueStat>>;
 
     /// The current window's state of one bucket (used 0 when no row exists).
     async fn quota_state(
@@ -1048,6 +1270,10 @@ pub(crate) fn sample_record(request: Value, description: Option<String>) -> Push
         task_checked_at: None,
         latency_ms: None,
         attempts: Vec::new(),
+        delivery: DeliveryMode::Sync,
+        send_at: None,
+        next_attempt_at: None,
+        deliver_by: None,
         callback_url: None,
         callbacks: Vec::new(),
         created_at: now,

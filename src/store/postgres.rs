@@ -12,10 +12,11 @@ use time::OffsetDateTime;
 
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
-    Admission, CallbackAttempt, CallbackClaim, CallbackNext, Finish, HourlyCount, NewPush,
-    PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus,
-    PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
-    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp, DeliveryClaim,
+    DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus,
+    PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary, QueueStat, QuotaAction,
+    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate, MAX_PAGE,
+    MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -41,7 +42,8 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
-     sent_at, finished_at, updated_at, callback_url";
+     sent_at, finished_at, updated_at, callback_url, delivery, send_at, next_attempt_at, \
+     deliver_by";
 
 /// How `max_connections` is shared: a quarter (1 to 4) for history reads, the rest (at
 /// least 1) for everything else.
@@ -59,11 +61,12 @@ const READ_ONLY: &str =
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
-     created_at, sent_at, finished_at, updated_at";
+     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs \
-     from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+     from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+     $17, $18, $19, $20, $21)";
 
 /// Guarded finish plus the quota action, in one statement. `o.was_refunded` is the flag
 /// before this statement, so the refund happens at most once. A row the sweeper marked
@@ -79,9 +82,11 @@ const FINISH: &str = "with o as (
            sent_at = $12, attempts = $15,
            quota_refunded = p.quota_refunded
                or ($13::text = 'refund' and p.quota_window is not null),
+           outbox = null, next_attempt_at = null, deliver_lease_until = null,
            finished_at = now(), updated_at = now()
       from o
      where p.id = o.id
+       and ($16::integer is null or p.deliver_claims = $16::integer)
        and (p.status = 'pending'
             or (p.status = 'unknown' and p.error_code = 'stale_pending'
                 and (p.out_biz_no is null
@@ -188,7 +193,94 @@ const SWEEP: &str = "update pushes
    set status = 'unknown', error_code = 'stale_pending',
        error_msg = 'still pending after the sweep threshold: the outcome of the umeng call is unknown',
        finished_at = now(), updated_at = now()
- where status = 'pending' and created_at < now() - $1::bigint * interval '1 second'";
+ where status = 'pending' and delivery is null
+   and created_at < now() - $1::bigint * interval '1 second'";
+
+const CLAIM_DELIVERIES: &str = "select id, claims, lease_until \
+     from umgw_claim_deliveries($1, $2, $3, $4, $5)";
+
+const CLAIMED_PUSHES: &str = "select id, app, appkey, cast_type, task_class, production_mode, \
+     out_biz_no, outbox, attempts, created_at, deliver_by, quota_kind, quota_wait \
+     from pushes where id = any($1)";
+
+/// Put a claimed push back to wait: `awaiting_send` after `$3` ms, or `awaiting_quota`
+/// until its bucket's next window (the current one is marked full: Umeng said 2050). A
+/// refund gives the slot back once; after a 2050 the slot is released without a refund
+/// (the window is full either way) and the next attempt takes one of its own.
+const RETRY_DELIVERY: &str = "with o as (
+    select id, quota_refunded as was_refunded from pushes where id = $1
+), f as (
+    update pushes p
+       set status = $2,
+           next_attempt_at = case when $2 = 'awaiting_quota'
+               then to_timestamp((floor((extract(epoch from now()) + 28800) / p.quota_unit)
+                                  * p.quota_unit - 28800) + p.quota_unit)
+               else now() + $3::bigint * interval '1 millisecond' end,
+           error_code = $4, error_msg = $5, umeng_response = $6, attempts = $7,
+           quota_refunded = p.quota_refunded or (($8 or $2 = 'awaiting_quota')
+                                                 and p.quota_window is not null),
+           deliver_lease_until = null, updated_at = now()
+      from o
+     where p.id = o.id and p.status = 'pending' and p.deliver_claims = $9
+ returning p.appkey, p.quota_kind, p.quota_window, p.quota_limit, p.quota_unit, o.was_refunded
+), r as (
+    update quota_counters c
+       set used = greatest(c.used - 1, 0)
+      from f
+     where $8 and $2 <> 'awaiting_quota' and not f.was_refunded
+       and c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
+), s as (
+    insert into quota_counters as c (appkey, kind, window_start, used)
+    select f.appkey, f.quota_kind,
+           (floor((extract(epoch from now()) + 28800) / f.quota_unit) * f.quota_unit
+               - 28800)::bigint,
+           f.quota_limit
+      from f
+     where $2 = 'awaiting_quota' and f.quota_kind is not null and f.quota_limit is not null
+    on conflict (appkey, kind, window_start)
+    do update set used = greatest(c.used, excluded.used)
+)
+select count(*) from f";
+
+/// Pushes whose delivery lease ran out mid-send: task-class ones are due again (Umeng
+/// dedupes the re-send by out_biz_no), the rest may have reached Umeng and are unknown.
+const RECOVER_DELIVERIES: &str = "update pushes
+   set status = case when task_class then 'awaiting_send' else 'unknown' end,
+       next_attempt_at = case when task_class then now() else null end,
+       error_code = case when task_class then error_code else 'stale_pending' end,
+       error_msg = case when task_class then error_msg
+           else 'the delivery worker''s lease ran out mid-send: the outcome of the umeng call is unknown' end,
+       outbox = case when task_class then outbox else null end,
+       finished_at = case when task_class then null else now() end,
+       deliver_lease_until = null, updated_at = now()
+ where status = 'pending' and delivery is not null and deliver_lease_until < now()";
+
+/// Local cancel of a push not sent yet; a slot it held goes back once.
+const WITHDRAW: &str = "with f as (
+    update pushes p
+       set status = 'withdrawn', error_code = 'withdrawn',
+           error_msg = 'cancelled before it was sent', outbox = null, next_attempt_at = null,
+           quota_refunded = p.quota_refunded or p.quota_window is not null,
+           finished_at = now(), updated_at = now()
+      from (select id, quota_refunded as was_refunded from pushes where id = $1) o
+     where p.id = o.id
+       and p.status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+ returning p.appkey, p.quota_kind, p.quota_window, o.was_refunded
+), r as (
+    update quota_counters c
+       set used = greatest(c.used - 1, 0)
+      from f
+     where not f.was_refunded and f.quota_window is not null
+       and c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
+)
+select count(*) from f";
+
+const QUEUE_STATS: &str = "select app, status, count(*) as n,
+       min(next_attempt_at) filter (where next_attempt_at <= now()) as oldest_due
+  from pushes
+ where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+    or (status = 'pending' and delivery is not null)
+ group by app, status";
 
 const QUOTA_STATE: &str = "with c as (
     select extract(epoch from now())::float8 as e
@@ -356,7 +448,8 @@ impl Store for PgStore {
             .bind(finish.sent_at)
             .bind(action)
             .bind(unit)
-            .bind(attempts_json(&finish.attempts));
+            .bind(attempts_json(&finish.attempts))
+            .bind(finish.claim.map(|c| i32::try_from(c).unwrap_or(i32::MAX)));
         let pool = self.pool.clone();
         let changed =
             run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
@@ -554,6 +647,136 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn claim_deliveries(
+        &self,
+        limit: u32,
+        lease: Duration,
+        apps: &[DeliveryApp],
+    ) -> StoreResult<Vec<DeliveryClaim>> {
+        let names: Vec<String> = apps.iter().map(|a| a.app.clone()).collect();
+        let appkeys: Vec<String> = apps.iter().map(|a| a.appkey.clone()).collect();
+        let limits: Vec<i32> = apps
+            .iter()
+            .map(|a| i32::try_from(a.limit).unwrap_or(i32::MAX))
+            .collect();
+        let query = sqlx::query(CLAIM_DELIVERIES)
+            .bind(i32::try_from(limit).unwrap_or(i32::MAX))
+            .bind(millis(lease))
+            .bind(names)
+            .bind(appkeys)
+            .bind(limits);
+        let pool = self.pool.clone();
+        // The claim locks rows and takes quota slots: it runs to completion even if the
+        // caller is dropped.
+        let claimed =
+            run_detached(async move { query.fetch_all(&pool).await.map_err(map_sqlx) }).await?;
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut leases = std::collections::HashMap::new();
+        for row in &claimed {
+            let id: String = row.try_get("id").map_err(map_sqlx)?;
+            let claims: i32 = row.try_get("claims").map_err(map_sqlx)?;
+            let lease_until: OffsetDateTime = row.try_get("lease_until").map_err(map_sqlx)?;
+            leases.insert(id, (claims, lease_until));
+        }
+        let ids: Vec<String> = leases.keys().cloned().collect();
+        let rows = sqlx::query(CLAIMED_PUSHES)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id").map_err(map_sqlx)?;
+            let Some((claims, lease_until)) = leases.get(&id).copied() else {
+                continue;
+            };
+            let quota_kind: Option<String> = row.try_get("quota_kind").map_err(map_sqlx)?;
+            out.push(DeliveryClaim {
+                app: row.try_get("app").map_err(map_sqlx)?,
+                appkey: row.try_get("appkey").map_err(map_sqlx)?,
+                cast_type: row.try_get("cast_type").map_err(map_sqlx)?,
+                task_class: row.try_get("task_class").map_err(map_sqlx)?,
+                production_mode: row.try_get("production_mode").map_err(map_sqlx)?,
+                out_biz_no: row.try_get("out_biz_no").map_err(map_sqlx)?,
+                outbox: row
+                    .try_get::<Option<Value>, _>("outbox")
+                    .map_err(map_sqlx)?
+                    .unwrap_or(Value::Null),
+                attempts: attempts_of(row.try_get::<Value, _>("attempts").map_err(map_sqlx)?)
+                    .map_err(map_sqlx)?,
+                claim: u32::try_from(claims).unwrap_or(0),
+                lease_until,
+                created_at: row.try_get("created_at").map_err(map_sqlx)?,
+                deliver_by: row.try_get("deliver_by").map_err(map_sqlx)?,
+                quota_kind: quota_kind.as_deref().and_then(QuotaKind::parse),
+                quota_wait: row.try_get("quota_wait").map_err(map_sqlx)?,
+                push_id: id,
+            });
+        }
+        out.sort_by(|a, b| (a.created_at, &a.push_id).cmp(&(b.created_at, &b.push_id)));
+        Ok(out)
+    }
+
+    async fn retry_delivery(
+        &self,
+        claim: &DeliveryClaim,
+        retry: DeliveryRetry,
+    ) -> StoreResult<bool> {
+        let query = sqlx::query_scalar::<_, i64>(RETRY_DELIVERY)
+            .bind(claim.push_id.clone())
+            .bind(retry.status.as_str())
+            .bind(millis(retry.delay))
+            .bind(retry.error_code)
+            .bind(retry.error_msg)
+            .bind(retry.umeng_response)
+            .bind(attempts_json(&retry.attempts))
+            .bind(retry.refund)
+            .bind(i32::try_from(claim.claim).unwrap_or(i32::MAX));
+        let pool = self.pool.clone();
+        let changed =
+            run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
+        Ok(changed > 0)
+    }
+
+    async fn recover_deliveries(&self) -> StoreResult<u64> {
+        let done = sqlx::query(RECOVER_DELIVERIES)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn withdraw(&self, push_id: &str) -> StoreResult<bool> {
+        let query = sqlx::query_scalar::<_, i64>(WITHDRAW).bind(push_id.to_owned());
+        let pool = self.pool.clone();
+        let changed =
+            run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
+        Ok(changed > 0)
+    }
+
+    async fn queue_stats(&self) -> StoreResult<Vec<QueueStat>> {
+        let rows = sqlx::query(QUEUE_STATS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                let n: i64 = r.try_get("n")?;
+                Ok(QueueStat {
+                    app: r.try_get("app")?,
+                    status: PushStatus::parse(&status)
+                        .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+                    count: u64::try_from(n).unwrap_or(0),
+                    oldest_due: r.try_get("oldest_due")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_sqlx)
+    }
+
     async fn claim_callbacks(
         &self,
         limit: u32,
@@ -675,13 +898,23 @@ async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> Store
         .bind(quota.map(|c| c.kind.as_str()))
         .bind(quota.map(|c| i32::try_from(c.limit.limit).unwrap_or(i32::MAX)))
         .bind(quota.map(|c| c.limit.window.seconds()))
+        .bind(match &push.delivery {
+            Some(d) => d.status().as_str(),
+            None => PushStatus::Pending.as_str(),
+        })
+        .bind(push.delivery.as_ref().is_some_and(|d| d.defer_quota))
+        .bind(push.delivery.as_ref().map(|d| &d.outbox))
+        .bind(push.send_at)
+        .bind(push.delivery.as_ref().map(|d| d.deliver_by))
+        .bind(push.delivery.as_ref().is_some_and(|d| d.quota_wait))
         .fetch_one(pool)
         .await
         .map_err(map_sqlx)?;
     let outcome: String = row.try_get("outcome").map_err(map_sqlx)?;
     let push_id: Option<String> = row.try_get("push_id").map_err(map_sqlx)?;
+    let deferred = push.delivery.as_ref().is_some_and(|d| d.defer_quota);
     let state = match quota {
-        Some(claim) => {
+        Some(claim) if !deferred => {
             let used: Option<i32> = row.try_get("used").map_err(map_sqlx)?;
             let window_start: Option<i64> = row.try_get("window_start").map_err(map_sqlx)?;
             let reset: Option<i64> = row.try_get("reset_after_secs").map_err(map_sqlx)?;
@@ -694,7 +927,7 @@ async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> Store
                 reset_after_secs: reset.unwrap_or(1),
             })
         }
-        None => None,
+        _ => None,
     };
     let owner = || {
         push_id.clone().ok_or_else(|| {
@@ -770,6 +1003,9 @@ fn summary_from_row(row: &PgRow) -> Result<PushSummary, sqlx::Error> {
         error_msg: row.try_get("error_msg")?,
         http_status: http_status.and_then(|s| u16::try_from(s).ok()),
         latency_ms: row.try_get("latency_ms")?,
+        delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
+        send_at: row.try_get("send_at")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,
@@ -817,6 +1053,10 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         task_checked_at: row.try_get("task_checked_at")?,
         latency_ms: row.try_get("latency_ms")?,
         attempts: attempts_of(row.try_get::<Value, _>("attempts")?)?,
+        delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
+        send_at: row.try_get("send_at")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        deliver_by: row.try_get("deliver_by")?,
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,

@@ -20,10 +20,11 @@ use time::OffsetDateTime;
 use super::postgres::missing_migration;
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
-    Admission, CallbackAttempt, CallbackClaim, CallbackNext, Finish, HourlyCount, NewPush,
-    PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus,
-    PushSummary, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
-    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp, DeliveryClaim,
+    DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus,
+    PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary, QueueStat, QuotaAction,
+    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate, MAX_PAGE,
+    MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -41,22 +42,25 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
-     sent_at, finished_at, updated_at, callback_url";
+     sent_at, finished_at, updated_at, callback_url, delivery, send_at, next_attempt_at, \
+     deliver_by";
 
 /// What a history list reads: no stored bodies, long texts cut in the database.
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
-     created_at, sent_at, finished_at, updated_at";
+     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at";
 
-const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status
+const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.delivery
   from idempotency_keys k join pushes p on p.id = k.push_id
  where k.appkey = ?1 and k.out_biz_no = ?2";
 
 const INSERT_PUSH: &str = "insert into pushes (id, app, appkey, platform, cast_type, task_class,
     production_mode, client, out_biz_no, fingerprint, status, description, request,
-    quota_kind, quota_window, quota_limit, created_at, updated_at)
-values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, ?12, ?13, ?14, ?15, ?16, ?16)";
+    quota_kind, quota_window, quota_limit, created_at, updated_at, quota_unit, delivery, outbox,
+    next_attempt_at, send_at, deliver_by, quota_wait)
+values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?17, ?11, ?12, ?13, ?14, ?15, ?16, ?16, ?18, ?19,
+    ?20, ?21, ?22, ?23, ?24)";
 
 const INSERT_KEY: &str = "insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id,
     created_at)
@@ -92,7 +96,7 @@ macro_rules! finishable {
 
 const PENDING_QUOTA: &str = concat!(
     "select appkey, quota_kind, quota_window, quota_limit, quota_refunded
-  from pushes where id = ?1 and ",
+  from pushes where id = ?1 and (?2 is null or deliver_claims = ?2) and ",
     finishable!()
 );
 
@@ -101,8 +105,9 @@ const FINISH: &str = concat!(
    set status = ?2, umeng_request = ?3, umeng_response = ?4, msg_id = ?5, task_id = ?6,
        file_id = ?7, error_code = ?8, error_msg = ?9, http_status = ?10, latency_ms = ?11,
        sent_at = ?12, quota_refunded = (quota_refunded or ?13), finished_at = ?14,
-       updated_at = ?14, attempts = ?15
- where id = ?1 and ",
+       updated_at = ?14, attempts = ?15, outbox = null, next_attempt_at = null,
+       deliver_lease_until = null
+ where id = ?1 and (?16 is null or deliver_claims = ?16) and ",
     finishable!()
 );
 
@@ -169,7 +174,94 @@ const SWEEP: &str = "update pushes
    set status = 'unknown', error_code = 'stale_pending',
        error_msg = 'still pending after the sweep threshold: the outcome of the umeng call is unknown',
        finished_at = ?1, updated_at = ?1
- where status = 'pending' and created_at < ?2";
+ where status = 'pending' and delivery is null and created_at < ?2";
+
+/// Due asynchronous pushes of the given apps (`?2`: JSON `[[app, appkey], ...]`), oldest
+/// due first.
+const DUE_DELIVERIES: &str = "select id, app, status, appkey, quota_kind, quota_limit, quota_unit,
+       quota_window, quota_refunded, quota_wait, deliver_by, created_at, deliver_claims
+  from pushes
+ where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+   and next_attempt_at <= ?1
+   and exists (select 1 from json_each(?2) a
+                where json_extract(a.value, '$[0]') = pushes.app
+                  and json_extract(a.value, '$[1]') = pushes.appkey)
+ order by next_attempt_at, created_at, id
+ limit ?3";
+
+const EXPIRE_DELIVERY: &str = "update pushes
+   set status = 'failed',
+       error_code = case when status = 'awaiting_quota' then 'quota_wait_expired'
+                         else 'delivery_expired' end,
+       error_msg = case when status = 'awaiting_quota'
+           then 'no quota slot came free before the push''s deadline'
+           else 'the push could not be sent before its deadline' end,
+       http_status = case when status = 'awaiting_quota' then 429 else 504 end,
+       quota_refunded = (quota_refunded or quota_window is not null),
+       outbox = null, next_attempt_at = null, finished_at = ?2, updated_at = ?2
+ where id = ?1";
+
+const QUOTA_HEAD: &str = "select min(next_attempt_at) from pushes
+ where status = 'awaiting_quota' and appkey = ?1 and quota_kind = ?2
+   and (created_at, id) < (?3, ?4)";
+
+const WAIT_FOR_QUOTA: &str = "update pushes
+   set status = 'awaiting_quota', next_attempt_at = ?2, updated_at = ?3
+ where id = ?1";
+
+const QUOTA_EXHAUSTED: &str = "update pushes
+   set status = 'failed', error_code = 'quota_exhausted',
+       error_msg = 'the ' || quota_kind || ' quota window was full when the push was due',
+       http_status = 429, outbox = null, next_attempt_at = null, finished_at = ?2,
+       updated_at = ?2
+ where id = ?1";
+
+const SET_SLOT: &str = "update pushes set quota_window = ?2, quota_refunded = 0 where id = ?1";
+
+const CLAIM_DELIVERY: &str = "update pushes
+   set status = 'pending', deliver_claims = deliver_claims + 1, deliver_lease_until = ?2,
+       updated_at = ?3
+ where id = ?1
+returning id, app, appkey, cast_type, task_class, production_mode, out_biz_no, outbox,
+          attempts, created_at, deliver_by, quota_kind, quota_wait, deliver_claims,
+          deliver_lease_until";
+
+const RETRY_DELIVERY: &str = "update pushes
+   set status = ?2, next_attempt_at = ?3, error_code = ?4, error_msg = ?5, umeng_response = ?6,
+       attempts = ?7, quota_refunded = (quota_refunded or (?8 and quota_window is not null)),
+       deliver_lease_until = null, updated_at = ?10
+ where id = ?1 and status = 'pending' and deliver_claims = ?9
+returning appkey, quota_kind, quota_window, quota_limit, quota_unit";
+
+const RECOVER_DELIVERIES: &str = "update pushes
+   set status = case when task_class then 'awaiting_send' else 'unknown' end,
+       next_attempt_at = case when task_class then ?1 else null end,
+       error_code = case when task_class then error_code else 'stale_pending' end,
+       error_msg = case when task_class then error_msg
+           else 'the delivery worker''s lease ran out mid-send: the outcome of the umeng call is unknown' end,
+       outbox = case when task_class then outbox else null end,
+       finished_at = case when task_class then null else ?1 end,
+       deliver_lease_until = null, updated_at = ?1
+ where status = 'pending' and delivery is not null and deliver_lease_until < ?1";
+
+const WITHDRAW: &str = "update pushes
+   set status = 'withdrawn', error_code = 'withdrawn',
+       error_msg = 'cancelled before it was sent', outbox = null, next_attempt_at = null,
+       quota_refunded = (quota_refunded or quota_window is not null),
+       finished_at = ?2, updated_at = ?2
+ where id = ?1 and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')";
+
+const QUEUE_STATS: &str = "select app, status, count(*) as n,
+       min(case when next_attempt_at <= ?1 then next_attempt_at end) as oldest_due
+  from pushes
+ where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+    or (status = 'pending' and delivery is not null)
+ group by app, status";
+
+/// A slot a push holds and has not given back: `(appkey, kind, window)`.
+const HELD_SLOT: &str = "select appkey, quota_kind, quota_window from pushes
+ where id = ?1 and quota_kind is not null and quota_window is not null
+   and not quota_refunded";
 
 const FIND_UPLOAD: &str = "select file_id from uploads
  where appkey = ?1 and content_sha256 = ?2 and created_at > ?3";
@@ -556,6 +648,99 @@ impl Store for SqliteStore {
             .map_err(map_sqlx)
     }
 
+    async fn claim_deliveries(
+        &self,
+        limit: u32,
+        lease: Duration,
+        apps: &[DeliveryApp],
+    ) -> StoreResult<Vec<DeliveryClaim>> {
+        let pool = self.pool.clone();
+        let writer = Arc::clone(&self.writer);
+        let apps = apps.to_vec();
+        let lease_ms = millis(lease);
+        run_detached(async move {
+            let _turn = writer.lock().await;
+            claim_deliveries(&pool, limit, lease_ms, apps)
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn retry_delivery(
+        &self,
+        claim: &DeliveryClaim,
+        retry: DeliveryRetry,
+    ) -> StoreResult<bool> {
+        let pool = self.pool.clone();
+        let writer = Arc::clone(&self.writer);
+        let push_id = claim.push_id.clone();
+        let claim = claim.claim;
+        run_detached(async move {
+            let _turn = writer.lock().await;
+            retry_delivery(&pool, &push_id, claim, retry)
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn recover_deliveries(&self) -> StoreResult<u64> {
+        let done = sqlx::query(RECOVER_DELIVERIES)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn withdraw(&self, push_id: &str) -> StoreResult<bool> {
+        let pool = self.pool.clone();
+        let writer = Arc::clone(&self.writer);
+        let push_id = push_id.to_owned();
+        run_detached(async move {
+            let _turn = writer.lock().await;
+            let mut tx = pool.begin_with("begin immediate").await.map_err(map_sqlx)?;
+            let held = held_slot(&mut tx, &push_id).await.map_err(map_sqlx)?;
+            let done = sqlx::query(WITHDRAW)
+                .bind(&push_id)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+            if done.rows_affected() == 0 {
+                tx.rollback().await.map_err(map_sqlx)?;
+                return Ok(false);
+            }
+            give_back(&mut tx, held).await.map_err(map_sqlx)?;
+            tx.commit().await.map_err(map_sqlx)?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> StoreResult<Vec<QueueStat>> {
+        let rows = sqlx::query(QUEUE_STATS)
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                let n: i64 = r.try_get("n")?;
+                Ok(QueueStat {
+                    app: r.try_get("app")?,
+                    status: PushStatus::parse(&status)
+                        .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
+                    count: u64::try_from(n).unwrap_or(0),
+                    oldest_due: opt_time(r, "oldest_due")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_sqlx)
+    }
+
     async fn quota_state(
         &self,
         appkey: &str,
@@ -630,9 +815,13 @@ async fn admit(
     push: NewPush,
     quota: Option<QuotaClaim>,
 ) -> Result<Admission, sqlx::Error> {
+    // A deferred slot (asynchronous delivery) is taken when the push is sent: admission
+    // records the bucket only.
+    let deferred = quota.filter(|_| push.delivery.as_ref().is_some_and(|d| d.defer_quota));
+    let quota = quota.filter(|_| deferred.is_none());
     if push.out_biz_no.is_none() && quota.is_none() {
-        // Nothing to check or count: the pending row alone, one statement.
-        insert_push(&mut *pool.acquire().await?, &push, None, now_ms()).await?;
+        // Nothing to check or count: the row alone, one statement.
+        insert_push(&mut *pool.acquire().await?, &push, deferred, None, now_ms()).await?;
         return Ok(Admission::Admitted {
             push_id: push.id,
             quota: None,
@@ -654,11 +843,12 @@ async fn admit(
             let fingerprint: String = owner.try_get("fingerprint")?;
             let owner_id: String = owner.try_get("push_id")?;
             let status: String = owner.try_get("status")?;
+            let owner_async = owner.try_get::<Option<String>, _>("delivery")?.is_some();
             let verdict = if fingerprint != push.fingerprint {
                 Some(Admission::Mismatch {
                     push_id: owner_id.clone(),
                 })
-            } else if status == PushStatus::Pending.as_str() {
+            } else if status == PushStatus::Pending.as_str() && !owner_async {
                 Some(Admission::InFlight {
                     push_id: owner_id.clone(),
                 })
@@ -721,7 +911,15 @@ async fn admit(
     }
 
     // The row goes in last, once nothing can reject the request.
-    insert_push(&mut tx, &push, quota.zip(window), now).await?;
+    let slot = quota.zip(window);
+    insert_push(
+        &mut tx,
+        &push,
+        slot.map(|(c, _)| c).or(deferred),
+        slot.map(|(_, w)| w.window_start),
+        now,
+    )
+    .await?;
 
     if let Some(key) = &push.out_biz_no {
         match &reclaimed_from {
@@ -762,6 +960,250 @@ async fn admit(
         quota: state,
         reclaimed_from,
     })
+}
+
+/// The start (epoch seconds) of the Beijing-time window of `unit` seconds containing
+/// `epoch_secs`.
+fn window_start(unit: i64, epoch_secs: i64) -> i64 {
+    let unit = unit.max(1);
+    (epoch_secs + 28_800).div_euclid(unit) * unit - 28_800
+}
+
+/// The slot `push_id` holds and has not given back, if any: `(appkey, kind, window)`.
+async fn held_slot(
+    conn: &mut SqliteConnection,
+    push_id: &str,
+) -> Result<Option<(String, String, i64)>, sqlx::Error> {
+    let row = sqlx::query(HELD_SLOT)
+        .bind(push_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|r| {
+        Ok((
+            r.try_get("appkey")?,
+            r.try_get("quota_kind")?,
+            r.try_get("quota_window")?,
+        ))
+    })
+    .transpose()
+}
+
+/// Gives a held slot back to its window's counter.
+async fn give_back(
+    conn: &mut SqliteConnection,
+    held: Option<(String, String, i64)>,
+) -> Result<(), sqlx::Error> {
+    if let Some((appkey, kind, window)) = held {
+        sqlx::query(REFUND)
+            .bind(appkey)
+            .bind(kind)
+            .bind(window)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The claim in one `begin immediate` transaction (one writer at a time), row by row in
+/// due order; see [`Store::claim_deliveries`].
+async fn claim_deliveries(
+    pool: &SqlitePool,
+    limit: u32,
+    lease_ms: i64,
+    apps: Vec<DeliveryApp>,
+) -> Result<Vec<DeliveryClaim>, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let now = now_ms();
+    let pairs: Vec<[&str; 2]> = apps
+        .iter()
+        .map(|a| [a.app.as_str(), a.appkey.as_str()])
+        .collect();
+    let rows = sqlx::query(DUE_DELIVERIES)
+        .bind(now)
+        .bind(Json(pairs))
+        .bind(i64::from(limit.max(1)) * 4)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut taken: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for row in rows {
+        if out.len() >= limit as usize {
+            break;
+        }
+        let id: String = row.try_get("id")?;
+        let app: String = row.try_get("app")?;
+        let cap = apps.iter().find(|a| a.app == app).map_or(0, |a| a.limit);
+        let count = taken.entry(app).or_default();
+        if *count >= cap {
+            continue;
+        }
+        let deliver_by: Option<i64> = row.try_get("deliver_by")?;
+        if deliver_by.is_some_and(|by| by <= now) {
+            let held = held_slot(&mut tx, &id).await?;
+            sqlx::query(EXPIRE_DELIVERY)
+                .bind(&id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            give_back(&mut tx, held).await?;
+            continue;
+        }
+        let kind: Option<String> = row.try_get("quota_kind")?;
+        let window: Option<i64> = row.try_get("quota_window")?;
+        let refunded: bool = row.try_get("quota_refunded")?;
+        if let (Some(kind), true) = (kind, window.is_none() || refunded) {
+            let appkey: String = row.try_get("appkey")?;
+            let unit: i64 = row.try_get::<Option<i64>, _>("quota_unit")?.unwrap_or(60);
+            let limit: i64 = row.try_get::<Option<i64>, _>("quota_limit")?.unwrap_or(0);
+            let created_at: i64 = row.try_get("created_at")?;
+            let start = window_start(unit, now.div_euclid(1000));
+            let mut wait = ((start + unit) * 1000).min(deliver_by.unwrap_or(i64::MAX));
+            // First come, first served: behind an older push waiting for this bucket.
+            let head: Option<i64> = sqlx::query_scalar(QUOTA_HEAD)
+                .bind(&appkey)
+                .bind(&kind)
+                .bind(created_at)
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let used: Option<i64> = match head {
+                Some(head) => {
+                    wait = head.max(now);
+                    None
+                }
+                None if limit > 0 => {
+                    sqlx::query_scalar(TAKE_SLOT)
+                        .bind(&appkey)
+                        .bind(&kind)
+                        .bind(start)
+                        .bind(limit)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                None => None,
+            };
+            if used.is_none() {
+                let quota_wait: bool = row.try_get("quota_wait")?;
+                let claims: i64 = row.try_get("deliver_claims")?;
+                if quota_wait || claims > 0 {
+                    sqlx::query(WAIT_FOR_QUOTA)
+                        .bind(&id)
+                        .bind(wait)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(QUOTA_EXHAUSTED)
+                        .bind(&id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                continue;
+            }
+            sqlx::query(SET_SLOT)
+                .bind(&id)
+                .bind(start)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let claimed = sqlx::query(CLAIM_DELIVERY)
+            .bind(&id)
+            .bind(now.saturating_add(lease_ms))
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+        out.push(delivery_claim(&claimed)?);
+        *count += 1;
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+fn delivery_claim(row: &SqliteRow) -> Result<DeliveryClaim, sqlx::Error> {
+    let kind: Option<String> = row.try_get("quota_kind")?;
+    let claims: i64 = row.try_get("deliver_claims")?;
+    Ok(DeliveryClaim {
+        push_id: row.try_get("id")?,
+        app: row.try_get("app")?,
+        appkey: row.try_get("appkey")?,
+        cast_type: row.try_get("cast_type")?,
+        task_class: row.try_get("task_class")?,
+        production_mode: row.try_get("production_mode")?,
+        out_biz_no: row.try_get("out_biz_no")?,
+        outbox: opt_json(row, "outbox")?.unwrap_or(Value::Null),
+        attempts: attempts_of(row.try_get::<Json<Value>, _>("attempts")?.0)?,
+        claim: u32::try_from(claims).unwrap_or(0),
+        lease_until: from_ms(row.try_get("deliver_lease_until")?)?,
+        created_at: from_ms(row.try_get("created_at")?)?,
+        deliver_by: opt_time(row, "deliver_by")?,
+        quota_kind: kind.as_deref().and_then(QuotaKind::parse),
+        quota_wait: row.try_get("quota_wait")?,
+    })
+}
+
+/// See [`Store::retry_delivery`]: one transaction (the row and its counter).
+async fn retry_delivery(
+    pool: &SqlitePool,
+    push_id: &str,
+    claim: u32,
+    retry: DeliveryRetry,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let now = now_ms();
+    let held = held_slot(&mut tx, push_id).await?;
+    let bucket =
+        sqlx::query("select quota_kind, quota_limit, quota_unit, appkey from pushes where id = ?1")
+            .bind(push_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let to_quota = retry.status == PushStatus::AwaitingQuota;
+    let (next, saturate) = match (&bucket, to_quota) {
+        (Some(b), true) => {
+            let unit: i64 = b.try_get::<Option<i64>, _>("quota_unit")?.unwrap_or(60);
+            let start = window_start(unit, now.div_euclid(1000));
+            let kind: Option<String> = b.try_get("quota_kind")?;
+            let limit: Option<i64> = b.try_get("quota_limit")?;
+            let appkey: String = b.try_get("appkey")?;
+            (
+                (start + unit) * 1000,
+                kind.zip(limit).map(|(k, l)| (appkey, k, start, l)),
+            )
+        }
+        _ => (now.saturating_add(millis(retry.delay)), None),
+    };
+    let updated = sqlx::query(RETRY_DELIVERY)
+        .bind(push_id)
+        .bind(retry.status.as_str())
+        .bind(next)
+        .bind(retry.error_code)
+        .bind(retry.error_msg)
+        .bind(retry.umeng_response.map(Json))
+        .bind(Json(attempts_json(&retry.attempts)))
+        .bind(retry.refund || to_quota)
+        .bind(i64::from(claim))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if updated.is_none() {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    if retry.refund && !to_quota {
+        give_back(&mut tx, held).await?;
+    }
+    if let Some((appkey, kind, start, limit)) = saturate {
+        // Umeng called the window of now full: mark it so here too.
+        sqlx::query(SATURATE)
+            .bind(appkey)
+            .bind(kind)
+            .bind(start)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Gives back the slot an `unknown` push kept, once (its `quota_refunded` flag).
@@ -827,13 +1269,22 @@ async fn claim_task_polls(
         .collect()
 }
 
-/// Inserts the `pending` row, with its quota slot's kind, window and limit.
+/// Inserts the push row (`pending`, or a waiting state for asynchronous delivery), with its
+/// quota bucket's kind, limit and window length, and the window the slot was taken from
+/// (`None` for a slot taken later).
 async fn insert_push(
     conn: &mut SqliteConnection,
     push: &NewPush,
-    slot: Option<(QuotaClaim, QuotaState)>,
+    quota: Option<QuotaClaim>,
+    window: Option<i64>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
+    let delivery = push.delivery.as_ref();
+    let status = delivery.map_or(PushStatus::Pending, |d| d.status());
+    let next_attempt_at = delivery.map(|d| match (d.hold, push.send_at) {
+        (true, Some(at)) => to_ms(at),
+        _ => now,
+    });
     sqlx::query(INSERT_PUSH)
         .bind(&push.id)
         .bind(&push.app)
@@ -847,10 +1298,18 @@ async fn insert_push(
         .bind(&push.fingerprint)
         .bind(&push.description)
         .bind(Json(&push.request))
-        .bind(slot.map(|(c, _)| c.kind.as_str()))
-        .bind(slot.map(|(_, w)| w.window_start))
-        .bind(slot.map(|(c, _)| i64::from(c.limit.limit)))
+        .bind(quota.map(|c| c.kind.as_str()))
+        .bind(window)
+        .bind(quota.map(|c| i64::from(c.limit.limit)))
         .bind(now)
+        .bind(status.as_str())
+        .bind(quota.map(|c| c.limit.window.seconds()))
+        .bind(delivery.map(|_| "async"))
+        .bind(delivery.map(|d| Json(&d.outbox)))
+        .bind(next_attempt_at)
+        .bind(push.send_at.map(to_ms))
+        .bind(delivery.map(|d| to_ms(d.deliver_by)))
+        .bind(delivery.is_some_and(|d| d.quota_wait))
         .execute(conn)
         .await?;
     Ok(())
@@ -864,6 +1323,7 @@ fn bind_finish<'q>(
     now: i64,
 ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
     let attempts = attempts_json(&finish.attempts);
+    let claim = finish.claim.map(i64::from);
     sqlx::query(FINISH)
         .bind(push_id)
         .bind(finish.status.as_str())
@@ -880,6 +1340,7 @@ fn bind_finish<'q>(
         .bind(refunded)
         .bind(now)
         .bind(Json(attempts))
+        .bind(claim)
 }
 
 async fn finish_push(
@@ -897,6 +1358,7 @@ async fn finish_push(
     let mut tx = pool.begin_with("begin immediate").await?;
     let Some(row) = sqlx::query(PENDING_QUOTA)
         .bind(push_id)
+        .bind(finish.claim.map(i64::from))
         .fetch_optional(&mut *tx)
         .await?
     else {
@@ -991,6 +1453,9 @@ fn summary_from_row(row: &SqliteRow) -> Result<PushSummary, sqlx::Error> {
         error_msg: row.try_get("error_msg")?,
         http_status: http_status.and_then(|s| u16::try_from(s).ok()),
         latency_ms: row.try_get("latency_ms")?,
+        delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
+        send_at: opt_time(row, "send_at")?,
+        next_attempt_at: opt_time(row, "next_attempt_at")?,
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,
@@ -1038,6 +1503,10 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         task_checked_at: opt_time(row, "task_checked_at")?,
         latency_ms: row.try_get("latency_ms")?,
         attempts: attempts_of(row.try_get::<Json<Value>, _>("attempts")?.0)?,
+        delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
+        send_at: opt_time(row, "send_at")?,
+        next_attempt_at: opt_time(row, "next_attempt_at")?,
+        deliver_by: opt_time(row, "deliver_by")?,
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,

@@ -119,16 +119,26 @@ impl UmengClient {
     /// Sends a message via `/api/send`. The body should have passed
     /// [`super::validate`]; `appkey` and a fresh 13-digit `timestamp` are added first.
     pub async fn send(&self, app: &AppCredentials, body: &SendBody) -> SendAttempt {
+        self.send_fields(app, body.to_value()).await
+    }
+
+    /// [`UmengClient::send`] of a body already in its JSON form (a [`SendBody::to_value`],
+    /// e.g. as stored for a delivery worker).
+    pub async fn send_fields(
+        &self,
+        app: &AppCredentials,
+        fields: Map<String, Value>,
+    ) -> SendAttempt {
         let span = tracing::info_span!(
             "umeng.send",
             umeng.appkey = %app.appkey,
-            umeng.cast_type = %body.cast_type,
-            umeng.tokens = body.device_tokens.as_deref().map_or(0, |t| t.split(',').count()),
+            umeng.cast_type = fields.get("type").and_then(serde_json::Value::as_str).unwrap_or(""),
+            umeng.tokens = fields
+                .get("device_tokens")
+                .and_then(serde_json::Value::as_str)
+                .map_or(0, |t| t.split(',').count()),
         );
-        let call = self
-            .call(app, "/api/send", body.to_value())
-            .instrument(span)
-            .await;
+        let call = self.call(app, "/api/send", fields).instrument(span).await;
         let result = call.result.map(|(data, raw)| SendSuccess {
             msg_id: string_field(&data, "msg_id"),
             task_id: string_field(&data, "task_id"),

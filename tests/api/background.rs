@@ -200,6 +200,8 @@ async fn stored_task(env: &TestEnv, task_id: &str, request: Value) -> String {
         fingerprint: "fp".into(),
         request,
         description: None,
+        send_at: None,
+        delivery: None,
     };
     let id = match store.admit(push, None).await {
         Ok(Admission::Admitted { push_id, .. }) => push_id,
@@ -219,6 +221,7 @@ async fn stored_task(env: &TestEnv, task_id: &str, request: Value) -> String {
         sent_at: None,
         quota: QuotaAction::Keep,
         attempts: Vec::new(),
+        claim: None,
     };
     assert!(matches!(store.finish(&id, finish).await, Ok(true)));
     id

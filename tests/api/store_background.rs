@@ -54,6 +54,8 @@ fn push(cast_type: &str, task_class: bool, out_biz_no: Option<&str>) -> NewPush 
         fingerprint: "fp".into(),
         request: json!({"type": cast_type}),
         description: None,
+        send_at: None,
+        delivery: None,
     }
 }
 
@@ -72,6 +74,7 @@ fn accepted(task_id: Option<&str>) -> Finish {
         sent_at: None,
         quota: QuotaAction::Keep,
         attempts: Vec::new(),
+        claim: None,
     }
 }
 

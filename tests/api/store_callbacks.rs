@@ -40,6 +40,8 @@ fn push(callback_url: Option<&str>) -> NewPush {
         fingerprint: "fp-1".into(),
         request,
         description: None,
+        send_at: None,
+        delivery: None,
     }
 }
 
@@ -58,6 +60,7 @@ fn finish(status: PushStatus) -> Finish {
         sent_at: None,
         quota: QuotaAction::Keep,
         attempts: Vec::new(),
+        claim: None,
     }
 }
 

@@ -68,6 +68,8 @@ fn new_push(out_biz_no: Option<&str>) -> NewPush {
         fingerprint: "fp-1".into(),
         request: json!({"type": "groupcast", "filter": {"where": {"and": [{"tag": "vip"}]}}}),
         description: Some("weekly digest".into()),
+        send_at: None,
+        delivery: None,
     }
 }
 
@@ -101,6 +103,7 @@ fn finish(status: PushStatus, quota: QuotaAction) -> Finish {
             error_code: None,
             latency_ms: 42,
         }],
+        claim: None,
     }
 }
 

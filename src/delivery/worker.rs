@@ -1,0 +1,219 @@
+//! The delivery worker (every replica runs one, and the single SQLite instance): claims due
+//! asynchronous pushes with a lease, sends each, and records the outcome or the next try
+//! ([`Gateway::deliver_claimed`]). Concurrency is bounded globally
+//! (`delivery.concurrency`) and per app (`delivery.per_app_concurrency`). While the Umeng
+//! circuit breaker is open nothing is claimed; when it lets a probe through, one push is
+//! claimed and sent as the probe. Every few seconds it also recovers pushes whose worker's
+//! lease ran out (see [`crate::store::Store::recover_deliveries`]) and refreshes the queue
+//! gauges.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::store::{DeliveryApp, PushStatus};
+
+/// Most pushes claimed in one statement.
+const MAX_CLAIM: usize = 64;
+/// How often lapsed leases are recovered and the queue gauges refreshed.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Start the worker loop. It ends when `stop` turns true; deliveries in flight are tracked
+/// by the gateway and finish during its drain.
+pub fn spawn(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(run(gateway, stop))
+}
+
+struct Slots {
+    global: Arc<Semaphore>,
+    per_app: HashMap<String, Arc<Semaphore>>,
+}
+
+impl Slots {
+    fn new(gateway: &Gateway) -> Self {
+        let s = &gateway.config.settings.delivery;
+        let per_app = usize::try_from(s.per_app_concurrency).unwrap_or(1).max(1);
+        Slots {
+            global: Arc::new(Semaphore::new(
+                usize::try_from(s.concurrency).unwrap_or(1).max(1),
+            )),
+            per_app: gateway
+                .apps
+                .keys()
+                .map(|name| (name.clone(), Arc::new(Semaphore::new(per_app))))
+                .collect(),
+        }
+    }
+
+    /// The apps that have a free slot, with how many.
+    fn apps(&self, gateway: &Gateway) -> Vec<DeliveryApp> {
+        let mut apps: Vec<DeliveryApp> = gateway
+            .apps
+            .values()
+            .filter_map(|a| {
+                let free = self.per_app.get(&a.app.name)?.available_permits();
+                (free > 0).then(|| DeliveryApp {
+                    app: a.app.name.clone(),
+                    appkey: a.app.appkey.clone(),
+                    limit: u32::try_from(free).unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        apps.sort_by(|a, b| a.app.cmp(&b.app));
+        apps
+    }
+
+    /// A global and an app slot for a claimed push (both free: the claim was sized by
+    /// them, and only this loop takes slots).
+    fn take(&self, app: &str) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let global = Arc::clone(&self.global).try_acquire_owned().ok()?;
+        let app = Arc::clone(self.per_app.get(app)?)
+            .try_acquire_owned()
+            .ok()?;
+        Some((global, app))
+    }
+}
+
+async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let settings = gateway.config.settings.delivery.clone();
+    let idle = Duration::from_millis(settings.interval_ms);
+    let lease = Duration::from_secs(settings.lease_secs);
+    let slots = Slots::new(&gateway);
+    let mut upkeep_at = Instant::now();
+    loop {
+        if *stop.borrow() || stop.has_changed().is_err() {
+            return;
+        }
+        if Instant::now() >= upkeep_at {
+            upkeep(&gateway).await;
+            upkeep_at = Instant::now() + UPKEEP_EVERY;
+        }
+        // While Umeng is unreachable nothing is claimed: the pushes wait where they are.
+        let permit = match gateway.breaker.try_call() {
+            Ok(permit) => permit,
+            Err(wait) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.min(idle)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        let free = slots.global.available_permits();
+        let apps = slots.apps(&gateway);
+        if free == 0 || apps.is_empty() {
+            gateway.breaker.release(permit);
+            // Every slot is busy: wait for one to come free.
+            tokio::select! {
+                _ = Arc::clone(&slots.global).acquire_owned() => {}
+                _ = tokio::time::sleep(idle) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let probe = permit.is_probe();
+        let limit = if probe { 1 } else { free.min(MAX_CLAIM) };
+        let claimed = tokio::select! {
+            c = gateway.store.claim_deliveries(u32::try_from(limit).unwrap_or(1), lease, &apps) => c,
+            _ = stop.changed() => {
+                gateway.breaker.release(permit);
+                return;
+            }
+        };
+        let claims = match claimed {
+            Ok(claims) => claims,
+            Err(e) => {
+                gateway.breaker.release(permit);
+                tracing::warn!(error = %e, "claiming due pushes failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+        };
+        if claims.is_empty() {
+            gateway.breaker.release(permit);
+            tokio::select! {
+                _ = gateway.delivery_wake.notified() => {}
+                _ = tokio::time::sleep(idle) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        // The probe permit goes with the first push; the others ask the breaker themselves.
+        let mut probe_permit = if probe {
+            Some(permit)
+        } else {
+            gateway.breaker.release(permit);
+            None
+        };
+        for claim in claims {
+            let held = slots.take(&claim.app);
+            let g = Arc::clone(&gateway);
+            let permit = probe_permit.take();
+            let span =
+                tracing::info_span!("delivery", push.id = %claim.push_id, attempt = claim.claim);
+            gateway.spawn_tracked(
+                async move {
+                    g.deliver_claimed(claim, permit).await;
+                    drop(held);
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Recover lapsed leases and refresh the queue gauges.
+async fn upkeep(gateway: &Gateway) {
+    match gateway.store.recover_deliveries().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            count = n,
+            "pushes whose delivery worker's lease ran out mid-send recovered: task-class ones are due again, the rest are unknown"
+        ),
+        Err(e) => tracing::warn!(error = %e, "recovering lapsed deliveries failed"),
+    }
+    let stats = match gateway.store.queue_stats().await {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the queue depth failed");
+            return;
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let states = [
+        PushStatus::AwaitingSend,
+        PushStatus::AwaitingSendAt,
+        PushStatus::AwaitingQuota,
+        PushStatus::Pending,
+    ];
+    for app in gateway.apps.keys() {
+        let depth: Vec<(&'static str, u64)> = states
+            .iter()
+            .map(|state| {
+                let n = stats
+                    .iter()
+                    .filter(|s| &s.app == app && s.status == *state)
+                    .map(|s| s.count)
+                    .sum();
+                (state.as_str(), n)
+            })
+            .collect();
+        let oldest = stats
+            .iter()
+            .filter(|s| &s.app == app)
+            .filter_map(|s| s.oldest_due)
+            .min()
+            .map_or(0.0, |due| (now - due).as_seconds_f64().max(0.0));
+        metrics::queue(app, &depth, oldest);
+    }
+}

@@ -1,0 +1,427 @@
+//! The store contract of asynchronous delivery: claims with leases and fencing, deferred
+//! quota slots (first come, first served), retries, recovery of lapsed leases, local
+//! cancel, deadlines and the queue statistics. Every case runs against SQLite and
+//! PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
+use umeng_push_gateway::store::{
+    Admission, AsyncDelivery, DeliveryApp, DeliveryClaim, DeliveryRetry, Finish, NewPush,
+    PushStatus, QuotaAction, QuotaClaim, Store,
+};
+
+use crate::helpers::StoreCtx;
+
+crate::store_cases!(
+    a_claim_leases_a_push_once_and_a_lapsed_unicast_becomes_unknown,
+    a_lapsed_task_class_push_is_due_again_and_the_old_claim_is_fenced,
+    deferred_slots_are_taken_at_the_claim_first_come_first_served,
+    a_held_reject_push_fails_when_its_window_is_full,
+    a_retry_gives_the_slot_back_and_the_next_claim_takes_one,
+    withdraw_cancels_only_waiting_pushes_and_gives_the_slot_back,
+    a_push_past_its_deadline_fails_at_the_claim,
+    the_per_app_limit_caps_a_claim,
+    queue_stats_count_each_state,
+    held_pushes_are_not_due_before_send_at,
+);
+
+const APPKEY: &str = "appkey-d";
+
+fn apps(limit: u32) -> Vec<DeliveryApp> {
+    vec![DeliveryApp {
+        app: "shop".into(),
+        appkey: APPKEY.into(),
+        limit,
+    }]
+}
+
+fn groupcast_quota(limit: u32) -> QuotaClaim {
+    QuotaClaim {
+        kind: QuotaKind::Groupcast,
+        limit: QuotaLimit {
+            limit,
+            window: WindowUnit::Day,
+        },
+    }
+}
+
+fn delivery(hold: bool, quota_wait: bool, defer_quota: bool) -> AsyncDelivery {
+    AsyncDelivery {
+        outbox: json!({"body": {"type": "groupcast"}}),
+        hold,
+        deliver_by: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        quota_wait,
+        defer_quota,
+    }
+}
+
+fn push(task_class: bool, d: AsyncDelivery) -> NewPush {
+    NewPush {
+        id: uuid::Uuid::now_v7().to_string(),
+        app: "shop".into(),
+        appkey: APPKEY.into(),
+        platform: "android".into(),
+        cast_type: if task_class { "groupcast" } else { "unicast" }.into(),
+        task_class,
+        production_mode: true,
+        client: "backend".into(),
+        out_biz_no: None,
+        fingerprint: "fp".into(),
+        request: json!({"type": "groupcast"}),
+        description: None,
+        send_at: None,
+        delivery: Some(d),
+    }
+}
+
+async fn admit(store: &Arc<dyn Store>, p: NewPush, quota: Option<QuotaClaim>) -> String {
+    match store.admit(p, quota).await.expect("admit") {
+        Admission::Admitted { push_id, .. } => push_id,
+        other => panic!("expected Admitted, got {other:?}"),
+    }
+}
+
+async fn claim(store: &Arc<dyn Store>, limit: u32, lease_ms: u64) -> Vec<DeliveryClaim> {
+    store
+        .claim_deliveries(limit, Duration::from_millis(lease_ms), &apps(10))
+        .await
+        .expect("claim")
+}
+
+async fn status(store: &Arc<dyn Store>, id: &str) -> PushStatus {
+    store.get_push(id).await.unwrap().unwrap().status
+}
+
+async fn used(store: &Arc<dyn Store>, limit: u32) -> u32 {
+    let q = groupcast_quota(limit);
+    store
+        .quota_state(APPKEY, q.kind, q.limit)
+        .await
+        .expect("quota state")
+        .used
+}
+
+fn accepted(claim: &DeliveryClaim) -> Finish {
+    Finish {
+        status: PushStatus::Accepted,
+        umeng_request: None,
+        umeng_response: Some(json!({"ret": "SUCCESS"})),
+        msg_id: Some("m".into()),
+        task_id: None,
+        file_id: None,
+        error_code: None,
+        error_msg: None,
+        http_status: 201,
+        latency_ms: Some(1),
+        sent_at: Some(OffsetDateTime::now_utc()),
+        quota: QuotaAction::Keep,
+        attempts: Vec::new(),
+        claim: Some(claim.claim),
+    }
+}
+
+async fn a_claim_leases_a_push_once_and_a_lapsed_unicast_becomes_unknown(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admit(store, push(false, delivery(false, false, false)), None).await;
+    let record = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(record.status, PushStatus::AwaitingSend);
+    assert!(record.next_attempt_at.is_some());
+
+    let claims = claim(store, 10, 100).await;
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        (claims[0].claim, claims[0].outbox["body"]["type"].as_str()),
+        (1, Some("groupcast"))
+    );
+    assert_eq!(status(store, &id).await, PushStatus::Pending);
+    assert!(
+        claim(store, 10, 100).await.is_empty(),
+        "leased: nobody else gets it"
+    );
+    // The synchronous sweeper leaves a leased push alone, however old.
+    assert_eq!(store.sweep_stale_pending(0).await.unwrap(), 0);
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(store.recover_deliveries().await.unwrap(), 1);
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref()),
+        (PushStatus::Unknown, Some("stale_pending"))
+    );
+    assert!(
+        claim(store, 10, 100).await.is_empty(),
+        "a unicast is never sent again"
+    );
+    // The worker's late real answer replaces the guess.
+    assert!(store.finish(&id, accepted(&claims[0])).await.unwrap());
+    assert_eq!(status(store, &id).await, PushStatus::Accepted);
+}
+
+async fn a_lapsed_task_class_push_is_due_again_and_the_old_claim_is_fenced(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admit(store, push(true, delivery(false, false, false)), None).await;
+    let first = claim(store, 10, 50).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.recover_deliveries().await.unwrap(), 1);
+    assert_eq!(status(store, &id).await, PushStatus::AwaitingSend);
+    let second = claim(store, 10, 60_000).await.remove(0);
+    assert_eq!(second.claim, 2);
+    // The first worker's late writes are refused; the second's apply.
+    assert!(!store.finish(&id, accepted(&first)).await.unwrap());
+    let retry = DeliveryRetry {
+        status: PushStatus::AwaitingSend,
+        delay: Duration::ZERO,
+        error_code: Some("not_sent".into()),
+        error_msg: None,
+        umeng_response: None,
+        attempts: Vec::new(),
+        refund: true,
+    };
+    assert!(!store.retry_delivery(&first, retry).await.unwrap());
+    assert!(store.finish(&id, accepted(&second)).await.unwrap());
+    assert_eq!(status(store, &id).await, PushStatus::Accepted);
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert!(r.next_attempt_at.is_none(), "a final push is not due");
+}
+
+async fn deferred_slots_are_taken_at_the_claim_first_come_first_served(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let p = push(true, delivery(false, true, true));
+        ids.push(admit(store, p, Some(groupcast_quota(2))).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(used(store, 2).await, 0, "no slot at admission");
+    let claims = claim(store, 10, 60_000).await;
+    let claimed: Vec<&str> = claims.iter().map(|c| c.push_id.as_str()).collect();
+    assert_eq!(
+        claimed,
+        [ids[0].as_str(), ids[1].as_str()],
+        "the oldest first"
+    );
+    assert_eq!(used(store, 2).await, 2);
+    let waiting = store.get_push(&ids[2]).await.unwrap().unwrap();
+    assert_eq!(waiting.status, PushStatus::AwaitingQuota);
+    let next = waiting.next_attempt_at.expect("due when the window ends");
+    assert!(
+        next > OffsetDateTime::now_utc() + time::Duration::minutes(1),
+        "{next}"
+    );
+
+    // A slot given back goes to the oldest waiter, not to a newer push.
+    let newer = admit(
+        store,
+        push(true, delivery(false, true, true)),
+        Some(groupcast_quota(2)),
+    )
+    .await;
+    let retry = DeliveryRetry {
+        status: PushStatus::AwaitingSend,
+        delay: Duration::from_secs(3600),
+        error_code: None,
+        error_msg: None,
+        umeng_response: None,
+        attempts: Vec::new(),
+        refund: true,
+    };
+    assert!(store.retry_delivery(&claims[0], retry).await.unwrap());
+    assert_eq!(used(store, 2).await, 1);
+    assert!(
+        claim(store, 10, 60_000).await.is_empty(),
+        "the newer push queues behind"
+    );
+    assert_eq!(status(store, &newer).await, PushStatus::AwaitingQuota);
+    assert_eq!(used(store, 2).await, 1);
+}
+
+async fn a_held_reject_push_fails_when_its_window_is_full(ctx: StoreCtx) {
+    let store = &ctx.store;
+    // The window is full already (a synchronous push took the only slot).
+    let mut sync = push(true, delivery(false, false, false));
+    sync.delivery = None;
+    admit(store, sync, Some(groupcast_quota(1))).await;
+    let id = admit(
+        store,
+        push(true, delivery(false, false, true)),
+        Some(groupcast_quota(1)),
+    )
+    .await;
+    assert!(claim(store, 10, 60_000).await.is_empty());
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref(), r.http_status),
+        (PushStatus::Failed, Some("quota_exhausted"), Some(429))
+    );
+    assert_eq!(used(store, 1).await, 1);
+}
+
+async fn a_retry_gives_the_slot_back_and_the_next_claim_takes_one(ctx: StoreCtx) {
+    let store = &ctx.store;
+    // "reject", due now: the slot is taken at admission.
+    let id = admit(
+        store,
+        push(true, delivery(false, false, false)),
+        Some(groupcast_quota(5)),
+    )
+    .await;
+    assert_eq!(used(store, 5).await, 1);
+    let c = claim(store, 10, 60_000).await.remove(0);
+    assert_eq!(
+        used(store, 5).await,
+        1,
+        "the claim keeps the admission's slot"
+    );
+    let retry = DeliveryRetry {
+        status: PushStatus::AwaitingSend,
+        delay: Duration::ZERO,
+        error_code: Some("not_sent".into()),
+        error_msg: Some("refused".into()),
+        umeng_response: None,
+        attempts: Vec::new(),
+        refund: true,
+    };
+    assert!(store.retry_delivery(&c, retry.clone()).await.unwrap());
+    assert_eq!(
+        used(store, 5).await,
+        0,
+        "nothing was sent: the slot goes back"
+    );
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref()),
+        (PushStatus::AwaitingSend, Some("not_sent"))
+    );
+    let again = claim(store, 10, 60_000).await.remove(0);
+    assert_eq!(again.claim, 2);
+    assert_eq!(
+        used(store, 5).await,
+        1,
+        "the next attempt takes a slot of its own"
+    );
+    // A retry that keeps the slot (Umeng may have the task) does not give it back.
+    let keep = DeliveryRetry {
+        refund: false,
+        ..retry
+    };
+    assert!(store.retry_delivery(&again, keep).await.unwrap());
+    assert_eq!(used(store, 5).await, 1);
+    claim(store, 10, 60_000).await.remove(0);
+    assert_eq!(used(store, 5).await, 1, "a held slot is not taken twice");
+}
+
+async fn withdraw_cancels_only_waiting_pushes_and_gives_the_slot_back(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admit(
+        store,
+        push(true, delivery(false, false, false)),
+        Some(groupcast_quota(5)),
+    )
+    .await;
+    assert_eq!(used(store, 5).await, 1);
+    assert!(store.withdraw(&id).await.unwrap());
+    assert_eq!(status(store, &id).await, PushStatus::Withdrawn);
+    assert_eq!(used(store, 5).await, 0);
+    assert!(!store.withdraw(&id).await.unwrap(), "once");
+    assert_eq!(used(store, 5).await, 0);
+    assert!(claim(store, 10, 60_000).await.is_empty());
+
+    let sending = admit(store, push(true, delivery(false, false, false)), None).await;
+    claim(store, 10, 60_000).await;
+    assert!(
+        !store.withdraw(&sending).await.unwrap(),
+        "a push being sent is not withdrawn"
+    );
+    assert_eq!(status(store, &sending).await, PushStatus::Pending);
+}
+
+async fn a_push_past_its_deadline_fails_at_the_claim(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut d = delivery(false, false, false);
+    d.deliver_by = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    let id = admit(store, push(true, d), Some(groupcast_quota(5))).await;
+    assert_eq!(used(store, 5).await, 1);
+    assert!(claim(store, 10, 60_000).await.is_empty());
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref()),
+        (PushStatus::Failed, Some("delivery_expired"))
+    );
+    assert_eq!(used(store, 5).await, 0, "its slot goes back");
+}
+
+async fn the_per_app_limit_caps_a_claim(ctx: StoreCtx) {
+    let store = &ctx.store;
+    for _ in 0..5 {
+        admit(store, push(false, delivery(false, false, false)), None).await;
+    }
+    let two = store
+        .claim_deliveries(10, Duration::from_secs(60), &apps(2))
+        .await
+        .unwrap();
+    assert_eq!(two.len(), 2);
+    let other_app = vec![DeliveryApp {
+        app: "other".into(),
+        appkey: "other-key".into(),
+        limit: 10,
+    }];
+    let none = store
+        .claim_deliveries(10, Duration::from_secs(60), &other_app)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "only the listed apps' pushes are claimed");
+    assert_eq!(
+        claim(store, 1, 60_000).await.len(),
+        1,
+        "the global limit too"
+    );
+}
+
+async fn queue_stats_count_each_state(ctx: StoreCtx) {
+    let store = &ctx.store;
+    admit(store, push(false, delivery(false, false, false)), None).await;
+    admit(store, push(false, delivery(false, false, false)), None).await;
+    let mut held = push(false, delivery(true, false, false));
+    held.send_at = Some(OffsetDateTime::now_utc() + time::Duration::hours(1));
+    admit(store, held, None).await;
+    claim(store, 1, 60_000).await;
+    let stats = store.queue_stats().await.unwrap();
+    let count = |s: PushStatus| {
+        stats
+            .iter()
+            .filter(|q| q.app == "shop" && q.status == s)
+            .map(|q| q.count)
+            .sum::<u64>()
+    };
+    assert_eq!(count(PushStatus::AwaitingSend), 1);
+    assert_eq!(count(PushStatus::AwaitingSendAt), 1);
+    assert_eq!(count(PushStatus::Pending), 1);
+    let due = stats
+        .iter()
+        .find(|q| q.status == PushStatus::AwaitingSend)
+        .and_then(|q| q.oldest_due);
+    assert!(due.is_some(), "{stats:?}");
+    let held_due = stats
+        .iter()
+        .find(|q| q.status == PushStatus::AwaitingSendAt)
+        .and_then(|q| q.oldest_due);
+    assert!(held_due.is_none(), "not due yet");
+}
+
+async fn held_pushes_are_not_due_before_send_at(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut held = push(false, delivery(true, false, false));
+    let at = OffsetDateTime::now_utc() + time::Duration::milliseconds(300);
+    held.send_at = Some(at);
+    let id = admit(store, held, None).await;
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(r.status, PushStatus::AwaitingSendAt);
+    assert!(r.send_at.is_some());
+    assert!(claim(store, 10, 60_000).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(claim(store, 10, 60_000).await.len(), 1);
+}
