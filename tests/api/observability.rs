@@ -765,3 +765,88 @@ async fn oversized_body_is_413_problem_json(backend: Backend) {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_metrics_show_depth_oldest_due_and_attempts() {
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let suffix = &uuid::Uuid::now_v7().simple().to_string()[20..];
+    let (android, ios) = (format!("q-android-{suffix}"), format!("q-ios-{suffix}"));
+    let mut settings = settings_with_own_apps(&env, &android, &ios);
+    settings.delivery.interval_ms = 50;
+    let app = env.spawn_app_with(settings).await;
+    let (text, samples) = scrape(&app).await;
+    for outcome in [
+        "accepted",
+        "failed",
+        "rate_limited",
+        "not_sent",
+        "timeout",
+        "unknown",
+    ] {
+        assert!(
+            present_at_zero(
+                &samples,
+                "delivery_attempts_total",
+                &[("app", android.as_str()), ("outcome", outcome)]
+            ),
+            "delivery_attempts_total {outcome} missing before the first push:\n{text}"
+        );
+    }
+
+    let later = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    for _ in 0..2 {
+        let mut body = push_body(ANDROID_APP, "unicast");
+        body["app"] = json!(android);
+        body["send_at"] = json!(later);
+        assert_eq!(app.post_push(&body).await.status(), 202);
+    }
+    let mut now = push_body(ANDROID_APP, "unicast");
+    now["app"] = json!(android);
+    let r = app
+        .http
+        .post(format!("{}/v1/pushes", app.base))
+        .bearer_auth(TOKEN_SENDER)
+        .header("prefer", "respond-async")
+        .json(&now)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    // The gauges are refreshed every 5 s.
+    let mut last = String::new();
+    for _ in 0..80 {
+        let (text, samples) = scrape(&app).await;
+        let held = value(
+            &samples,
+            "push_queue_depth",
+            &[("app", android.as_str()), ("state", "awaiting_send_at")],
+        );
+        let attempts = value(
+            &samples,
+            "delivery_attempts_total",
+            &[("app", android.as_str()), ("outcome", "accepted")],
+        );
+        if held == 2.0 && attempts == 1.0 {
+            assert_eq!(
+                value(
+                    &samples,
+                    "push_queue_depth",
+                    &[("app", android.as_str()), ("state", "awaiting_send")]
+                ),
+                0.0
+            );
+            assert!(samples
+                .iter()
+                .any(|s| s.name == "push_queue_oldest_due_seconds"
+                    && s.labels.get("app") == Some(&android)));
+            app.stop().await;
+            return;
+        }
+        last = text;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("queue metrics never showed 2 held pushes and 1 delivered attempt:\n{last}");
+}
