@@ -26,6 +26,7 @@ on_both_backends!(
     two_gateways_deliver_each_event_once,
     a_receiver_down_for_a_while_then_up_gets_every_event_signed,
     redirects_are_not_followed_and_the_last_attempt_gives_up,
+    async_pushes_get_their_final_events_and_a_withdrawn_one_too,
 );
 
 /// One request the receiver got.
@@ -531,5 +532,66 @@ async fn redirects_are_not_followed_and_the_last_attempt_gives_up(backend: Backe
     assert_eq!(statuses, [&Value::from(307), &Value::from(307)]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(receiver.got().is_empty(), "the redirect was not followed");
+    app.stop().await;
+}
+
+async fn async_pushes_get_their_final_events_and_a_withdrawn_one_too(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let receiver = Receiver::start(0).await;
+    let (mut settings, secret) = with_callbacks(&env, &receiver);
+    settings.delivery.interval_ms = 50;
+    let app = env.spawn_app_with(settings).await;
+
+    let mut now = push_body(ANDROID_APP, "unicast");
+    now["callback_url"] = Value::from(receiver.url());
+    let r = app
+        .http
+        .post(format!("{}/v1/pushes", app.base))
+        .bearer_auth(TOKEN_SENDER)
+        .header("prefer", "respond-async")
+        .json(&now)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let sent = id_of(&r.json().await.unwrap());
+
+    let mut held = now.clone();
+    held["send_at"] = Value::from(
+        (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    );
+    let r = app.post_push(&held).await;
+    assert_eq!(r.status(), 202);
+    let withdrawn = id_of(&r.json().await.unwrap());
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{withdrawn}/cancel"))
+        .await;
+    assert_eq!(r.status(), 200);
+
+    let got = receiver.wait_for_delivered(2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let mut events: Vec<(String, String)> = got
+        .iter()
+        .map(|g| {
+            assert_signed(g, &secret);
+            let e = body(g);
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                e["data"]["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    events.sort();
+    let mut want = vec![
+        ("push.accepted".to_owned(), sent),
+        ("push.withdrawn".to_owned(), withdrawn),
+    ];
+    want.sort();
+    assert_eq!(
+        events, want,
+        "no event for the waiting states, one per final state"
+    );
     app.stop().await;
 }
