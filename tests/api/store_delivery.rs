@@ -27,6 +27,7 @@ crate::store_cases!(
     the_per_app_limit_caps_a_claim,
     queue_stats_count_each_state,
     held_pushes_are_not_due_before_send_at,
+    waiting_for_quota_ends_at_the_deadline,
 );
 
 const APPKEY: &str = "appkey-d";
@@ -424,4 +425,31 @@ async fn held_pushes_are_not_due_before_send_at(ctx: StoreCtx) {
     assert!(claim(store, 10, 60_000).await.is_empty());
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(claim(store, 10, 60_000).await.len(), 1);
+}
+
+async fn waiting_for_quota_ends_at_the_deadline(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut sync = push(true, delivery(false, false, false));
+    sync.delivery = None;
+    admit(store, sync, Some(groupcast_quota(1))).await;
+    let mut d = delivery(false, true, true);
+    d.deliver_by = OffsetDateTime::now_utc() + time::Duration::milliseconds(300);
+    let id = admit(store, push(true, d), Some(groupcast_quota(1))).await;
+    assert!(claim(store, 10, 60_000).await.is_empty());
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(r.status, PushStatus::AwaitingQuota);
+    // Due again at the deadline (before the day window ends), then it fails.
+    let next = r.next_attempt_at.unwrap();
+    assert!(
+        next <= OffsetDateTime::now_utc() + time::Duration::seconds(1),
+        "{next}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(claim(store, 10, 60_000).await.is_empty());
+    let r = store.get_push(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref(), r.http_status),
+        (PushStatus::Failed, Some("quota_wait_expired"), Some(429))
+    );
+    assert_eq!(used(store, 1).await, 1, "it never held a slot");
 }
