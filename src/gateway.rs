@@ -1248,11 +1248,16 @@ impl Recorder<'_> {
 /// The row was no longer waiting for this outcome: a retry took its key over after the
 /// sweeper marked it unknown. The outcome is in the log only.
 fn not_recorded(push_id: &str, finish: &Finish) {
+    let why = if finish.claim.is_some() {
+        "the delivery worker's lease ran out and the push was claimed again (a task-class re-send, which Umeng dedupes), or it was already recorded"
+    } else {
+        "the row was marked unknown and its out_biz_no has since been taken over by a retry"
+    };
     tracing::error!(
         push.id = %push_id,
         status = %finish.status,
         umeng.error_code = ?finish.error_code,
-        "the push outcome was not recorded: the row was marked unknown and its out_biz_no has since been taken over by a retry"
+        "the push outcome was not recorded: {why}"
     );
 }
 
