@@ -37,7 +37,9 @@
 # BENCH_DB_POOL (database.max_connections per gateway; 16), BENCH_PG_URL (server URL
 # without a database; postgres://postgres@127.0.0.1:5432), BENCH_SIM_PORT (18090),
 # BENCH_GW_PORT (18080), BENCH_OUT (results file; default bench/results/<time>.jsonl),
-# BENCH_SKIP_BUILD=1. Everything runs on 127.0.0.1; every process started here is stopped
+# BENCH_SKIP_BUILD=1, BENCH_BIN (the gateway binary measured, e.g. a copy of an earlier
+# build for a before/after comparison on the same machine state; default
+# target/release/umeng-push-gateway). Everything runs on 127.0.0.1; every process started here is stopped
 # on exit.
 set -euo pipefail
 
@@ -60,7 +62,7 @@ GW_PORT=${BENCH_GW_PORT:-18080}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${BENCH_OUT:-$ROOT/bench/results/$STAMP.jsonl}
 
-BIN=$ROOT/target/release/umeng-push-gateway
+BIN=${BENCH_BIN:-$ROOT/target/release/umeng-push-gateway}
 LOADGEN=$ROOT/target/release/examples/loadgen
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/umgw-bench.XXXXXX")
 SIM_URL=http://127.0.0.1:$SIM_PORT
