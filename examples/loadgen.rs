@@ -51,7 +51,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send load and print one JSON result line.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Turn pgbench per-transaction logs (`pgbench -l`) into a result line.
     Pgbench(PgbenchArgs),
     /// Print the markdown report of a file of result lines.
@@ -195,7 +195,7 @@ impl Stats {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Pgbench(args) => pgbench(args),
         Command::Report { file } => report(&file),
     }
