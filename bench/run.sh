@@ -1,43 +1,71 @@
 #!/usr/bin/env bash
 # Benchmark of umeng-push-gateway on this machine, in one command:
 #
-#   bench/run.sh
+#   bench/run.sh                                  # the main scenario, about 3 minutes
+#   BENCH_SCENARIOS="upstream replicas" bench/run.sh
+#   BENCH_SCENARIOS=all bench/run.sh              # main, upstream and replicas
 #
 # Builds the release binary and the load generator (examples/loadgen.rs), starts the
-# Umeng simulator, then measures at each concurrency level:
+# Umeng simulator, then runs the scenarios named in BENCH_SCENARIOS (default "main"):
+#
+# main: at each concurrency level of BENCH_CLIENTS
 #   1. direct: signed unicast sends straight to the simulator;
 #   2. gateway + SQLite and 3. gateway + PostgreSQL (a fresh database, dropped afterwards):
 #      the same unicast as POST /v1/pushes (test mode, so no quota), without and with a
 #      unique out_biz_no per request, the gateway forwarding to the same simulator;
 #   4. pgbench: one INSERT of a ~1.5 KB history row per transaction, same clients;
-# and the quota path: unicast pushes of one app alone, then during a flood of production
-# groupcasts of another app (quota 5/minute: almost all 429). Prints a markdown table.
+#   and the quota path: unicast pushes of one app alone, then during a flood of production
+#   groupcasts of another app (quota 5/minute: almost all 429).
+# upstream: a realistic Umeng. The simulator answers every /api/send after
+#   BENCH_UPSTREAM_MS (80 ms; a latency fault set through POST /_sim/faults); at each level
+#   of BENCH_UPSTREAM_CLIENTS ("64 256") direct calls, then gateway + PostgreSQL. The
+#   gateway should reach 0.9x direct: nothing in it may serialise the calls (at 256 clients
+#   and 80 ms direct calls make 3,200 req/s, which needs the CPU to carry them too).
+# replicas: BENCH_REPLICAS ("1 2 4") gateway processes on one PostgreSQL database, on ports
+#   BENCH_GW_PORT, +1, +2, ...; the load generator spreads its connections round robin over
+#   them, at each level of BENCH_REPLICA_CLIENTS ("16 64").
 #
-# Settings (environment): BENCH_CLIENTS ("16"; e.g. "1 16 64"), BENCH_DURATION (10 s),
-# BENCH_WARMUP (2 s), BENCH_FLOOD_RATE (1000 req/s), BENCH_PG_URL (server URL without a
-# database; postgres://postgres@127.0.0.1:5432), BENCH_SIM_PORT (18090), BENCH_GW_PORT
-# (18080), BENCH_OUT (results file; default bench/results/<time>.jsonl), BENCH_SKIP_BUILD=1.
-# Everything runs on 127.0.0.1; every process started here is stopped on exit.
+# Every run also records the CPU seconds per request of the process under test (the
+# simulator for direct runs, all gateway replicas for gateway runs), of the PostgreSQL
+# backends serving the run's database, and the peak RSS during the run (VmHWM, reset
+# through /proc/PID/clear_refs before each run; the largest replica's). Prints markdown
+# tables and the issue-13 targets.
+#
+# Settings (environment): BENCH_SCENARIOS, BENCH_CLIENTS ("16"; e.g. "1 16 64"),
+# BENCH_DURATION (10 s), BENCH_WARMUP (2 s), BENCH_FLOOD_RATE (1000 req/s),
+# BENCH_UPSTREAM_MS, BENCH_UPSTREAM_CLIENTS, BENCH_REPLICAS, BENCH_REPLICA_CLIENTS,
+# BENCH_DB_POOL (database.max_connections per gateway; 16), BENCH_PG_URL (server URL
+# without a database; postgres://postgres@127.0.0.1:5432), BENCH_SIM_PORT (18090),
+# BENCH_GW_PORT (18080), BENCH_OUT (results file; default bench/results/<time>.jsonl),
+# BENCH_SKIP_BUILD=1, BENCH_BIN (the gateway binary measured, e.g. a copy of an earlier
+# build for a before/after comparison on the same machine state; default
+# target/release/umeng-push-gateway). Everything runs on 127.0.0.1; every process started here is stopped
+# on exit.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
+SCENARIOS=" ${BENCH_SCENARIOS:-main} "
 CLIENTS=${BENCH_CLIENTS:-16}
 DURATION=${BENCH_DURATION:-10}
 WARMUP=${BENCH_WARMUP:-2}
 FLOOD_RATE=${BENCH_FLOOD_RATE:-1000}
+UPSTREAM_MS=${BENCH_UPSTREAM_MS:-80}
+UPSTREAM_CLIENTS=${BENCH_UPSTREAM_CLIENTS:-64 256}
+REPLICAS=${BENCH_REPLICAS:-1 2 4}
+REPLICA_CLIENTS=${BENCH_REPLICA_CLIENTS:-16 64}
+DB_POOL=${BENCH_DB_POOL:-16}
 PG_URL=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 SIM_PORT=${BENCH_SIM_PORT:-18090}
 GW_PORT=${BENCH_GW_PORT:-18080}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${BENCH_OUT:-$ROOT/bench/results/$STAMP.jsonl}
 
-BIN=$ROOT/target/release/umeng-push-gateway
+BIN=${BENCH_BIN:-$ROOT/target/release/umeng-push-gateway}
 LOADGEN=$ROOT/target/release/examples/loadgen
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/umgw-bench.XXXXXX")
 SIM_URL=http://127.0.0.1:$SIM_PORT
-GW_URL=http://127.0.0.1:$GW_PORT
 
 # Apps: one for unicast load, one to flood with groupcasts.
 UNICAST_KEY=5f00000000000000000b0001
@@ -51,10 +79,15 @@ export LOADGEN_TOKEN=$TOKEN
 PG_DB=umgw_bench_$$
 PGB_DB=umgw_pgbench_$$
 SIM_PID=
-GW_PID=
+GW_PIDS=()
+GW_URLS=
 PIDS=()
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+has_scenario() {
+    [[ $SCENARIOS == *" $1 "* || $SCENARIOS == *" all "* ]]
+}
 
 stop_pid() {
     local pid=$1
@@ -72,10 +105,9 @@ stop_pid() {
 cleanup() {
     local rc=$?
     set +e
-    for pid in "${PIDS[@]}"; do
+    for pid in "${PIDS[@]}" "${GW_PIDS[@]}"; do
         stop_pid "$pid"
     done
-    stop_pid "$GW_PID"
     stop_pid "$SIM_PID"
     psql "$PG_URL/postgres" -qX -c "drop database if exists $PG_DB" >/dev/null 2>&1
     psql "$PG_URL/postgres" -qX -c "drop database if exists $PGB_DB" >/dev/null 2>&1
@@ -109,22 +141,49 @@ wait_port() {
     return 1
 }
 
-# CPU seconds (user + system) used so far by process $1.
-cpu_secs() {
-    awk '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / 100 }' "/proc/$1/stat"
+# "PID CPU-seconds" (user + system) of each process given.
+cpu_of_pids() {
+    local pid
+    for pid in "$@"; do
+        [[ -r /proc/$pid/stat ]] || continue
+        awk -v pid="$pid" '{ sub(/^.*\) /, ""); printf "%s %.2f\n", pid, ($12 + $13) / 100 }' \
+            "/proc/$pid/stat" 2>/dev/null || true
+    done
+}
+
+# PIDs of the PostgreSQL backends connected to database $1.
+pg_backends() {
+    local dir cmd
+    [[ -n $1 ]] || return 0
+    for dir in /proc/[0-9]*; do
+        cmd=$({ tr '\0' ' ' <"$dir/cmdline"; } 2>/dev/null) || continue
+        [[ $cmd == "postgres: "*" $1 "* ]] && echo "${dir#/proc/}"
+    done
+    return 0
+}
+
+# CPU seconds between two `cpu_of_pids` snapshots, over the processes of the second
+# (a process that appeared in between counts from zero).
+cpu_delta() {
+    awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { total += $2 - before[$1] }
+         END { printf "%.2f", total }' "$1" "$2"
 }
 
 machine_facts() {
     local cpu pg
     cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     pg=$(psql "$PG_URL/postgres" -qXAt -c 'show server_version' 2>/dev/null || echo '?')
-    printf '{"kind":"machine","nproc":%s,"cpu":"%s","postgres":"%s","load":"%s","date":"%s","commit":"%s"}\n' \
+    printf '{"kind":"machine","nproc":%s,"cpu":"%s","postgres":"%s","load":"%s","date":"%s","commit":"%s","scenarios":"%s"}\n' \
         "$(nproc)" "$cpu" "$pg" "$(cut -d' ' -f1-3 /proc/loadavg)" "$STAMP" \
-        "$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+        "$(git rev-parse --short HEAD 2>/dev/null || echo '?')" "$(echo $SCENARIOS)"
 }
 
 # ---------------------------------------------------------------------------------------
-for port in "$SIM_PORT" "$GW_PORT"; do
+MAX_REPLICAS=1
+if has_scenario replicas; then
+    for n in $REPLICAS; do ((n > MAX_REPLICAS)) && MAX_REPLICAS=$n; done
+fi
+for port in "$SIM_PORT" $(seq "$GW_PORT" $((GW_PORT + MAX_REPLICAS - 1))); do
     port_free "$port" || { log "port $port is in use (set BENCH_SIM_PORT / BENCH_GW_PORT)"; exit 1; }
 done
 command -v pgbench >/dev/null || PATH=$PATH:/usr/lib/postgresql/15/bin
@@ -153,20 +212,40 @@ run_load() { # label, then loadgen run arguments
     "$LOADGEN" run --label "$label" --duration "$DURATION" --warmup "$WARMUP" "$@" | tee -a "$OUT" >&2
 }
 
-for c in $CLIENTS; do
-    log "direct, $c clients"
-    LOADGEN_SECRET=$UNICAST_SECRET run_load "direct-c$c" --mode direct --target "$SIM_URL" \
-        --appkey "$UNICAST_KEY" --concurrency "$c"
-done
+# One measured run: label, the process kind ("gateway" or "simulator"), the database whose
+# backends to count (or ""), then loadgen run arguments. The processes measured are
+# MEASURED_PIDS (set by the caller).
+measure() {
+    local label=$1 proc=$2 db=$3 pid rss
+    shift 3
+    for pid in "${MEASURED_PIDS[@]}"; do
+        echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true # resets VmHWM
+    done
+    cpu_of_pids "${MEASURED_PIDS[@]}" >"$WORK/cpu-before"
+    # shellcheck disable=SC2046
+    cpu_of_pids $(pg_backends "$db") >"$WORK/pg-before"
+    run_load "$label" "$@"
+    cpu_of_pids "${MEASURED_PIDS[@]}" >"$WORK/cpu-after"
+    # shellcheck disable=SC2046
+    cpu_of_pids $(pg_backends "$db") >"$WORK/pg-after"
+    rss=0
+    for pid in "${MEASURED_PIDS[@]}"; do
+        rss=$(awk -v m="$rss" '/^VmHWM:/ { print ($2 > m ? $2 : m) }' "/proc/$pid/status")
+    done
+    printf '{"kind":"cpu","label":"%s","proc":"%s","procs":%s,"cpu_secs":%s,"pg_cpu_secs":%s,"rss_kib":%s}\n' \
+        "$label" "$proc" "${#MEASURED_PIDS[@]}" "$(cpu_delta "$WORK/cpu-before" "$WORK/cpu-after")" \
+        "$(if [[ -n $db ]]; then cpu_delta "$WORK/pg-before" "$WORK/pg-after"; else echo null; fi)" \
+        "$rss" | tee -a "$OUT" >&2
+}
 
-write_config() { # backend, database url
-    cat >"$WORK/gateway-$1.toml" <<EOF
+write_config() { # file, database url, port
+    cat >"$1" <<EOC
 [server]
-listen = "127.0.0.1:$GW_PORT"
+listen = "127.0.0.1:$3"
 
 [database]
 url = "$2"
-max_connections = 16
+max_connections = $DB_POOL
 
 [umeng]
 base_url = "$SIM_URL"
@@ -191,71 +270,139 @@ master_secret = "$FLOOD_SECRET"
 name = "bench"
 token_sha256 = "$TOKEN_SHA"
 scopes = ["send", "read"]
-EOF
+EOC
+}
+
+# Starts $2 gateway replicas on database url $1 (ports GW_PORT, GW_PORT+1, ...); the first
+# applies the migrations before the others start. Sets GW_PIDS and GW_URLS.
+start_gateways() {
+    local url=$1 count=$2 i port name
+    GW_PIDS=()
+    GW_URLS=
+    for ((i = 0; i < count; i++)); do
+        port=$((GW_PORT + i))
+        name=$(basename "${url%%\?*}" | tr -c 'A-Za-z0-9_\n' '_')-$port
+        write_config "$WORK/gateway-$name.toml" "$url" "$port"
+        "$BIN" --config "$WORK/gateway-$name.toml" serve 2>>"$WORK/gateway-$name.log" &
+        GW_PIDS+=("$!")
+        wait_port "$port" "$!"
+        GW_URLS+="${GW_URLS:+,}http://127.0.0.1:$port"
+    done
+}
+
+stop_gateways() {
+    local pid
+    for pid in "${GW_PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    GW_PIDS=()
+    GW_URLS=
 }
 
 bench_gateway() { # backend, database url
-    local backend=$1 before after c biz label flood_pid
-    write_config "$backend" "$2"
+    local backend=$1 db=
+    local c biz label flood_pid
+    [[ $backend == postgres ]] && db=$PG_DB
     log "starting the gateway on $backend"
-    "$BIN" --config "$WORK/gateway-$backend.toml" serve 2>"$WORK/gateway-$backend.log" &
-    GW_PID=$!
-    wait_port "$GW_PORT" "$GW_PID"
+    start_gateways "$2" 1
+    MEASURED_PIDS=("${GW_PIDS[@]}")
     for c in $CLIENTS; do
         for biz in no yes; do
             label="$backend-c$c-biz$biz"
             log "gateway + $backend, $c clients, out_biz_no: $biz"
             local extra=()
             [[ $biz == yes ]] && extra=(--unique-biz-no)
-            before=$(cpu_secs "$GW_PID")
-            run_load "$label" --mode gateway --target "$GW_URL" --app bench-unicast \
-                --backend "$backend" --concurrency "$c" "${extra[@]}"
-            after=$(cpu_secs "$GW_PID")
-            printf '{"kind":"cpu","label":"%s","cpu_secs":%s}\n' "$label" \
-                "$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')" >>"$OUT"
+            measure "$label" gateway "$db" --mode gateway --target "$GW_URLS" \
+                --app bench-unicast --backend "$backend" --concurrency "$c" "${extra[@]}"
         done
     done
 
     log "quota path on $backend: unicast alone, then with a groupcast flood of another app"
-    run_load "$backend-quota-alone" --mode gateway --target "$GW_URL" --app bench-unicast \
-        --backend "$backend" --scenario quota-alone --concurrency 16
-    "$LOADGEN" run --label "$backend-flood" --mode groupcast-flood --target "$GW_URL" \
+    measure "$backend-quota-alone" gateway "$db" --mode gateway --target "$GW_URLS" \
+        --app bench-unicast --backend "$backend" --scenario quota-alone --concurrency 16
+    "$LOADGEN" run --label "$backend-flood" --mode groupcast-flood --target "$GW_URLS" \
         --app bench-flood --backend "$backend" --scenario flood --concurrency 16 \
         --rate "$FLOOD_RATE" --duration "$DURATION" --warmup "$WARMUP" >"$WORK/flood.json" &
     flood_pid=$!
     PIDS+=("$flood_pid")
-    run_load "$backend-quota-flood" --mode gateway --target "$GW_URL" --app bench-unicast \
-        --backend "$backend" --scenario quota-flood --concurrency 16
+    measure "$backend-quota-flood" gateway "$db" --mode gateway --target "$GW_URLS" \
+        --app bench-unicast --backend "$backend" --scenario quota-flood --concurrency 16
     wait "$flood_pid"
     tee -a "$OUT" <"$WORK/flood.json" >&2
-
-    printf '{"kind":"rss","backend":"%s","vmhwm_kib":%s}\n' "$backend" \
-        "$(awk '/^VmHWM:/ { print $2 }' "/proc/$GW_PID/status")" | tee -a "$OUT" >&2
-    stop_pid "$GW_PID"
-    GW_PID=
+    stop_gateways
 }
 
-bench_gateway sqlite "sqlite://$WORK/gateway.db"
+if has_scenario main; then
+    MEASURED_PIDS=("$SIM_PID")
+    for c in $CLIENTS; do
+        log "direct, $c clients"
+        LOADGEN_SECRET=$UNICAST_SECRET measure "direct-c$c" simulator "" --mode direct \
+            --target "$SIM_URL" --appkey "$UNICAST_KEY" --concurrency "$c"
+    done
 
-psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
-bench_gateway postgres "$PG_URL/$PG_DB"
-psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+    bench_gateway sqlite "sqlite://$WORK/gateway.db"
 
-# The floor: one durable INSERT of a history row like the gateway's per transaction.
-log "pgbench reference"
-psql "$PG_URL/postgres" -qX -c "create database $PGB_DB" >/dev/null
-write_config pgbench "$PG_URL/$PGB_DB"
-"$BIN" --config "$WORK/gateway-pgbench.toml" migrate >/dev/null
-cp "$ROOT/bench/history-insert.sql" "$WORK/insert.sql"
-for c in $CLIENTS; do
-    log "pgbench, $c clients"
-    threads=$((c < 2 ? 1 : 2))
-    (cd "$WORK" && rm -f pgb_log* && pgbench -n -M prepared -c "$c" -j "$threads" -T "$DURATION" \
-        -f insert.sql -l --log-prefix=pgb_log "$PG_URL/$PGB_DB" >"$WORK/pgbench-c$c.txt" 2>&1)
-    "$LOADGEN" pgbench --label "pgbench-c$c" --concurrency "$c" --duration "$DURATION" \
-        "$WORK"/pgb_log* | tee -a "$OUT" >&2
-done
-psql "$PG_URL/postgres" -qX -c "drop database $PGB_DB" >/dev/null
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    bench_gateway postgres "$PG_URL/$PG_DB"
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+
+    # The floor: one durable INSERT of a history row like the gateway's per transaction.
+    log "pgbench reference"
+    psql "$PG_URL/postgres" -qX -c "create database $PGB_DB" >/dev/null
+    write_config "$WORK/gateway-pgbench.toml" "$PG_URL/$PGB_DB" "$GW_PORT"
+    "$BIN" --config "$WORK/gateway-pgbench.toml" migrate >/dev/null
+    cp "$ROOT/bench/history-insert.sql" "$WORK/insert.sql"
+    for c in $CLIENTS; do
+        log "pgbench, $c clients"
+        threads=$((c < 2 ? 1 : 2))
+        (cd "$WORK" && rm -f pgb_log* && pgbench -n -M prepared -c "$c" -j "$threads" -T "$DURATION" \
+            -f insert.sql -l --log-prefix=pgb_log "$PG_URL/$PGB_DB" >"$WORK/pgbench-c$c.txt" 2>&1)
+        "$LOADGEN" pgbench --label "pgbench-c$c" --concurrency "$c" --duration "$DURATION" \
+            "$WORK"/pgb_log* | tee -a "$OUT" >&2
+    done
+    psql "$PG_URL/postgres" -qX -c "drop database $PGB_DB" >/dev/null
+fi
+
+if has_scenario upstream; then
+    log "upstream: the simulator answers sends after $UPSTREAM_MS ms"
+    curl -fsS -o /dev/null -X POST "$SIM_URL/_sim/faults" -H 'content-type: application/json' \
+        -d "{\"path\":\"/api/send\",\"kind\":{\"kind\":\"latency\",\"ms\":$UPSTREAM_MS}}"
+    MEASURED_PIDS=("$SIM_PID")
+    for c in $UPSTREAM_CLIENTS; do
+        log "direct, $c clients, upstream $UPSTREAM_MS ms"
+        LOADGEN_SECRET=$UNICAST_SECRET measure "direct-up$UPSTREAM_MS-c$c" simulator "" \
+            --mode direct --target "$SIM_URL" --appkey "$UNICAST_KEY" --concurrency "$c" \
+            --scenario upstream --upstream-ms "$UPSTREAM_MS"
+    done
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    start_gateways "$PG_URL/$PG_DB" 1
+    MEASURED_PIDS=("${GW_PIDS[@]}")
+    for c in $UPSTREAM_CLIENTS; do
+        log "gateway + postgres, $c clients, upstream $UPSTREAM_MS ms"
+        measure "postgres-up$UPSTREAM_MS-c$c" gateway "$PG_DB" --mode gateway \
+            --target "$GW_URLS" --app bench-unicast --backend postgres --concurrency "$c" \
+            --scenario upstream --upstream-ms "$UPSTREAM_MS"
+    done
+    stop_gateways
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+    curl -fsS -o /dev/null -X DELETE "$SIM_URL/_sim/faults"
+fi
+
+if has_scenario replicas; then
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    for n in $REPLICAS; do
+        log "starting $n gateway replica(s) on one PostgreSQL database"
+        start_gateways "$PG_URL/$PG_DB" "$n"
+        MEASURED_PIDS=("${GW_PIDS[@]}")
+        for c in $REPLICA_CLIENTS; do
+            log "gateway + postgres, $n replica(s), $c clients"
+            measure "postgres-r$n-c$c" gateway "$PG_DB" --mode gateway --target "$GW_URLS" \
+                --app bench-unicast --backend postgres --concurrency "$c" --scenario replicas
+        done
+        stop_gateways
+    done
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+fi
 
 log "results: $OUT"
 echo

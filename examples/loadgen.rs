@@ -4,6 +4,8 @@
 //! for every request) and send the next request as soon as the previous answer is read, for
 //! `--warmup` seconds (not recorded) and then `--duration` seconds. Latencies go into an HDR
 //! histogram (microseconds, 3 significant digits). One JSON line per run goes to stdout.
+//! `--target` may name several base URLs separated by commas (gateway replicas): worker `w`
+//! connects to target `w % n`, so the connections are spread round robin over them.
 //!
 //! Modes:
 //! - `direct`: signed Umeng unicast sends to `<target>/api/send`, signed like Umeng's own
@@ -29,6 +31,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use md5::{Digest, Md5};
+use serde_json::Value;
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -48,7 +51,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send load and print one JSON result line.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Turn pgbench per-transaction logs (`pgbench -l`) into a result line.
     Pgbench(PgbenchArgs),
     /// Print the markdown report of a file of result lines.
@@ -62,7 +65,8 @@ enum Command {
 struct RunArgs {
     #[arg(long, value_enum)]
     mode: Mode,
-    /// Base URL, `http://127.0.0.1:PORT` (plain HTTP, an IP address).
+    /// Base URL, `http://127.0.0.1:PORT` (plain HTTP, an IP address); several separated by
+    /// commas spread the workers over them round robin (not in direct mode).
     #[arg(long)]
     target: String,
     /// Concurrent workers, one connection each.
@@ -109,9 +113,13 @@ struct RunArgs {
     /// Copied into the result: `sqlite`, `postgres` or empty.
     #[arg(long, default_value = "")]
     backend: String,
-    /// Copied into the result: `main`, `quota-alone`, `quota-flood`, `flood`.
+    /// Copied into the result: `main`, `quota-alone`, `quota-flood`, `flood`, `upstream`,
+    /// `replicas`.
     #[arg(long, default_value = "main")]
     scenario: String,
+    /// Copied into the result: the latency injected into the simulator's answers, ms.
+    #[arg(long, default_value_t = 0)]
+    upstream_ms: u64,
     /// Prefix of generated `out_biz_no`s (default: from the clock, unique per run).
     #[arg(long)]
     run_id: Option<String>,
@@ -131,11 +139,18 @@ struct PgbenchArgs {
     logs: Vec<std::path::PathBuf>,
 }
 
+/// One server the workers send to.
+struct Target {
+    addr: SocketAddr,
+    /// `host:port` for the `Host` header.
+    host: String,
+}
+
 /// Everything a worker needs, built once.
 struct Plan {
     mode: Mode,
-    addr: SocketAddr,
-    host: String,
+    /// Worker `w` sends to `targets[w % targets.len()]`.
+    targets: Vec<Target>,
     /// `http://host:port/api/send`, what is signed in direct mode.
     sign_url: String,
     appkey: String,
@@ -180,14 +195,15 @@ impl Stats {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Pgbench(args) => pgbench(args),
         Command::Report { file } => report(&file),
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    let url = url::Url::parse(&args.target)?;
+/// Reads one `http://IP:PORT` base URL.
+fn parse_target(target: &str) -> anyhow::Result<Target> {
+    let url = url::Url::parse(target.trim())?;
     anyhow::ensure!(url.scheme() == "http", "--target must be plain http://");
     let host = url
         .host_str()
@@ -197,10 +213,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .map_err(|_| anyhow::anyhow!("--target host must be an IP address"))?;
+    Ok(Target {
+        addr,
+        host: format!("{host}:{port}"),
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let targets = args
+        .target
+        .split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(parse_target)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!targets.is_empty(), "--target is empty");
     match args.mode {
         Mode::Direct => anyhow::ensure!(
-            !args.appkey.is_empty() && !args.secret.is_empty(),
-            "direct mode needs --appkey and --secret"
+            !args.appkey.is_empty() && !args.secret.is_empty() && targets.len() == 1,
+            "direct mode needs --appkey, --secret and a single --target"
         ),
         Mode::Gateway | Mode::GroupcastFlood => anyhow::ensure!(
             !args.token.is_empty() && !args.app.is_empty(),
@@ -215,10 +245,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or(0);
         format!("r{:x}", nanos % (1 << 48))
     });
+    let target_count = targets.len();
     let plan = Arc::new(Plan {
         mode: args.mode,
-        addr,
-        host: format!("{host}:{port}"),
+        targets,
         sign_url: format!("{}/api/send", args.target.trim_end_matches('/')),
         appkey: args.appkey.clone(),
         secret: args.secret.clone(),
@@ -285,6 +315,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "mode": match args.mode { Mode::Direct => "direct", Mode::Gateway => "gateway", Mode::GroupcastFlood => "groupcast-flood" },
         "unique_biz_no": args.unique_biz_no,
         "concurrency": args.concurrency,
+        "targets": target_count,
+        "upstream_ms": args.upstream_ms,
         "duration_s": (secs * 100.0).round() / 100.0,
         "requests": count,
         "ok": ok,
@@ -313,6 +345,7 @@ async fn worker(plan: Arc<Plan>, w: usize, measure_from: Instant, deadline: Inst
     let mut body = String::with_capacity(1024);
     let mut path = String::with_capacity(128);
     let token = device_token(w);
+    let target = &plan.targets[w % plan.targets.len()];
     let mut seq: u64 = 0;
     let mut sender: Option<http1::SendRequest<Full<Bytes>>> = None;
     // Paced workers start spread over one interval.
@@ -329,7 +362,7 @@ async fn worker(plan: Arc<Plan>, w: usize, measure_from: Instant, deadline: Inst
         }
         let s = match sender.as_mut() {
             Some(s) => s,
-            None => match connect(plan.addr).await {
+            None => match connect(target.addr).await {
                 Ok(s) => sender.insert(s),
                 Err(e) => {
                     if Instant::now() >= measure_from {
@@ -344,7 +377,7 @@ async fn worker(plan: Arc<Plan>, w: usize, measure_from: Instant, deadline: Inst
         seq += 1;
         build_request(&plan, w, seq, &token, &mut path, &mut body);
         let mut req = hyper::Request::post(path.as_str())
-            .header(hyper::header::HOST, plan.host.as_str())
+            .header(hyper::header::HOST, target.host.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if plan.mode != Mode::Direct {
             req = req.header(hyper::header::AUTHORIZATION, plan.auth.as_str());
@@ -509,171 +542,239 @@ fn pgbench(args: PgbenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The markdown report: one table for the main runs, one for the quota path, the peak RSS
-/// and the targets.
+/// The markdown report: one table for the main runs, one for the quota path, one for the
+/// realistic upstream and one for replicas (when those scenarios ran), then the targets.
 fn report(file: &std::path::Path) -> anyhow::Result<()> {
-    use serde_json::Value;
     let text = std::fs::read_to_string(file)?;
     let lines: Vec<Value> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
-    let u = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let kind = |v: &Value| s(v, "kind");
-    let runs: Vec<&Value> = lines
-        .iter()
-        .filter(|v| kind(v) == "run" || kind(v) == "pgbench")
-        .collect();
-    let find = |pred: &dyn Fn(&Value) -> bool| runs.iter().copied().find(|v| pred(v));
-    let cpu_of = |label: &str| {
-        lines
+    let r = Report { lines: &lines };
+    let mut checks = Vec::new();
+    r.main_table(&mut checks);
+    r.quota_table();
+    r.upstream_table(&mut checks);
+    r.replicas_table();
+    r.rss_checks(&mut checks);
+    if !checks.is_empty() {
+        println!();
+        println!("Targets (issue 13):");
+        println!();
+        for c in checks {
+            println!("- {c}");
+        }
+    }
+    Ok(())
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("").to_owned()
+}
+fn f(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The result lines of one bench run.
+struct Report<'a> {
+    lines: &'a [Value],
+}
+
+/// Server-side figures of one run: CPU per request of the process(es) under test and of
+/// the PostgreSQL backends serving them, and the peak RSS during the run.
+struct Cost {
+    cpu_us: String,
+    pg_us: String,
+    rss_mib: String,
+}
+
+impl<'a> Report<'a> {
+    fn runs(&self) -> impl Iterator<Item = &'a Value> + '_ {
+        self.lines
             .iter()
-            .find(|v| kind(v) == "cpu" && s(v, "label") == label)
-            .map(|v| f(v, "cpu_secs"))
-    };
-    let rss_of = |backend: &str| {
-        lines
+            .filter(|v| s(v, "kind") == "run" || s(v, "kind") == "pgbench")
+    }
+
+    fn find(&self, pred: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+        self.runs().find(|v| pred(v))
+    }
+
+    fn cpu_line(&self, label: &str) -> Option<&'a Value> {
+        self.lines
             .iter()
-            .find(|v| kind(v) == "rss" && s(v, "backend") == backend)
-            .map(|v| u(v, "vmhwm_kib"))
-    };
-    let statuses = |v: &Value| {
-        let mut out = String::new();
-        if let Some(m) = v.get("status").and_then(Value::as_object) {
-            for (k, n) in m {
-                if !out.is_empty() {
-                    out.push(' ');
+            .find(|v| s(v, "kind") == "cpu" && s(v, "label") == label)
+    }
+
+    fn cost(&self, run: &Value) -> Cost {
+        let n = u(run, "requests");
+        let line = self.cpu_line(&s(run, "label")).filter(|_| n > 0);
+        let per_req = |k: &str| {
+            line.and_then(|l| l.get(k))
+                .and_then(Value::as_f64)
+                .map(|c| format!("{:.0}", c * 1e6 / n as f64))
+                .unwrap_or_default()
+        };
+        Cost {
+            cpu_us: per_req("cpu_secs"),
+            pg_us: per_req("pg_cpu_secs"),
+            rss_mib: line
+                .and_then(|l| l.get("rss_kib"))
+                .and_then(Value::as_u64)
+                .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn cpu_per_req(&self, run: &Value) -> Option<f64> {
+        let n = u(run, "requests");
+        let line = self.cpu_line(&s(run, "label"))?;
+        (n > 0).then(|| f(line, "cpu_secs") * 1e6 / n as f64)
+    }
+
+    fn main_table(&self, checks: &mut Vec<String>) {
+        let main: Vec<&Value> = self.runs().filter(|v| s(v, "scenario") == "main").collect();
+        if main.is_empty() {
+            return;
+        }
+        let mut levels: Vec<u64> = main.iter().map(|v| u(v, "concurrency")).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        println!("| run | clients | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | × direct | × pgbench | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for &c in &levels {
+            let at = |v: &Value| s(v, "scenario") == "main" && u(v, "concurrency") == c;
+            let direct = self.find(|v| at(v) && s(v, "mode") == "direct");
+            let pgb = self.find(|v| at(v) && s(v, "kind") == "pgbench");
+            let gateways: Vec<&Value> = main
+                .iter()
+                .copied()
+                .filter(|v| at(v) && s(v, "mode") == "gateway")
+                .collect();
+            let mut rows: Vec<&Value> = direct.into_iter().chain(pgb).collect();
+            rows.extend(&gateways);
+            for v in rows {
+                let is_gw = s(v, "mode") == "gateway";
+                let title = if is_gw {
+                    gateway_title(v)
+                } else if s(v, "kind") == "pgbench" {
+                    "pgbench INSERT (1.5 KB row)".to_owned()
+                } else {
+                    "direct to simulator".to_owned()
+                };
+                let rel = |base: Option<&Value>, k: &str| match base {
+                    Some(b) if is_gw => format!("{:+.2}", f(v, k) - f(b, k)),
+                    _ => String::new(),
+                };
+                let ratio = |base: Option<&Value>| match base {
+                    Some(b) if is_gw => format!("{:.2}", f(v, "ok_rps") / f(b, "rps")),
+                    _ => String::new(),
+                };
+                let cost = self.cost(v);
+                println!(
+                    "| {title} | {c} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    f(v, "rps"),
+                    f(v, "p50_ms"),
+                    f(v, "p90_ms"),
+                    f(v, "p99_ms"),
+                    f(v, "p999_ms"),
+                    rel(direct, "p50_ms"),
+                    rel(direct, "p99_ms"),
+                    ratio(direct),
+                    ratio(pgb),
+                    cost.cpu_us,
+                    cost.pg_us,
+                    cost.rss_mib,
+                    statuses(v),
+                );
+            }
+            self.main_checks(c, direct, pgb, &gateways, checks);
+        }
+    }
+
+    fn main_checks(
+        &self,
+        c: u64,
+        direct: Option<&Value>,
+        pgb: Option<&Value>,
+        gateways: &[&Value],
+        checks: &mut Vec<String>,
+    ) {
+        let gw = |backend: &str, biz: bool| {
+            gateways.iter().copied().find(|v| {
+                s(v, "backend") == backend
+                    && v.get("unique_biz_no").and_then(Value::as_bool) == Some(biz)
+            })
+        };
+        if c == 16 {
+            if let (Some(p), Some(b)) = (gw("postgres", false), pgb) {
+                let r = f(p, "ok_rps") / f(b, "rps");
+                checks.push(format!(
+                    "gateway + postgres at 16 clients: {r:.2}× pgbench (target ≥ 0.6) {}",
+                    verdict(r >= 0.6)
+                ));
+            }
+            for biz in [false, true] {
+                if let (Some(l), Some(p)) = (gw("sqlite", biz), gw("postgres", biz)) {
+                    checks.push(format!(
+                        "{} at 16 clients: {:.0} vs {:.0} req/s on postgres (target: at or above) {}",
+                        gateway_title(l),
+                        f(l, "ok_rps"),
+                        f(p, "ok_rps"),
+                        verdict(f(l, "ok_rps") >= f(p, "ok_rps"))
+                    ));
                 }
-                let _ = write!(out, "{k}×{n}");
             }
         }
-        let e = u(v, "errors");
-        if e > 0 {
-            let _ = write!(out, " err×{e}");
-        }
-        out
-    };
-    let mut levels: Vec<u64> = runs.iter().map(|v| u(v, "concurrency")).collect();
-    levels.sort_unstable();
-    levels.dedup();
-
-    println!("| run | clients | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p99 | × direct | × pgbench | gateway CPU µs/req | answers |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    let mut checks = Vec::new();
-    for &c in &levels {
-        let direct = find(&|v| {
-            s(v, "mode") == "direct" && s(v, "scenario") == "main" && u(v, "concurrency") == c
-        });
-        let pgb = find(&|v| kind(v) == "pgbench" && u(v, "concurrency") == c);
-        let mut rows: Vec<(&str, &Value)> = Vec::new();
-        if let Some(d) = direct {
-            rows.push(("direct to simulator", d));
-        }
-        if let Some(p) = pgb {
-            rows.push(("pgbench INSERT (1.5 KB row)", p));
-        }
-        for v in runs.iter().copied().filter(|v| {
-            s(v, "mode") == "gateway" && s(v, "scenario") == "main" && u(v, "concurrency") == c
-        }) {
-            rows.push(("", v));
-        }
-        for (name, v) in rows {
-            let is_gw = s(v, "mode") == "gateway";
-            let title = if is_gw {
-                format!(
-                    "gateway + {}{}",
-                    s(v, "backend"),
-                    if v.get("unique_biz_no").and_then(Value::as_bool) == Some(true) {
-                        ", out_biz_no"
-                    } else {
-                        ""
-                    }
-                )
-            } else {
-                name.to_owned()
-            };
-            let rel = |base: Option<&Value>, k: &str| match base {
-                Some(b) if is_gw => format!("{:+.2}", f(v, k) - f(b, k)),
-                _ => String::new(),
-            };
-            let ratio = |base: Option<&Value>| match base {
-                Some(b) if is_gw => format!("{:.2}", f(v, "ok_rps") / f(b, "rps")),
-                _ => String::new(),
-            };
-            let cpu = cpu_of(&s(v, "label"))
-                .filter(|_| u(v, "requests") > 0)
-                .map(|c| format!("{:.0}", c * 1e6 / u(v, "requests") as f64))
-                .unwrap_or_default();
-            println!(
-                "| {title} | {c} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {cpu} | {} |",
-                f(v, "rps"),
-                f(v, "p50_ms"),
-                f(v, "p90_ms"),
-                f(v, "p99_ms"),
-                f(v, "p999_ms"),
-                rel(direct, "p50_ms"),
-                rel(direct, "p99_ms"),
-                ratio(direct),
-                ratio(pgb),
-                statuses(v),
-            );
-            if is_gw && c == 16 {
-                if let Some(d) = direct {
-                    let r = f(v, "ok_rps") / f(d, "rps");
-                    let want = if s(v, "backend") == "postgres" {
-                        0.4
-                    } else {
-                        0.6
-                    };
+        for v in gateways {
+            if let (Some(d), Some(limit)) =
+                (direct, [(1, 1.0), (16, 5.0)].iter().find(|l| l.0 == c))
+            {
+                let added = f(v, "p99_ms") - f(d, "p99_ms");
+                checks.push(format!(
+                    "{} at {c} clients: added p99 {added:+.2} ms (target ≤ {}) {}",
+                    gateway_title(v),
+                    limit.1,
+                    verdict(added <= limit.1)
+                ));
+            }
+            if c == 16 {
+                if let Some(us) = self.cpu_per_req(v) {
                     checks.push(format!(
-                        "{title}: {r:.2}× direct (target ≥ {want}) {}; added p99 {:+.2} ms (target ≤ 5) {}",
-                        verdict(r >= want),
-                        f(v, "p99_ms") - f(d, "p99_ms"),
-                        verdict(f(v, "p99_ms") - f(d, "p99_ms") <= 5.0),
+                        "{} at 16 clients: gateway CPU {us:.0} µs per push (target ≤ 150) {}",
+                        gateway_title(v),
+                        verdict(us <= 150.0)
                     ));
                 }
             }
         }
     }
-    println!();
-    for backend in ["sqlite", "postgres"] {
-        if let Some(kib) = rss_of(backend) {
-            let mib = kib as f64 / 1024.0;
-            println!(
-                "- gateway + {backend} peak RSS (VmHWM after all its runs): {mib:.1} MiB (target ≤ 64) {}",
-                verdict(mib <= 64.0)
-            );
-        }
-    }
-    for c in checks {
-        println!("- {c}");
-    }
 
-    let quota: Vec<&Value> = runs
-        .iter()
-        .copied()
-        .filter(|v| s(v, "scenario").starts_with("quota") || s(v, "scenario") == "flood")
-        .collect();
-    if !quota.is_empty() {
+    fn quota_table(&self) {
+        let quota: Vec<&Value> = self
+            .runs()
+            .filter(|v| s(v, "scenario").starts_with("quota") || s(v, "scenario") == "flood")
+            .collect();
+        if quota.is_empty() {
+            return;
+        }
         println!();
         println!("Quota path: unicast pushes of one app, alone and during a flood of production groupcasts of another app (quota 5/minute).");
         println!();
         println!("| backend | unicast clients | alone req/s | alone p50 / p99 ms | with flood req/s | with flood p50 / p99 ms | flood sent req/s | flood answers |");
         println!("|---|---:|---:|---:|---:|---:|---:|---|");
         for backend in ["sqlite", "postgres"] {
-            let alone = quota
-                .iter()
-                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-alone");
-            let with = quota
-                .iter()
-                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "quota-flood");
-            let flood = quota
-                .iter()
-                .find(|v| s(v, "backend") == backend && s(v, "scenario") == "flood");
-            if let (Some(a), Some(w), Some(fl)) = (alone, with, flood) {
+            let pick = |scenario: &str| {
+                quota
+                    .iter()
+                    .find(|v| s(v, "backend") == backend && s(v, "scenario") == scenario)
+            };
+            if let (Some(a), Some(w), Some(fl)) =
+                (pick("quota-alone"), pick("quota-flood"), pick("flood"))
+            {
                 println!(
                     "| {backend} | {} | {:.0} | {:.2} / {:.2} | {:.0} | {:.2} / {:.2} | {:.0} | {} |",
                     u(a, "concurrency"),
@@ -689,7 +790,166 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+
+    fn upstream_table(&self, checks: &mut Vec<String>) {
+        let runs: Vec<&Value> = self
+            .runs()
+            .filter(|v| s(v, "scenario") == "upstream")
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        println!();
+        println!("Realistic upstream: the simulator answers every send after a fixed delay; the same clients call it directly or through the gateway (unicast, test mode).");
+        println!();
+        println!("| run | upstream ms | clients | req/s | p50 ms | p99 ms | p99.9 ms | added p50 | added p99 | × direct | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for v in &runs {
+            let is_gw = s(v, "mode") == "gateway";
+            let direct = runs.iter().copied().find(|d| {
+                s(d, "mode") == "direct"
+                    && u(d, "concurrency") == u(v, "concurrency")
+                    && u(d, "upstream_ms") == u(v, "upstream_ms")
+            });
+            let title = if is_gw {
+                gateway_title(v)
+            } else {
+                "direct to simulator".to_owned()
+            };
+            let rel = |k: &str| match direct {
+                Some(d) if is_gw => format!("{:+.2}", f(v, k) - f(d, k)),
+                _ => String::new(),
+            };
+            let ratio = match direct {
+                Some(d) if is_gw => f(v, "ok_rps") / f(d, "rps"),
+                _ => f64::NAN,
+            };
+            let cost = self.cost(v);
+            println!(
+                "| {title} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |",
+                u(v, "upstream_ms"),
+                u(v, "concurrency"),
+                f(v, "rps"),
+                f(v, "p50_ms"),
+                f(v, "p99_ms"),
+                f(v, "p999_ms"),
+                rel("p50_ms"),
+                rel("p99_ms"),
+                if ratio.is_nan() { String::new() } else { format!("{ratio:.2}") },
+                cost.cpu_us,
+                cost.pg_us,
+                cost.rss_mib,
+                statuses(v),
+            );
+            if is_gw && !ratio.is_nan() {
+                checks.push(format!(
+                    "{} with a {} ms upstream at {} clients: {ratio:.2}× direct (target ≥ 0.9) {}",
+                    gateway_title(v),
+                    u(v, "upstream_ms"),
+                    u(v, "concurrency"),
+                    verdict(ratio >= 0.9)
+                ));
+            }
+        }
+    }
+
+    fn replicas_table(&self) {
+        let mut runs: Vec<&Value> = self
+            .runs()
+            .filter(|v| s(v, "scenario") == "replicas")
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        runs.sort_by_key(|v| (u(v, "concurrency"), u(v, "targets")));
+        println!();
+        println!("Replicas: gateway processes on one PostgreSQL, the clients' connections spread round robin over them (unicast, test mode). CPU is that of all replicas together; RSS the largest replica's.");
+        println!();
+        println!("| replicas | clients | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | × 1 replica | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for v in &runs {
+            let one = runs
+                .iter()
+                .find(|o| u(o, "targets") == 1 && u(o, "concurrency") == u(v, "concurrency"));
+            let cost = self.cost(v);
+            println!(
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
+                u(v, "targets"),
+                u(v, "concurrency"),
+                f(v, "rps"),
+                f(v, "p50_ms"),
+                f(v, "p90_ms"),
+                f(v, "p99_ms"),
+                f(v, "p999_ms"),
+                one.map(|o| format!("{:.2}", f(v, "ok_rps") / f(o, "ok_rps")))
+                    .unwrap_or_default(),
+                cost.cpu_us,
+                cost.pg_us,
+                cost.rss_mib,
+                statuses(v),
+            );
+        }
+    }
+
+    /// Peak RSS of every gateway measured, per run (new files) or per backend (old files).
+    fn rss_checks(&self, checks: &mut Vec<String>) {
+        let per_run: Vec<(String, u64)> = self
+            .lines
+            .iter()
+            .filter(|v| s(v, "kind") == "cpu" && s(v, "proc") != "simulator")
+            .filter_map(|v| Some((s(v, "label"), v.get("rss_kib")?.as_u64()?)))
+            .collect();
+        let old: Vec<(String, u64)> = self
+            .lines
+            .iter()
+            .filter(|v| s(v, "kind") == "rss")
+            .map(|v| (format!("gateway + {}", s(v, "backend")), u(v, "vmhwm_kib")))
+            .collect();
+        let all = if per_run.is_empty() { old } else { per_run };
+        if let Some((label, kib)) = all.iter().max_by_key(|(_, k)| *k) {
+            let mib = *kib as f64 / 1024.0;
+            checks.push(format!(
+                "peak RSS of a gateway over {} measured runs: at most {mib:.1} MiB ({label}) (target ≤ 64 in every scenario) {}",
+                all.len(),
+                verdict(mib <= 64.0)
+            ));
+        }
+    }
+}
+
+fn gateway_title(v: &Value) -> String {
+    let replicas = u(v, "targets");
+    format!(
+        "gateway + {}{}{}",
+        s(v, "backend"),
+        if v.get("unique_biz_no").and_then(Value::as_bool) == Some(true) {
+            ", out_biz_no"
+        } else {
+            ""
+        },
+        if replicas > 1 {
+            format!(", {replicas} replicas")
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn statuses(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(m) = v.get("status").and_then(Value::as_object) {
+        for (k, n) in m {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            let _ = write!(out, "{k}×{n}");
+        }
+    }
+    let e = u(v, "errors");
+    if e > 0 {
+        let _ = write!(out, " err×{e}");
+    }
+    out
 }
 
 fn verdict(ok: bool) -> &'static str {

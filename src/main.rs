@@ -87,7 +87,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(addr) = listen {
                 config.settings.server.listen = addr;
             }
-            telemetry::init(&config.settings.log);
+            // Held until `serve` returns: dropping it writes out the queued log lines.
+            let _log = telemetry::init(&config.settings.log);
             let demo = config.demo;
             let app = Application::build(config, None).await?;
             let addr = app.local_addr();
@@ -105,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             apps,
             task_step_ms,
         } => {
-            telemetry::init(&Default::default());
+            let _log = telemetry::init(&Default::default());
             umeng_push_gateway::simulator::run_cli(
                 listen,
                 public_url,
@@ -117,7 +118,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = load(cli.config).map_err(anyhow::Error::msg)?;
-            telemetry::init(&config.settings.log);
+            let _log = telemetry::init(&config.settings.log);
             let store = startup::open_store(&config).await?;
             store.migrate().await?;
             println!("migrations applied ({})", store.backend());

@@ -206,7 +206,7 @@ impl TestEnv {
 /// (`RUST_LOG` filter, default `debug`): `reliability/check-secrets.sh` greps that output.
 pub fn init_test_log() {
     if std::env::var_os("TEST_LOG").is_some() {
-        umeng_push_gateway::telemetry::init(&umeng_push_gateway::config::LogSettings {
+        umeng_push_gateway::telemetry::init_sync(&umeng_push_gateway::config::LogSettings {
             level: "debug".into(),
             ..Default::default()
         });
