@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                                  # the main scenario, about 3 minutes
 #   BENCH_SCENARIOS="upstream replicas" bench/run.sh
-#   BENCH_SCENARIOS=all bench/run.sh              # main, upstream and replicas
+#   BENCH_SCENARIOS=all bench/run.sh              # main, async, upstream and replicas
 #
 # Builds the release binary and the load generator (examples/loadgen.rs), starts the
 # Umeng simulator, then runs the scenarios named in BENCH_SCENARIOS (default "main"):
@@ -21,6 +21,12 @@
 #   of BENCH_UPSTREAM_CLIENTS ("64 256") direct calls, then gateway + PostgreSQL. The
 #   gateway should reach 0.9x direct: nothing in it may serialise the calls (at 256 clients
 #   and 80 ms direct calls make 3,200 req/s, which needs the CPU to carry them too).
+# async: asynchronous intake on SQLite and PostgreSQL: BENCH_CLIENTS clients send the main
+#   scenario's unicast with `Prefer: respond-async` for BENCH_DURATION; the gateway's delivery
+#   worker drains the queue to the simulator. Reports 202s per second (and × the main
+#   scenario's synchronous rate, when both ran), the drain (pushes accepted by Umeng per
+#   second from the first 202 until the queue is empty), the queue's peak depth (sampled
+#   every 0.25 s) and the gateway's peak RSS.
 # replicas: BENCH_REPLICAS ("1 2 4") gateway processes on one PostgreSQL database, on ports
 #   BENCH_GW_PORT, +1, +2, ...; the load generator spreads its connections round robin over
 #   them, at each level of BENCH_REPLICA_CLIENTS ("16 64").
@@ -386,6 +392,57 @@ if has_scenario upstream; then
     stop_gateways
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
     curl -fsS -o /dev/null -X DELETE "$SIM_URL/_sim/faults"
+fi
+
+# The queue of asynchronous pushes not final yet, in the database at $1 (sqlite or postgres).
+queue_depth() { # backend, database url or file
+    local q="select count(*) from pushes where status in ('awaiting_send', 'pending')"
+    if [[ $1 == postgres ]]; then
+        psql "$2" -tAXq -c "$q" 2>/dev/null || echo -1
+    else
+        python3 -c "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True, timeout=5); print(c.execute(sys.argv[2]).fetchone()[0])" "$2" "$q" 2>/dev/null || echo -1
+    fi
+}
+
+bench_async() { # backend, database url, what queue_depth reads
+    local backend=$1 url=$2 where=$3 db= c label start end depth peak sampler pushes
+    [[ $backend == postgres ]] && db=$PG_DB
+    start_gateways "$url" 1
+    MEASURED_PIDS=("${GW_PIDS[@]}")
+    for c in $CLIENTS; do
+        label="$backend-async-c$c"
+        log "asynchronous intake on $backend, $c clients"
+        (while sleep 0.25; do queue_depth "$backend" "$where"; done) >"$WORK/depth-$label" &
+        sampler=$!
+        PIDS+=("$sampler")
+        start=$(date +%s.%N)
+        measure "$label" gateway "$db" --mode gateway --target "$GW_URLS" --app bench-unicast \
+            --backend "$backend" --concurrency "$c" --scenario async --respond-async
+        for _ in $(seq 1 1200); do
+            depth=$(queue_depth "$backend" "$where")
+            [[ $depth == 0 ]] && break
+            sleep 0.25
+        done
+        end=$(date +%s.%N)
+        stop_pid "$sampler"
+        peak=$(sort -n "$WORK/depth-$label" | tail -n1)
+        if [[ $backend == postgres ]]; then
+            pushes=$(psql "$where" -tAXq -c "select count(*) from pushes where delivery = 'async' and status = 'accepted'")
+        else
+            pushes=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select count(*) from pushes where delivery = 'async' and status = 'accepted'\").fetchone()[0])" "$where")
+        fi
+        printf '{"kind":"drain","label":"%s","pushes":%s,"drain_secs":%s,"peak_depth":%s,"left":%s}\n' \
+            "$label" "$pushes" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
+            "${peak:-0}" "${depth:-0}" | tee -a "$OUT" >&2
+    done
+    stop_gateways
+}
+
+if has_scenario async; then
+    bench_async sqlite "sqlite://$WORK/gateway-async.db" "$WORK/gateway-async.db"
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    bench_async postgres "$PG_URL/$PG_DB" "$PG_URL/$PG_DB"
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
 fi
 
 if has_scenario replicas; then

@@ -123,6 +123,9 @@ struct RunArgs {
     /// Prefix of generated `out_biz_no`s (default: from the clock, unique per run).
     #[arg(long)]
     run_id: Option<String>,
+    /// gateway: send `Prefer: respond-async` (the push is stored and answered 202).
+    #[arg(long)]
+    respond_async: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,6 +161,7 @@ struct Plan {
     auth: String,
     app: String,
     unique_biz_no: bool,
+    respond_async: bool,
     run_id: String,
     /// Time between two requests of one worker (paced runs only).
     pace: Option<Duration>,
@@ -255,6 +259,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         auth: format!("Bearer {}", args.token),
         app: args.app.clone(),
         unique_biz_no: args.unique_biz_no,
+        respond_async: args.respond_async,
         run_id,
         pace: (args.rate > 0.0)
             .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate)),
@@ -314,6 +319,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "rate": args.rate,
         "mode": match args.mode { Mode::Direct => "direct", Mode::Gateway => "gateway", Mode::GroupcastFlood => "groupcast-flood" },
         "unique_biz_no": args.unique_biz_no,
+        "respond_async": args.respond_async,
         "concurrency": args.concurrency,
         "targets": target_count,
         "upstream_ms": args.upstream_ms,
@@ -381,6 +387,9 @@ async fn worker(plan: Arc<Plan>, w: usize, measure_from: Instant, deadline: Inst
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if plan.mode != Mode::Direct {
             req = req.header(hyper::header::AUTHORIZATION, plan.auth.as_str());
+        }
+        if plan.respond_async {
+            req = req.header("prefer", "respond-async");
         }
         let req = req
             .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
@@ -557,6 +566,7 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
     r.quota_table();
     r.upstream_table(&mut checks);
     r.replicas_table();
+    r.async_table(&mut checks);
     r.rss_checks(&mut checks);
     if !checks.is_empty() {
         println!();
@@ -888,6 +898,61 @@ impl<'a> Report<'a> {
                 cost.rss_mib,
                 statuses(v),
             );
+        }
+    }
+
+    /// Asynchronous intake (202s per second) and the drain that follows, beside the
+    /// synchronous run of the same backend and clients.
+    fn async_table(&self, checks: &mut Vec<String>) {
+        let runs: Vec<&Value> = self.runs().filter(|v| s(v, "scenario") == "async").collect();
+        if runs.is_empty() {
+            return;
+        }
+        println!();
+        println!("Asynchronous delivery: clients send `Prefer: respond-async` for the run's duration (unicast, test mode); the gateway's delivery worker drains the queue to the simulator meanwhile and after. Intake is 202s per second; drain is pushes accepted by Umeng per second, from the first 202 until the queue is empty.");
+        println!();
+        println!("| backend | clients | intake 202/s | × sync | p99 ms | pushes | drain s | drain/s | peak queue depth | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        for v in &runs {
+            let label = s(v, "label");
+            let drain = self
+                .lines
+                .iter()
+                .find(|d| s(d, "kind") == "drain" && s(d, "label") == label);
+            let sync = self.find(|o| {
+                s(o, "scenario") == "main"
+                    && s(o, "backend") == s(v, "backend")
+                    && u(o, "concurrency") == u(v, "concurrency")
+                    && o.get("unique_biz_no").and_then(Value::as_bool) != Some(true)
+                    && s(o, "mode") == "gateway"
+            });
+            let ratio = sync.map(|o| f(v, "ok_rps") / f(o, "ok_rps"));
+            let cost = self.cost(v);
+            let d = |k: &str| drain.map(|d| f(d, k)).unwrap_or(f64::NAN);
+            println!(
+                "| {} | {} | {:.0} | {} | {:.2} | {:.0} | {:.1} | {:.0} | {:.0} | {} | {} | {} | {} |",
+                s(v, "backend"),
+                u(v, "concurrency"),
+                f(v, "ok_rps"),
+                ratio.map(|r| format!("{r:.2}")).unwrap_or_default(),
+                f(v, "p99_ms"),
+                d("pushes"),
+                d("drain_secs"),
+                d("pushes") / d("drain_secs"),
+                d("peak_depth"),
+                cost.cpu_us,
+                cost.pg_us,
+                cost.rss_mib,
+                statuses(v),
+            );
+            if let Some(r) = ratio {
+                checks.push(format!(
+                    "asynchronous intake on {} at {} clients: {r:.2}x synchronous (target ≥ 2x) {}",
+                    s(v, "backend"),
+                    u(v, "concurrency"),
+                    verdict(r >= 2.0)
+                ));
+            }
         }
     }
 

@@ -25,7 +25,7 @@ alter table pushes
     add column quota_wait          boolean not null default false,
     add column quota_unit          bigint;
 
-create index pushes_due_idx on pushes (next_attempt_at, created_at)
+create index pushes_due_idx on pushes (next_attempt_at, created_at, id)
     where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota');
 create index pushes_quota_wait_idx on pushes (appkey, quota_kind, created_at)
     where status = 'awaiting_quota';

@@ -11,7 +11,7 @@ alter table pushes add column deliver_claims integer not null default 0;
 alter table pushes add column quota_wait integer not null default 0;
 alter table pushes add column quota_unit integer;
 
-create index pushes_due_idx on pushes (next_attempt_at, created_at)
+create index pushes_due_idx on pushes (next_attempt_at, created_at, id)
     where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota');
 create index pushes_quota_wait_idx on pushes (appkey, quota_kind, created_at)
     where status = 'awaiting_quota';

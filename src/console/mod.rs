@@ -157,6 +157,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/ui/pushes/{id}/cancel",
             get(pages::confirm_cancel).post(pages::cancel_push),
         )
+        .route("/ui/queue", get(pages::show_queue))
         .route("/ui/quotas", get(pages::list_quotas))
         .route("/ui/login", get(pages::show_login).post(pages::login))
         .route("/ui/logout", post(pages::logout))
@@ -179,6 +180,7 @@ fn templates() -> minijinja::Environment<'static> {
         ("pushes.html", include_str!("templates/pushes.html")),
         ("push.html", include_str!("templates/push.html")),
         ("cancel.html", include_str!("templates/cancel.html")),
+        ("queue.html", include_str!("templates/queue.html")),
         ("quotas.html", include_str!("templates/quotas.html")),
         ("error.html", include_str!("templates/error.html")),
     ] {

@@ -15,14 +15,14 @@ use time::OffsetDateTime;
 use super::chart::{self, HourBar};
 use super::i18n::Lang;
 use super::session::{self, Session, LANG_COOKIE, SESSION_COOKIE, SIGNIN_COOKIE};
-use super::view::{self, PushDetail, PushRow, TimeView};
+use super::view::{self, PushDetail, PushRow, QueueRow, TimeView};
 use super::ConsoleState;
 use crate::config::Scope;
 use crate::error::ApiError;
 use crate::http::auth::Caller;
 use crate::http::pushes::{self, ListParams};
 use crate::http::quotas;
-use crate::store::{HourlyCount, PushStatus};
+use crate::store::{DeliveryMode, HourlyCount, PushStatus};
 
 type St = State<Arc<ConsoleState>>;
 
@@ -598,6 +598,7 @@ pub async fn show_push(
     let notice = match done.ok().and_then(|Query(d)| d.done).as_deref() {
         Some("refreshed") => Some(("ok", lang.t("done_refreshed").to_owned())),
         Some("cancelled") => Some(("ok", lang.t("done_cancelled").to_owned())),
+        Some("withdrawn") => Some(("ok", lang.t("done_withdrawn").to_owned())),
         _ => None,
     };
     push_page(&state, &session, &id, StatusCode::OK, notice).await
@@ -679,29 +680,132 @@ pub async fn cancel_push(
         return refused(&state, session.lang, Some(&session));
     }
     match pushes::cancel(&state.gateway, &session.caller, &id).await {
-        Ok(p) => see_other(&format!("/ui/pushes/{}?done=cancelled", p.id), &[]),
+        Ok(p) => {
+            let done = if p.status == PushStatus::Withdrawn {
+                "withdrawn"
+            } else {
+                "cancelled"
+            };
+            see_other(&format!("/ui/pushes/{}?done={done}", p.id), &[])
+        }
         Err(e) => task_call_failed(&state, &session, &id, e).await,
     }
 }
 
-// ----- quotas -----
+// ----- queue -----
 
-/// "2 h 05 min", "4 min 09 s", "12 s" (or the Chinese units).
-fn countdown(secs: i64, lang: Lang) -> String {
-    let secs = secs.max(0);
-    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    let (uh, um, us) = match lang {
-        Lang::En => ("h", "min", "s"),
-        Lang::ZhCn => ("小时", "分", "秒"),
-    };
-    if h > 0 {
-        format!("{h} {uh} {m:02} {um}")
-    } else if m > 0 {
-        format!("{m} {um} {s:02} {us}")
-    } else {
-        format!("{s} {us}")
+/// The queue's states, in the order the page lists them: due first, then held.
+const QUEUE_STATES: [PushStatus; 4] = [
+    PushStatus::Pending,
+    PushStatus::AwaitingSend,
+    PushStatus::AwaitingQuota,
+    PushStatus::AwaitingSendAt,
+];
+/// The most pushes of one state the queue page lists (the newest; History has them all).
+const QUEUE_ROWS: u32 = 100;
+
+fn queue_rank(s: PushStatus) -> usize {
+    QUEUE_STATES
+        .iter()
+        .position(|q| *q == s)
+        .unwrap_or(QUEUE_STATES.len())
+}
+
+fn history_link(status: PushStatus, app: Option<&str>) -> String {
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(app) = app {
+        q.append_pair("app", app);
+    }
+    q.append_pair("status", status.as_str());
+    format!("/ui/pushes?{}", q.finish())
+}
+
+pub async fn show_queue(State(state): St, session: Session, uri: Uri) -> Response {
+    match queue_page(&state, &session, &uri).await {
+        Ok(r) => r,
+        Err(e) => error_page(&state, &session, e),
     }
 }
+
+async fn queue_page(
+    state: &ConsoleState,
+    session: &Session,
+    uri: &Uri,
+) -> Result<Response, ApiError> {
+    let lang = session.lang;
+    session.caller.require(Scope::Read)?;
+    let store = &state.gateway.store;
+    let now = store.now().await?;
+
+    // Per app and state: the store's counts, for the apps this client may see.
+    let mut stats = store.queue_stats().await?;
+    stats.retain(|q| session.caller.0.may_use_app(&q.app));
+    stats.sort_by(|a, b| {
+        a.app
+            .cmp(&b.app)
+            .then(queue_rank(a.status).cmp(&queue_rank(b.status)))
+    });
+    let stat_rows: Vec<Value> = stats
+        .iter()
+        .map(|q| {
+            json!({
+                "app": q.app,
+                "status": view::status_view(q.status, lang),
+                "count": q.count,
+                "oldest_due": q.oldest_due.map(TimeView::of),
+                "waited": q.oldest_due.map(|t| view::duration((now - t).whole_seconds(), lang)),
+                "link": history_link(q.status, Some(&q.app)),
+            })
+        })
+        .collect();
+
+    // The pushes themselves: History's query, one state at a time.
+    let mut rows: Vec<QueueRow> = Vec::new();
+    let mut cut: Vec<Value> = Vec::new();
+    for status in QUEUE_STATES {
+        let params = ListParams {
+            status: Some(status.as_str().to_owned()),
+            limit: Some(QUEUE_ROWS),
+            ..ListParams::default()
+        };
+        let page = pushes::history(&state.gateway, &session.caller, params).await?;
+        if page.next_cursor.is_some() {
+            cut.push(json!({
+                "status": view::status_view(status, lang),
+                "link": history_link(status, None),
+            }));
+        }
+        rows.extend(
+            page.items
+                .iter()
+                // A synchronous push is pending while its caller's request waits: not queued.
+                .filter(|p| status != PushStatus::Pending || p.delivery == DeliveryMode::Async)
+                .map(|p| QueueRow::of(p, now, lang)),
+        );
+    }
+    // Being sent first, then by when each goes out.
+    rows.sort_by(|a, b| {
+        let waiting = |r: &QueueRow| r.row.status.value != PushStatus::Pending.as_str();
+        waiting(a)
+            .cmp(&waiting(b))
+            .then(a.due_at.cmp(&b.due_at))
+            .then(a.row.id.cmp(&b.row.id))
+    });
+
+    let mut ctx = base(lang, Some(session), "queue", &here(uri));
+    ctx.insert("stats".into(), json!(stat_rows));
+    ctx.insert(
+        "total".into(),
+        json!(stats.iter().map(|q| q.count).sum::<u64>()),
+    );
+    ctx.insert("rows".into(), json!(rows));
+    ctx.insert("cut".into(), json!(cut));
+    ctx.insert("max_rows".into(), json!(QUEUE_ROWS));
+    ctx.insert("now".into(), json!(TimeView::of(now)));
+    Ok(state.render(StatusCode::OK, "queue.html", Value::Object(ctx)))
+}
+
+// ----- quotas -----
 
 pub async fn list_quotas(State(state): St, session: Session, uri: Uri) -> Response {
     let lang = session.lang;
@@ -728,7 +832,7 @@ pub async fn list_quotas(State(state): St, session: Session, uri: Uri) -> Respon
                 "high": (f64::from(q.limit) * 0.9).floor(),
                 "full": q.remaining == 0,
                 "reset_at": TimeView::of(q.reset_at),
-                "reset_in": countdown(q.reset_after_secs, lang),
+                "reset_in": view::duration(q.reset_after_secs, lang),
             })
         })
         .collect();
@@ -784,9 +888,9 @@ mod tests {
     }
 
     #[test]
-    fn countdown_reads_naturally() {
-        assert_eq!(countdown(7500, Lang::En), "2 h 05 min");
-        assert_eq!(countdown(249, Lang::En), "4 min 09 s");
-        assert_eq!(countdown(12, Lang::ZhCn), "12 秒");
+    fn durations_read_naturally() {
+        assert_eq!(view::duration(7500, Lang::En), "2 h 05 min");
+        assert_eq!(view::duration(249, Lang::En), "4 min 09 s");
+        assert_eq!(view::duration(12, Lang::ZhCn), "12 秒");
     }
 }

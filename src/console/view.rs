@@ -7,7 +7,7 @@ use time::macros::{format_description, offset};
 use time::OffsetDateTime;
 
 use super::i18n::Lang;
-use crate::store::{PushRecord, PushStatus, PushSummary};
+use crate::store::{DeliveryMode, PushRecord, PushStatus, PushSummary};
 
 /// The most characters of one JSON body shown on a page.
 pub const MAX_BODY_CHARS: usize = 32 * 1024;
@@ -211,10 +211,18 @@ pub struct PushDetail {
     pub umeng_request: Option<String>,
     pub umeng_response: Option<String>,
     pub task_status: Option<String>,
+    /// "sync" or "async", and its label.
+    pub delivery: &'static str,
+    pub delivery_label: &'static str,
+    pub send_at: Option<TimeView>,
+    pub next_attempt_at: Option<TimeView>,
+    pub deliver_by: Option<TimeView>,
     /// A task whose status can be asked for.
     pub refreshable: bool,
-    /// A task that may still be cancelled.
+    /// A task that may still be cancelled, or a push not sent yet that may be withdrawn.
     pub cancellable: bool,
+    /// Not sent yet: Cancel withdraws it here, Umeng never hears of it.
+    pub withdrawable: bool,
 }
 
 /// A JSON body pretty-printed and cut to [`MAX_BODY_CHARS`].
@@ -326,6 +334,7 @@ impl PushDetail {
             .and_then(Value::as_str)
             .map(|t| cut(t, 200));
         let has_task = p.task_class && p.task_id.is_some();
+        let withdrawable = p.status.is_waiting();
         PushDetail {
             row: PushRow::of(&PushSummary::of(p), lang),
             platform: p.platform.clone(),
@@ -345,8 +354,90 @@ impl PushDetail {
             umeng_request: p.umeng_request.as_ref().map(pretty),
             umeng_response: p.umeng_response.as_ref().map(pretty),
             task_status: p.task_status.as_ref().map(pretty),
+            delivery: delivery_value(p.delivery),
+            delivery_label: lang.t(match p.delivery {
+                DeliveryMode::Sync => "delivery_sync",
+                DeliveryMode::Async => "delivery_async",
+            }),
+            send_at: p.send_at.map(TimeView::of),
+            next_attempt_at: p.next_attempt_at.map(TimeView::of),
+            deliver_by: p.deliver_by.map(TimeView::of),
             refreshable: has_task,
-            cancellable: has_task && !p.status.is_final_task_state(),
+            cancellable: withdrawable || (has_task && !p.status.is_final_task_state()),
+            withdrawable,
+        }
+    }
+}
+
+fn delivery_value(d: DeliveryMode) -> &'static str {
+    match d {
+        DeliveryMode::Sync => "sync",
+        DeliveryMode::Async => "async",
+    }
+}
+
+/// "2 h 05 min", "4 min 09 s", "12 s" (or the Chinese units).
+pub fn duration(secs: i64, lang: Lang) -> String {
+    let secs = secs.max(0);
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let (uh, um, us) = match lang {
+        Lang::En => ("h", "min", "s"),
+        Lang::ZhCn => ("小时", "分", "秒"),
+    };
+    if h > 0 {
+        format!("{h} {uh} {m:02} {um}")
+    } else if m > 0 {
+        format!("{m} {um} {s:02} {us}")
+    } else {
+        format!("{s} {us}")
+    }
+}
+
+/// One push waiting in the queue (or being sent by a delivery worker).
+#[derive(Debug, Serialize)]
+pub struct QueueRow {
+    pub row: PushRow,
+    /// When it goes out or is tried next: `next_attempt_at`, else `send_at`.
+    pub due: Option<TimeView>,
+    /// "in 59 min 58 s", "due 12 s ago", or "being sent".
+    pub due_in: String,
+    /// Due and not yet taken (for the colour).
+    pub overdue: bool,
+    pub attempts: u32,
+    #[serde(skip)]
+    pub due_at: Option<OffsetDateTime>,
+}
+
+impl QueueRow {
+    pub fn of(p: &PushSummary, now: OffsetDateTime, lang: Lang) -> QueueRow {
+        let due_at = p.next_attempt_at.or(p.send_at);
+        let (due_in, overdue) = match (p.status, due_at) {
+            (PushStatus::Pending, _) => (lang.t("q_being_sent").to_owned(), false),
+            (_, Some(t)) if t > now => (
+                format!(
+                    "{} {}",
+                    lang.t("q_in"),
+                    duration((t - now).whole_seconds(), lang)
+                ),
+                false,
+            ),
+            (_, Some(t)) => (
+                format!(
+                    "{} {}",
+                    lang.t("q_due_for"),
+                    duration((now - t).whole_seconds(), lang)
+                ),
+                true,
+            ),
+            (_, None) => (String::new(), false),
+        };
+        QueueRow {
+            row: PushRow::of(p, lang),
+            due: due_at.map(TimeView::of),
+            due_in,
+            overdue,
+            attempts: p.attempt_count,
+            due_at,
         }
     }
 }

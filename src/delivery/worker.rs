@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -34,6 +34,8 @@ pub fn spawn(gateway: Arc<Gateway>, stop: watch::Receiver<bool>) -> JoinHandle<(
 struct Slots {
     global: Arc<Semaphore>,
     per_app: HashMap<String, Arc<Semaphore>>,
+    /// Signalled whenever a delivery ends and gives its slots back.
+    freed: Arc<Notify>,
 }
 
 impl Slots {
@@ -49,6 +51,7 @@ impl Slots {
                 .keys()
                 .map(|name| (name.clone(), Arc::new(Semaphore::new(per_app))))
                 .collect(),
+            freed: Arc::new(Notify::new()),
         }
     }
 
@@ -110,9 +113,9 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         let apps = slots.apps(&gateway);
         if free == 0 || apps.is_empty() {
             gateway.breaker.release(permit);
-            // Every slot is busy: wait for one to come free.
+            // Every slot (or every app's) is busy: wait until a delivery ends.
             tokio::select! {
-                _ = Arc::clone(&slots.global).acquire_owned() => {}
+                _ = slots.freed.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
                 _ = stop.changed() => {}
             }

@@ -701,6 +701,8 @@ pub struct PushSummary {
     /// Waiting pushes: when a worker will try next.
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
+    /// How many Umeng calls were made for it so far (the record's `attempts`, counted).
+    pub attempt_count: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -739,6 +741,7 @@ impl PushSummary {
             delivery: r.delivery,
             send_at: r.send_at,
             next_attempt_at: r.next_attempt_at,
+            attempt_count: u32::try_from(r.attempts.len()).unwrap_or(u32::MAX),
             created_at: r.created_at,
             sent_at: r.sent_at,
             finished_at: r.finished_at,

@@ -61,7 +61,8 @@ const READ_ONLY: &str =
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
-     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at";
+     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at, \
+     jsonb_array_length(attempts) as attempt_count";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs \
@@ -1006,6 +1007,7 @@ fn summary_from_row(row: &PgRow) -> Result<PushSummary, sqlx::Error> {
         delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
         send_at: row.try_get("send_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
+        attempt_count: u32::try_from(row.try_get::<i32, _>("attempt_count")?).unwrap_or(0),
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,

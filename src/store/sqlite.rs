@@ -49,7 +49,8 @@ const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, pr
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
-     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at";
+     created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at, \
+     json_array_length(attempts) as attempt_count";
 
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.delivery
   from idempotency_keys k join pushes p on p.id = k.push_id
@@ -1456,6 +1457,7 @@ fn summary_from_row(row: &SqliteRow) -> Result<PushSummary, sqlx::Error> {
         delivery: DeliveryMode::from_column(row.try_get::<Option<&str>, _>("delivery")?),
         send_at: opt_time(row, "send_at")?,
         next_attempt_at: opt_time(row, "next_attempt_at")?,
+        attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use umeng_push_gateway::simulator::{Fault, FaultKind};
 
 use crate::app::{
     on_both_backends, push_body, Backend, TestApp, TestEnv, ANDROID_APP, IOS_APP,
@@ -25,6 +28,7 @@ on_both_backends!(
     console_sessions_carry_across_replicas_only_with_a_shared_key,
     console_can_be_turned_off,
     console_bad_input_gets_a_clear_page_not_a_500,
+    console_queue_lists_waiting_pushes_and_withdraws_one,
 );
 
 /// One browser test at a time: each starts its own Chromium.
@@ -957,4 +961,197 @@ async fn console_bad_input_gets_a_clear_page_not_a_500(backend: Backend) {
         .await
         .unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
+}
+
+/// A push held by the gateway until `send_at`, `minutes` from now.
+async fn held(app: &TestApp, app_name: &str, minutes: i64, description: &str) -> String {
+    let mut body = push_body(app_name, "unicast");
+    let at = OffsetDateTime::now_utc() + time::Duration::minutes(minutes);
+    body["send_at"] = json!(at.format(&Rfc3339).expect("rfc3339"));
+    body["description"] = json!(description);
+    body["notification"] = json!({"title": description, "text": description});
+    create(app, TOKEN_SENDER, body).await
+}
+
+/// The text of the queue table's row for push `id`.
+async fn queue_row(b: &Browser, id: &str) -> String {
+    b.text(&format!("table#queue tr[data-id='{id}']")).await
+}
+
+async fn console_queue_lists_waiting_pushes_and_withdraws_one(backend: Backend) {
+    let _one = BROWSER_LOCK.lock().await;
+    // Arrange: a gateway whose delivery worker retries after up to an hour; Android pushes
+    // held by send_at (10 minutes and an hour ahead), an iOS one held too, and an iOS push
+    // sent at once that Umeng keeps refusing with 2028, so it waits for its next try.
+    let env = TestEnv::new(backend).await;
+    let mut settings = env.settings();
+    settings.delivery.interval_ms = 50;
+    settings.delivery.backoff_base_ms = 3_600_000;
+    settings.delivery.backoff_cap_ms = 3_600_000;
+    let app = env.spawn_app_with(settings).await;
+    env.sim.add_fault(Fault {
+        appkey: Some(crate::app::IOS_KEY.into()),
+        path: Some("/api/send".into()),
+        kind: FaultKind::ErrorCode {
+            code: "2028".into(),
+            message: None,
+        },
+        times: None,
+    });
+    let (session, _, _) = sign_in_http(&app.base, TOKEN_SENDER).await;
+    let empty = plain()
+        .get(format!("{}/ui/queue", app.base))
+        .header("cookie", session.expect("a session"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(empty.status(), 200);
+    assert!(empty
+        .text()
+        .await
+        .expect("html")
+        .contains("id=\"queue-empty\""));
+
+    let soon = held(&app, ANDROID_APP, 10, "会员日预告").await;
+    let later = held(&app, ANDROID_APP, 60, "Weekly digest").await;
+    let ios_held = held(&app, IOS_APP, 30, "iOS launch teaser").await;
+    let r = app
+        .http
+        .post(format!("{}/v1/pushes", app.base))
+        .bearer_auth(TOKEN_SENDER)
+        .header("prefer", "respond-async")
+        .json(&push_body(IOS_APP, "unicast"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 202);
+    let retried = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut tried = Value::Null;
+    for _ in 0..300 {
+        tried = app.get_json(&format!("/v1/pushes/{retried}")).await;
+        if tried["status"] == "awaiting_send" && tried["error_code"] == "2028" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(tried["status"], "awaiting_send", "{tried}");
+    let Some(b) = browser(&app, "en-US", backend).await else {
+        return;
+    };
+
+    // Act + Assert: the Queue page counts each app's states and lists every waiting push.
+    b.goto("/ui/").await;
+    b.sign_in(TOKEN_SENDER).await;
+    b.click("nav a[href='/ui/queue']").await;
+    assert_eq!(b.path().await, "/ui/queue");
+    let stat = |app: &str, state: &str| {
+        format!("#queue-stats tr[data-app='{app}'][data-status='{state}'] a.count")
+    };
+    assert_eq!(b.text(&stat(ANDROID_APP, "awaiting_send_at")).await, "2");
+    assert_eq!(b.text(&stat(IOS_APP, "awaiting_send_at")).await, "1");
+    assert_eq!(b.text(&stat(IOS_APP, "awaiting_send")).await, "1");
+    let rows = b
+        .client
+        .find_all(Locator::Css("table#queue tbody tr"))
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 4);
+    let row = queue_row(&b, &soon).await;
+    assert!(row.contains("held until send_at"), "{row}");
+    assert!(
+        row.contains("in 9 min") || row.contains("in 10 min"),
+        "{row}"
+    );
+    assert!(row.contains("会员日预告"), "{row}");
+    let row = queue_row(&b, &retried).await;
+    assert!(
+        row.contains("awaiting send") && row.contains("2028"),
+        "{row}"
+    );
+    let attempts = b
+        .text(&format!("table#queue tr[data-id='{retried}'] td.attempts"))
+        .await;
+    assert!(attempts.parse::<u32>().is_ok_and(|n| n >= 1), "{attempts}");
+    assert!(queue_row(&b, &later).await.contains("Weekly digest"));
+    assert!(queue_row(&b, &ios_held).await.contains(IOS_APP));
+    b.screenshot("queue").await;
+
+    // The detail page shows how the push is delivered, and withdraws it after a confirmation.
+    b.click(&format!("table#queue tr[data-id='{soon}'] a.push-link"))
+        .await;
+    assert_eq!(b.path().await, format!("/ui/pushes/{soon}"));
+    assert!(b.has("#status[data-status=awaiting_send_at]").await);
+    assert!(b.text("#delivery").await.contains("asynchronous"));
+    assert!(b.has("#send-at time").await && b.has("#deliver-by time").await);
+    assert!(b.text("#cancel").await.contains("Withdraw"));
+    b.click("#cancel").await;
+    let page = b.body().await;
+    assert!(page.contains("Withdraw this push?"), "{page}");
+    assert!(page.contains("never reaches Umeng"), "{page}");
+    b.click("#confirm-cancel").await;
+    assert!(b
+        .text("#notice")
+        .await
+        .contains("withdrawn before it was sent"));
+    assert!(b.has("#status[data-status=withdrawn]").await);
+    assert!(
+        !b.has("#cancel").await,
+        "a withdrawn push offers Withdraw again"
+    );
+    let api = app.get_json(&format!("/v1/pushes/{soon}")).await;
+    assert_eq!(api["status"], "withdrawn", "{api}");
+    assert_eq!(calls(&env, "/api/cancel"), 0, "Umeng is not asked");
+    assert!(
+        env.sends()
+            .iter()
+            .all(|r| r.appkey.as_deref() != Some(crate::app::ANDROID_KEY)),
+        "an Android push was sent"
+    );
+
+    // The queue no longer lists it.
+    b.click("nav a[href='/ui/queue']").await;
+    assert_eq!(b.text(&stat(ANDROID_APP, "awaiting_send_at")).await, "1");
+    assert!(!b.has(&format!("table#queue tr[data-id='{soon}']")).await);
+
+    // In Chinese, and on a phone.
+    b.click("a.lang").await;
+    let page = b.body().await;
+    assert!(
+        page.contains("发送队列") && page.contains("等待定时发送"),
+        "{page}"
+    );
+    b.click("a.lang").await;
+    b.client.set_window_size(375, 812).await.expect("resize");
+    b.goto("/ui/queue").await;
+    let width: Value = b
+        .client
+        .execute("return document.documentElement.scrollWidth", vec![])
+        .await
+        .expect("scrollWidth");
+    assert!(
+        width.as_u64().is_some_and(|w| w <= 375),
+        "the queue is {width} px wide at 375 px"
+    );
+    b.close().await;
+
+    // A client limited to the Android app sees neither the iOS counts nor the iOS pushes.
+    let (session, _, _) = sign_in_http(&app.base, TOKEN_ANDROID_ONLY).await;
+    let html = plain()
+        .get(format!("{}/ui/queue", app.base))
+        .header("cookie", session.expect("a session"))
+        .send()
+        .await
+        .expect("answer")
+        .text()
+        .await
+        .expect("html");
+    assert!(html.contains(&later), "{html}");
+    assert!(!html.contains(IOS_APP), "{html}");
+    assert!(
+        !html.contains(&ios_held) && !html.contains(&retried),
+        "{html}"
+    );
 }

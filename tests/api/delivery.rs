@@ -28,6 +28,7 @@ on_both_backends!(
     async_fields_are_checked,
     history_finds_waiting_pushes,
     async_pushes_wait_while_the_breaker_is_open,
+    an_async_filecast_uploads_its_lines_then_sends_and_forgets_them,
 );
 
 /// Test settings with a fast delivery worker.
@@ -497,5 +498,39 @@ async fn async_pushes_wait_while_the_breaker_is_open(backend: Backend) {
         assert_eq!(attempts.last().unwrap()["outcome"], "accepted", "{done}");
     }
     assert_eq!(env.sends().len(), 3, "each delivered once");
+    app.stop().await;
+}
+
+async fn an_async_filecast_uploads_its_lines_then_sends_and_forgets_them(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app_with(fast(&env)).await;
+    // The first upload sends nothing: the worker retries it later, then sends.
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: Some("/upload".into()),
+        kind: FaultKind::HttpStatus { status: 503 },
+        times: Some(1),
+    });
+    let view = accepted_202(&app, &push_body(ANDROID_APP, "filecast")).await;
+    let id = view["id"].as_str().unwrap();
+    let done = wait_for_status(&app, id, &["accepted", "queued", "sending", "done"], 20).await;
+    assert!(done["file_id"].is_string(), "{done}");
+    let calls: Vec<(&str, &str)> = done["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["call"].as_str().unwrap(), a["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(calls.first(), Some(&("upload", "unknown")), "{done}");
+    assert_eq!(calls.last(), Some(&("send", "accepted")), "{done}");
+    assert_eq!(env.sends().len(), 1);
+    // The token file is kept only until the push is final.
+    let left = env
+        .db
+        .query_i64(&format!(
+            "select count(*) from pushes where id = '{id}' and outbox is not null"
+        ))
+        .await;
+    assert_eq!(left, 0, "the outbox is dropped once the push is final");
     app.stop().await;
 }

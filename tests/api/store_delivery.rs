@@ -10,8 +10,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use umeng_push_gateway::quota::{QuotaKind, QuotaLimit, WindowUnit};
 use umeng_push_gateway::store::{
-    Admission, AsyncDelivery, DeliveryApp, DeliveryClaim, DeliveryRetry, Finish, NewPush,
-    PushStatus, QuotaAction, QuotaClaim, Store,
+    Admission, AsyncDelivery, Attempt, DeliveryApp, DeliveryClaim, DeliveryMode, DeliveryRetry,
+    Finish, NewPush, PushQuery, PushStatus, QuotaAction, QuotaClaim, Store,
 };
 
 use crate::helpers::StoreCtx;
@@ -28,6 +28,7 @@ crate::store_cases!(
     queue_stats_count_each_state,
     held_pushes_are_not_due_before_send_at,
     waiting_for_quota_ends_at_the_deadline,
+    history_lists_a_retried_push_with_its_attempts_and_next_try,
 );
 
 const APPKEY: &str = "appkey-d";
@@ -452,4 +453,64 @@ async fn waiting_for_quota_ends_at_the_deadline(ctx: StoreCtx) {
         (PushStatus::Failed, Some("quota_wait_expired"), Some(429))
     );
     assert_eq!(used(store, 1).await, 1, "it never held a slot");
+async fn history_lists_a_retried_push_with_its_attempts_and_next_try(ctx: StoreCtx) {
+    // Arrange: a push tried once (Umeng busy) and put back to wait; another never tried.
+    let store = &ctx.store;
+    let tried = admit(store, push(false, delivery(false, false, false)), None).await;
+    let c = claim(store, 1, 60_000).await.remove(0);
+    let attempt = Attempt {
+        number: 1,
+        call: "send".into(),
+        started_at: OffsetDateTime::now_utc(),
+        outcome: "failed".into(),
+        error_code: Some("2027".into()),
+        latency_ms: 4,
+    };
+    let retry = DeliveryRetry {
+        status: PushStatus::AwaitingSend,
+        delay: Duration::from_secs(600),
+        error_code: Some("2027".into()),
+        error_msg: Some("busy".into()),
+        umeng_response: None,
+        attempts: vec![attempt],
+        refund: true,
+    };
+    assert!(store.retry_delivery(&c, retry).await.unwrap());
+    let fresh = admit(store, push(false, delivery(false, false, false)), None).await;
+
+    // Act: History's query for the state.
+    let rows = store
+        .list_pushes(&PushQuery {
+            status: Some(PushStatus::AwaitingSend),
+            limit: 10,
+            ..PushQuery::default()
+        })
+        .await
+        .unwrap();
+
+    // Assert: each summary says how often it was tried, why it failed, and when it is next.
+    let row = |id: &str| rows.iter().find(|r| r.id == id).expect("listed");
+    let (t, f) = (row(&tried), row(&fresh));
+    assert_eq!(
+        (t.attempt_count, t.error_code.as_deref(), t.delivery),
+        (1, Some("2027"), DeliveryMode::Async)
+    );
+    let next = t.next_attempt_at.expect("next try");
+    let wait = next - OffsetDateTime::now_utc();
+    assert!(
+        wait > time::Duration::minutes(9) && wait <= time::Duration::minutes(10),
+        "next try in {wait}"
+    );
+    assert_eq!((f.attempt_count, f.error_code.as_deref()), (0, None));
+    assert_eq!(
+        store
+            .get_push(&tried)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts
+            .len(),
+        1,
+        "the summary counts the record's attempts"
+    );
 }
