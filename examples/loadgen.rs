@@ -904,7 +904,10 @@ impl<'a> Report<'a> {
     /// Asynchronous intake (202s per second) and the drain that follows, beside the
     /// synchronous run of the same backend and clients.
     fn async_table(&self, checks: &mut Vec<String>) {
-        let runs: Vec<&Value> = self.runs().filter(|v| s(v, "scenario") == "async").collect();
+        let runs: Vec<&Value> = self
+            .runs()
+            .filter(|v| s(v, "scenario") == "async")
+            .collect();
         if runs.is_empty() {
             return;
         }

@@ -162,12 +162,14 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             let held = slots.take(&claim.app);
             let g = Arc::clone(&gateway);
             let permit = probe_permit.take();
+            let freed = Arc::clone(&slots.freed);
             let span =
                 tracing::info_span!("delivery", push.id = %claim.push_id, attempt = claim.claim);
             gateway.spawn_tracked(
                 async move {
                     g.deliver_claimed(claim, permit).await;
                     drop(held);
+                    freed.notify_one();
                 }
                 .instrument(span),
             );

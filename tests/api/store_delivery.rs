@@ -453,6 +453,8 @@ async fn waiting_for_quota_ends_at_the_deadline(ctx: StoreCtx) {
         (PushStatus::Failed, Some("quota_wait_expired"), Some(429))
     );
     assert_eq!(used(store, 1).await, 1, "it never held a slot");
+}
+
 async fn history_lists_a_retried_push_with_its_attempts_and_next_try(ctx: StoreCtx) {
     // Arrange: a push tried once (Umeng busy) and put back to wait; another never tried.
     let store = &ctx.store;
