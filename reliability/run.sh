@@ -15,9 +15,10 @@ echo "== release build of the gateway for the figures"
 cargo build --release -q --bin umeng-push-gateway || status=1
 export UMGW_GATEWAY_BIN="$PWD/target/release/umeng-push-gateway"
 
-echo "== crash (kill -9 under load), long database outage, memory and connection figures"
+echo "== crash (kill -9 under load), long database outage, asynchronous delivery (Umeng down,"
+echo "   kill -9 with a queue, two replicas draining one), memory and connection figures"
 cargo test --test api reliability:: -- --ignored --nocapture --test-threads=1 2>&1 \
-  | grep -E '^(crash|outage|figure|test |test result)' || status=1
+  | grep -E '^(crash|outage|async|figure|test |test result)' || status=1
 
 echo "== fuzz: push request decoder"
 if cargo +nightly fuzz --version >/dev/null 2>&1; then

@@ -134,7 +134,7 @@ fn body(n: u64) -> Value {
     b
 }
 
-fn key_of(sim_body: &str) -> Option<String> {
+pub(super) fn key_of(sim_body: &str) -> Option<String> {
     let start = sim_body.find("key=")? + 4;
     let end = start + sim_body[start..].find(';')?;
     Some(sim_body[start..end].to_string())

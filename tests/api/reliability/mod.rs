@@ -3,6 +3,7 @@
 //! destructive parts (crash of a child process, fuzzing, schemathesis, the log grep) are
 //! `#[ignore]`d here or live in `reliability/run.sh`; `RELIABILITY.md` has the figures.
 
+mod async_delivery;
 mod bad_input;
 mod bounds;
 mod crash;
