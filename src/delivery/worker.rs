@@ -144,8 +144,11 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         };
         if claims.is_empty() {
             gateway.breaker.release(permit);
+            // Nothing due for the apps with a free slot: wait for a new push, or for a
+            // delivery to end (an app that was full may have more waiting).
             tokio::select! {
                 _ = gateway.delivery_wake.notified() => {}
+                _ = slots.freed.notified() => {}
                 _ = tokio::time::sleep(idle) => {}
                 _ = stop.changed() => {}
             }

@@ -29,6 +29,7 @@ on_both_backends!(
     history_finds_waiting_pushes,
     async_pushes_wait_while_the_breaker_is_open,
     an_async_filecast_uploads_its_lines_then_sends_and_forgets_them,
+    an_app_at_its_concurrency_limit_does_not_stall_the_worker,
 );
 
 /// Test settings with a fast delivery worker.
@@ -532,5 +533,25 @@ async fn an_async_filecast_uploads_its_lines_then_sends_and_forgets_them(backend
         ))
         .await;
     assert_eq!(left, 0, "the outbox is dropped once the push is final");
+    app.stop().await;
+}
+
+async fn an_app_at_its_concurrency_limit_does_not_stall_the_worker(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut s = fast(&env);
+    // One push at a time per app, and a long idle poll: only the end of a delivery may
+    // start the next one while the other app (iOS) has nothing due.
+    s.delivery.per_app_concurrency = 1;
+    s.delivery.interval_ms = 20_000;
+    let app = env.spawn_app_with(s).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let view = accepted_202(&app, &push_body(ANDROID_APP, "unicast")).await;
+        ids.push(view["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        wait_for_status(&app, id, &["accepted"], 8).await;
+    }
+    assert_eq!(env.sends().len(), 5);
     app.stop().await;
 }
