@@ -25,7 +25,7 @@ use crate::delivery::{self, Breaker, BreakerConfig};
 use crate::error::{ApiError, UmengDetail};
 use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
-use crate::quota::QuotaState;
+use crate::quota::{QuotaKind, QuotaState};
 use crate::store::{
     Admission, AsyncDelivery, Attempt, DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, NewPush,
     PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
@@ -375,14 +375,7 @@ impl Gateway {
         };
         let mut err = failure_error(&e, &verdict, umeng, &push_id, &app.app.name, quota_state);
         let quota_kind = prepared.counted_quota();
-        let quota_action = match (verdict.quota, quota_kind) {
-            (QuotaEffect::Keep, _) => QuotaAction::Keep,
-            (QuotaEffect::Refund, _) => QuotaAction::Refund,
-            (QuotaEffect::Saturate, Some(kind)) => {
-                QuotaAction::Saturate(app.app.quotas[&kind].window)
-            }
-            (QuotaEffect::Saturate, None) => QuotaAction::Keep,
-        };
+        let quota_action = quota_action(verdict.quota, quota_kind, &app);
         recorder
             .finish(Finish {
                 status: verdict.status,
@@ -943,14 +936,7 @@ impl Gateway {
             retryable: verdict.retryable,
         };
         let err = failure_error(&e, &verdict, umeng, &claim.push_id, app_name, None);
-        let quota = match (verdict.quota, claim.quota_kind) {
-            (QuotaEffect::Keep, _) => QuotaAction::Keep,
-            (QuotaEffect::Refund, _) => QuotaAction::Refund,
-            (QuotaEffect::Saturate, Some(kind)) => {
-                QuotaAction::Saturate(app.app.quotas[&kind].window)
-            }
-            (QuotaEffect::Saturate, None) => QuotaAction::Keep,
-        };
+        let quota = quota_action(verdict.quota, claim.quota_kind, &app);
         self.finish_claim(
             &claim,
             Finish {
@@ -1053,6 +1039,17 @@ impl Gateway {
             return left;
         }
         0
+    }
+}
+
+/// The quota action for a verdict's effect on a push counted in `kind`'s bucket (2050
+/// saturates that bucket's window; a push counted nowhere keeps nothing to act on).
+fn quota_action(effect: QuotaEffect, kind: Option<QuotaKind>, app: &AppRuntime) -> QuotaAction {
+    match (effect, kind) {
+        (QuotaEffect::Keep, _) => QuotaAction::Keep,
+        (QuotaEffect::Refund, _) => QuotaAction::Refund,
+        (QuotaEffect::Saturate, Some(kind)) => QuotaAction::Saturate(app.app.quotas[&kind].window),
+        (QuotaEffect::Saturate, None) => QuotaAction::Keep,
     }
 }
 

@@ -830,6 +830,22 @@ pub(crate) fn hourly_count(
     })
 }
 
+/// One row of [`Store::queue_stats`] from its columns.
+pub(crate) fn queue_stat(
+    app: String,
+    status: String,
+    count: i64,
+    oldest_due: Option<OffsetDateTime>,
+) -> StoreResult<QueueStat> {
+    Ok(QueueStat {
+        app,
+        status: PushStatus::parse(&status)
+            .ok_or_else(|| StoreError::Database(format!("unknown push status {status:?}")))?,
+        count: u64::try_from(count).unwrap_or(0),
+        oldest_due,
+    })
+}
+
 /// Filters for [`Store::list_pushes`]. All given filters must match (AND).
 #[derive(Debug, Clone, Default)]
 pub struct PushQuery {

@@ -19,12 +19,12 @@ use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
 use super::{
-    attempts_json, attempts_of, hourly_count, map_sqlx, millis, redact_url, run_detached, scrub,
-    Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp, DeliveryClaim,
-    DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp, PoolOptions, PoolStatus,
-    PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary, QueueStat, QuotaAction,
-    QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate, MAX_PAGE,
-    MAX_PUSH_COUNT_ROWS,
+    attempts_json, attempts_of, hourly_count, map_sqlx, millis, queue_stat, redact_url,
+    run_detached, scrub, Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp,
+    DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp,
+    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary,
+    QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
+    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -728,18 +728,14 @@ impl Store for SqliteStore {
             .map_err(map_sqlx)?;
         rows.iter()
             .map(|r| {
-                let status: String = r.try_get("status")?;
-                let n: i64 = r.try_get("n")?;
-                Ok(QueueStat {
-                    app: r.try_get("app")?,
-                    status: PushStatus::parse(&status)
-                        .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
-                    count: u64::try_from(n).unwrap_or(0),
-                    oldest_due: opt_time(r, "oldest_due")?,
-                })
+                queue_stat(
+                    r.try_get("app").map_err(map_sqlx)?,
+                    r.try_get("status").map_err(map_sqlx)?,
+                    r.try_get("n").map_err(map_sqlx)?,
+                    opt_time(r, "oldest_due").map_err(map_sqlx)?,
+                )
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(map_sqlx)
+            .collect()
     }
 
     async fn quota_state(
