@@ -55,8 +55,33 @@ pub struct Settings {
     /// The ops console at `/ui/`.
     pub console: crate::console::ConsoleSettings,
     pub apps: Vec<AppSettings>,
+    /// Apps sent to together: a push naming a group goes to every member (one part per
+    /// member, each rendered for its platform).
+    pub app_groups: Vec<AppGroupSettings>,
     pub clients: Vec<ClientSettings>,
 }
+
+/// One app group as configured.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppGroupSettings {
+    /// The name pushes give in `app` (distinct from every app name).
+    pub name: String,
+    /// Member app names, at most one per platform.
+    pub apps: Vec<String>,
+}
+
+/// An app group as the gateway uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppGroup {
+    pub name: String,
+    /// Member app names, in the configured order (parts are numbered in this order).
+    pub apps: Vec<String>,
+}
+
+/// Most tokens or aliases one request may address (`delivery.max_audience` is at most
+/// this); more goes through `file_lines`.
+pub const MAX_AUDIENCE_CEILING: u32 = 100_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -325,6 +350,10 @@ pub struct DeliverySettings {
     pub max_age_hours: u64,
     /// `send_at` at most this far ahead.
     pub max_send_at_days: u64,
+    /// Most tokens (listcast) or aliases (customizedcast) one request may give, across
+    /// its parts: a longer list is split into Umeng calls of at most 500 each. At most
+    /// 100000; beyond it, use `file_lines`.
+    pub max_audience: u32,
 }
 
 impl Default for DeliverySettings {
@@ -340,6 +369,7 @@ impl Default for DeliverySettings {
             max_attempts: 12,
             max_age_hours: 24,
             max_send_at_days: 30,
+            max_audience: 10_000,
         }
     }
 }
@@ -501,6 +531,7 @@ impl Client {
 pub struct Config {
     pub settings: Settings,
     pub apps: Vec<App>,
+    pub groups: Vec<AppGroup>,
     pub clients: Vec<Client>,
     /// No app configured: run the built-in simulator with demo apps and the `demo` token.
     pub demo: bool,
@@ -613,6 +644,8 @@ impl Config {
             }
         }
 
+        let groups = app_groups(&settings.app_groups, &apps)?;
+
         let mut clients = Vec::with_capacity(settings.clients.len());
         for (i, c) in settings.clients.iter().enumerate() {
             let at = format!("clients[{i}] ({})", c.name);
@@ -656,8 +689,12 @@ impl Config {
             }
             if let Some(list) = &c.apps {
                 for name in list {
-                    if !apps.iter().any(|a| &a.name == name) {
-                        return Err(ConfigError(format!("{at}.apps names unknown app {name:?}")));
+                    if !apps.iter().any(|a| &a.name == name)
+                        && !groups.iter().any(|g| &g.name == name)
+                    {
+                        return Err(ConfigError(format!(
+                            "{at}.apps names unknown app or app group {name:?}"
+                        )));
                     }
                 }
             }
@@ -783,6 +820,11 @@ impl Config {
                 "delivery.max_attempts must be at most 100 (every attempt is kept)".into(),
             ));
         }
+        if d.max_audience < 500 || d.max_audience > MAX_AUDIENCE_CEILING {
+            return Err(ConfigError(format!(
+                "delivery.max_audience must be 500 to {MAX_AUDIENCE_CEILING} (beyond it, use file_lines)"
+            )));
+        }
         if d.max_send_at_days > 365 || d.max_age_hours > 24 * 30 {
             return Err(ConfigError(
                 "delivery.max_send_at_days must be at most 365 and delivery.max_age_hours at most 720".into(),
@@ -804,10 +846,15 @@ impl Config {
         Ok(Config {
             settings,
             apps,
+            groups,
             clients,
             demo,
             console_key,
         })
+    }
+
+    pub fn group(&self, name: &str) -> Option<&AppGroup> {
+        self.groups.iter().find(|g| g.name == name)
     }
 
     pub fn app(&self, name: &str) -> Option<&App> {
@@ -956,6 +1003,46 @@ fn check_horizons(h: &HistorySettings, p: &PollerSettings) -> Result<(), ConfigE
         )));
     }
     Ok(())
+}
+
+/// Validates `[[app_groups]]`: a name distinct from every app and group, and one to
+/// (number of platforms) configured member apps, at most one per platform.
+fn app_groups(groups: &[AppGroupSettings], apps: &[App]) -> Result<Vec<AppGroup>, ConfigError> {
+    let mut out: Vec<AppGroup> = Vec::with_capacity(groups.len());
+    for (i, g) in groups.iter().enumerate() {
+        let at = format!("app_groups[{i}] ({})", g.name);
+        if g.name.trim().is_empty() || g.name.len() > 64 {
+            return Err(ConfigError(format!(
+                "app_groups[{i}].name must be 1 to 64 characters"
+            )));
+        }
+        if apps.iter().any(|a| a.name == g.name) || out.iter().any(|o| o.name == g.name) {
+            return Err(ConfigError(format!(
+                "{at}: the name is already used by an app or another group"
+            )));
+        }
+        if g.apps.is_empty() {
+            return Err(ConfigError(format!("{at}.apps must name at least one app")));
+        }
+        let mut platforms = Vec::new();
+        for name in &g.apps {
+            let Some(app) = apps.iter().find(|a| &a.name == name) else {
+                return Err(ConfigError(format!("{at}.apps names unknown app {name:?}")));
+            };
+            if platforms.contains(&app.platform) {
+                return Err(ConfigError(format!(
+                    "{at}.apps has two {} apps; a group has at most one app per platform",
+                    app.platform.as_str()
+                )));
+            }
+            platforms.push(app.platform);
+        }
+        out.push(AppGroup {
+            name: g.name.clone(),
+            apps: g.apps.clone(),
+        });
+    }
+    Ok(out)
 }
 
 fn load_secret(
@@ -1150,7 +1237,43 @@ mod tests {
 
         let bad = ONE_APP.replace("apps = [\"shop-android\"]", "apps = [\"nope\"]");
         let err = Config::resolve(settings(&bad)).unwrap_err().to_string();
-        assert!(err.contains("unknown app \"nope\""), "{err}");
+        assert!(err.contains("unknown app or app group \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn app_groups_are_checked() {
+        let two = format!(
+            "{ONE_APP}\n[[apps]]\nname = \"shop-ios\"\nplatform = \"ios\"\nappkey = \"5f0000000000000000000009\"\nmaster_secret = \"s\"\n"
+        );
+        let group = |apps: &str, name: &str| {
+            format!("{two}\n[[app_groups]]\nname = \"{name}\"\napps = {apps}\n")
+        };
+        let ok = Config::resolve(settings(&group("[\"shop-android\", \"shop-ios\"]", "shop")))
+            .expect("a group of one Android and one iOS app");
+        assert_eq!(ok.group("shop").unwrap().apps, ["shop-android", "shop-ios"]);
+        for (apps, name, needle) in [
+            (
+                "[\"shop-android\", \"nope\"]",
+                "shop",
+                "unknown app \"nope\"",
+            ),
+            (
+                "[\"shop-android\", \"shop-android\"]",
+                "shop",
+                "at most one app per platform",
+            ),
+            ("[]", "shop", "at least one app"),
+            ("[\"shop-ios\"]", "shop-android", "already used"),
+        ] {
+            let err = Config::resolve(settings(&group(apps, name)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{apps}: {err}");
+        }
+        // A client's allow-list may name the group.
+        let allowed = group("[\"shop-android\", \"shop-ios\"]", "shop")
+            .replace("apps = [\"shop-android\"]\n", "apps = [\"shop\"]\n");
+        Config::resolve(settings(&allowed)).expect("a client may be allowed a group");
     }
 
     #[test]

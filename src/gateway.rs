@@ -4,6 +4,10 @@
 //! Everything after admission runs in a spawned task, so a caller that disconnects (or a
 //! request timeout) cannot cut a push in half: the Umeng call and its record always finish.
 
+mod parts;
+
+pub use parts::{parent_answer, Audience};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -54,6 +58,8 @@ pub struct Gateway {
     unrecorded: Arc<AtomicUsize>,
     /// Wakes this replica's delivery worker when an asynchronous push was admitted here.
     pub delivery_wake: tokio::sync::Notify,
+    /// Wakes requests waiting for a parent push to be settled.
+    parents_settled: tokio::sync::Notify,
 }
 
 /// What the caller gets after a push was admitted (or replayed).
@@ -90,6 +96,13 @@ pub struct PushView {
         skip_serializing_if = "Option::is_none"
     )]
     pub send_at: Option<OffsetDateTime>,
+    /// A push to an app group or with a list split into calls of at most 500: what each
+    /// part did.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<crate::store::PushPart>,
+    /// A repeat of a push whose parts partly failed: the parts it sent again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resent_parts: Vec<u32>,
 }
 
 impl PushView {
@@ -105,6 +118,8 @@ impl PushView {
             task_id: r.task_id.clone(),
             file_id: r.file_id.clone(),
             send_at: r.send_at,
+            parts: r.parts.clone(),
+            resent_parts: Vec::new(),
         }
     }
 }
@@ -143,6 +158,7 @@ impl Gateway {
             breaker,
             unrecorded: Arc::new(AtomicUsize::new(0)),
             delivery_wake: tokio::sync::Notify::new(),
+            parents_settled: tokio::sync::Notify::new(),
         }
     }
 
@@ -335,6 +351,8 @@ impl Gateway {
             task_id,
             file_id: file_id.clone(),
             send_at: prepared.start_time,
+            parts: Vec::new(),
+            resent_parts: Vec::new(),
         };
         // A task-class retry carrying the same out_biz_no is deduped by Umeng; anything else
         // sent again may reach the devices twice.
@@ -758,6 +776,8 @@ impl Gateway {
                         task_id: None,
                         file_id: None,
                         send_at,
+                        parts: Vec::new(),
+                        resent_parts: Vec::new(),
                     },
                     replayed: false,
                     quota,
@@ -1007,6 +1027,9 @@ impl Gateway {
             admitted_at: tokio::time::Instant::now(),
         };
         recorder.finish(finish).await;
+        if let Some(parent) = &claim.parent_id {
+            self.settle_parent_of(parent).await;
+        }
     }
 
     /// Run `work` as a tracked task: shutdown ([`Gateway::drain`]) waits for it.
@@ -1154,7 +1177,9 @@ fn attempt(
     }
 }
 
-/// What admission decided.
+/// What admission decided. Short-lived (returned once per request), so the size of the
+/// answer variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Admitted {
     /// Go ahead and send.
     Go {

@@ -254,6 +254,7 @@ const TEXTS: &[(&str, &str, &str)] = &[
     ("s_awaiting_send_at", "held until send_at", "等待定时发送"),
     ("s_awaiting_quota", "awaiting quota", "等待配额"),
     ("s_withdrawn", "withdrawn", "已撤回"),
+    ("s_partial", "partial", "部分成功"),
 ];
 
 #[cfg(test)]

@@ -60,7 +60,8 @@ pub fn status_class(s: PushStatus) -> &'static str {
         | PushStatus::Pending
         | PushStatus::AwaitingSend
         | PushStatus::AwaitingSendAt
-        | PushStatus::AwaitingQuota => "warn",
+        | PushStatus::AwaitingQuota
+        | PushStatus::Partial => "warn",
         PushStatus::Cancelled | PushStatus::Withdrawn => "muted",
     }
 }
@@ -78,7 +79,7 @@ pub fn outcome(s: PushStatus) -> usize {
         | PushStatus::Expired
         | PushStatus::NoMatch
         | PushStatus::TaskLost => 1,
-        PushStatus::Unknown => 2,
+        PushStatus::Unknown | PushStatus::Partial => 2,
         PushStatus::Pending
         | PushStatus::AwaitingSend
         | PushStatus::AwaitingSendAt
@@ -124,6 +125,7 @@ fn status_key(s: PushStatus) -> &'static str {
         PushStatus::AwaitingSendAt => "s_awaiting_send_at",
         PushStatus::AwaitingQuota => "s_awaiting_quota",
         PushStatus::Withdrawn => "s_withdrawn",
+        PushStatus::Partial => "s_partial",
     }
 }
 

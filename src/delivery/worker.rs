@@ -4,8 +4,8 @@
 //! (`delivery.concurrency`) and per app (`delivery.per_app_concurrency`). While the Umeng
 //! circuit breaker is open nothing is claimed; when it lets a probe through, one push is
 //! claimed and sent as the probe. Every few seconds it also recovers pushes whose worker's
-//! lease ran out (see [`crate::store::Store::recover_deliveries`]) and refreshes the queue
-//! gauges.
+//! lease ran out (see [`crate::store::Store::recover_deliveries`]), settles parent pushes
+//! whose parts all ended, and refreshes the queue gauges.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -190,6 +190,8 @@ async fn upkeep(gateway: &Gateway) {
         ),
         Err(e) => tracing::warn!(error = %e, "recovering lapsed deliveries failed"),
     }
+    // Parents whose last part ended without its worker settling them.
+    gateway.settle_parents().await;
     let stats = match gateway.store.queue_stats().await {
         Ok(stats) => stats,
         Err(e) => {

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::config::Scope;
 use crate::error::{rate_limit_headers, ApiError, Problem, UmengDetail};
-use crate::gateway::{Gateway, PushAnswer, PushView};
+use crate::gateway::{Audience, Gateway, PushAnswer, PushView};
 use crate::http::auth::Caller;
 use crate::push::PushRequest;
 use crate::store::{
@@ -109,16 +109,40 @@ async fn create_push(
     // The allow-list first: a client limited to some apps gets the same 403 for an app that
     // does not exist as for one it may not use, so it cannot probe for app names.
     caller.require_app(&req.app)?;
+    let stored = req.stored_form();
+    let respond_async = prefers_async(&headers);
+    // An app group, or a list longer than one Umeng call takes: a parent with parts.
+    if let Some(group) = gateway.config.group(&req.app) {
+        let audience = Audience {
+            name: &group.name,
+            group: true,
+            members: group.apps.iter().filter_map(|a| gateway.app(a)).collect(),
+        };
+        let answer = gateway
+            .create_parent_push(caller.name(), audience, req, stored, respond_async)
+            .await?;
+        return Ok(push_answer(answer));
+    }
     let app = gateway.app(&req.app).ok_or_else(|| {
         ApiError::Validation(vec![crate::umeng::FieldError {
             field: "app".into(),
-            message: format!("no app named {:?} is configured", req.app),
+            message: format!("no app or app group named {:?} is configured", req.app),
         }])
     })?;
-    let stored = req.stored_form();
-    let answer = gateway
-        .create_push(caller.name(), app, req, stored, prefers_async(&headers))
-        .await?;
+    let answer = if crate::push::fanout::needs_split(&req) {
+        let audience = Audience {
+            name: &app.app.name,
+            group: false,
+            members: vec![app],
+        };
+        gateway
+            .create_parent_push(caller.name(), audience, req, stored, respond_async)
+            .await?
+    } else {
+        gateway
+            .create_push(caller.name(), app, req, stored, respond_async)
+            .await?
+    };
     Ok(push_answer(answer))
 }
 
@@ -519,10 +543,17 @@ pub async fn visible_push(
         return Err(not_found());
     }
     let push = gateway.store.get_push(id).await?.ok_or_else(not_found)?;
-    if !caller.0.may_use_app(&push.app) {
-        return Err(not_found());
+    if caller.0.may_use_app(&push.app) {
+        return Ok(push);
     }
-    Ok(push)
+    // A part of a push to an app group is visible to whoever may use the group.
+    if let Some(parent) = &push.parent_id {
+        let parent = gateway.store.get_push(parent).await?;
+        if parent.is_some_and(|p| caller.0.may_use_app(&p.app)) {
+            return Ok(push);
+        }
+    }
+    Err(not_found())
 }
 
 /// The whole record of one push; a large field (over 64 KiB) is cut and named in
@@ -682,6 +713,19 @@ async fn refresh_push(
 pub async fn refresh(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Read)?;
     let push = visible_push(gateway, caller, id).await?;
+    if push.part_count.is_some() {
+        return for_each_task_part(gateway, caller, push, PartAction::Refresh).await;
+    }
+    refresh_one(gateway, caller, push).await
+}
+
+/// Refresh one push (not a parent).
+async fn refresh_one(
+    gateway: &Gateway,
+    caller: &Caller,
+    push: PushRecord,
+) -> Result<PushRecord, ApiError> {
+    let id = push.id.as_str();
     let task_id = task_of(&push, "refresh")?;
     let task = TaskRef {
         push_id: &push.id,
@@ -727,6 +771,19 @@ async fn cancel_push(
 pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
     let push = visible_push(gateway, caller, id).await?;
+    if push.part_count.is_some() {
+        return for_each_task_part(gateway, caller, push, PartAction::Cancel).await;
+    }
+    cancel_one(gateway, caller, push).await
+}
+
+/// Cancel one push (not a parent).
+async fn cancel_one(
+    gateway: &Gateway,
+    caller: &Caller,
+    push: PushRecord,
+) -> Result<PushRecord, ApiError> {
+    let id = push.id.as_str();
     if push.status.is_waiting() {
         // Not sent yet: withdrawn here, Umeng never hears of it.
         if gateway.store.withdraw(&push.id).await? {
@@ -740,6 +797,64 @@ pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<Push
         return cancel_sent(gateway, caller, push).await;
     }
     cancel_sent(gateway, caller, push).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartAction {
+    Refresh,
+    Cancel,
+}
+
+/// Refresh or cancel every part of a parent that it applies to: task parts (refresh,
+/// cancel) and parts not sent yet (cancel: withdrawn). A part that cannot be acted on
+/// keeps its state; the answer is the parent with every part's state, or, when no part
+/// could be acted on, the first part's error.
+async fn for_each_task_part(
+    gateway: &Gateway,
+    caller: &Caller,
+    parent: PushRecord,
+    action: PartAction,
+) -> Result<PushRecord, ApiError> {
+    let mut done = 0;
+    let mut first_error = None;
+    for part in &parent.parts {
+        let applies = match action {
+            PartAction::Refresh => part.task_id.is_some(),
+            PartAction::Cancel => {
+                part.task_id.is_some() && !part.status.is_final_task_state()
+                    || part.status.is_waiting()
+            }
+        };
+        if !applies {
+            continue;
+        }
+        let result = match visible_push(gateway, caller, &part.id).await {
+            Ok(record) => match action {
+                PartAction::Refresh => refresh_one(gateway, caller, record).await,
+                PartAction::Cancel => cancel_one(gateway, caller, record).await,
+            },
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_) => done += 1,
+            Err(e) => {
+                tracing::warn!(push.id = %parent.id, part = part.part, error = %e, "a part could not be acted on");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    gateway.settle_parent_now(&parent.id).await;
+    match first_error {
+        Some(e) if done == 0 => Err(e),
+        None if done == 0 => Err(ApiError::Conflict {
+            detail: match action {
+                PartAction::Refresh => "no part of this push is a task (refresh works on task-class parts: broadcast, groupcast, customizedcast by file)".into(),
+                PartAction::Cancel => "no part of this push can be cancelled: every part is final, or being sent, or not a task".into(),
+            },
+            umeng: None,
+        }),
+        _ => visible_push(gateway, caller, &parent.id).await,
+    }
 }
 
 /// Cancel a push the gateway has sent (or is sending).

@@ -1,6 +1,7 @@
 //! The simplified push request callers POST, its validation, its fingerprint, and its
 //! translation to an Umeng send body.
 
+pub mod fanout;
 pub mod numbers;
 pub mod prepare;
 pub mod request;
@@ -11,6 +12,6 @@ pub use prepare::{
     MAX_UPLOAD_BYTES,
 };
 pub use request::{
-    AndroidOptions, Badge, IosOptions, Message, Notification, OnQuotaExhausted, Open, PushPolicy,
-    PushRequest,
+    AndroidOptions, Badge, DeviceTokens, IosOptions, Message, Notification, OnQuotaExhausted, Open,
+    PushPolicy, PushRequest, TokensByPlatform,
 };

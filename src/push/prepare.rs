@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::request::{Badge, Notification, OnQuotaExhausted, Open, PushRequest};
+use super::request::{Badge, DeviceTokens, Notification, OnQuotaExhausted, Open, PushRequest};
 use crate::quota::QuotaKind;
 use crate::umeng::model::{
     AfterOpen, AndroidBody, AndroidPayload, Aps, DisplayType, IosAlert, IosAlertFields, IosBadge,
@@ -619,9 +619,14 @@ fn translate(
             ));
         }
     }
-    if let Some(t) = &req.device_tokens {
+    match &req.device_tokens {
         // The exact token length is checked with the Umeng body.
-        check_items("device_tokens", t, usize::MAX, errors);
+        Some(DeviceTokens::List(t)) => check_items("device_tokens", t, usize::MAX, errors),
+        Some(DeviceTokens::ByPlatform(_)) => errors.push(FieldError::new(
+            "device_tokens",
+            "tokens keyed by platform are for an app group; give one array for one app",
+        )),
+        None => {}
     }
     if let Some(a) = &req.aliases {
         check_items("aliases", a, MAX_NAME_BYTES, errors);
@@ -734,7 +739,11 @@ fn translate(
     let payload = payload?;
 
     let mut body = SendBody::new(req.cast_type, payload);
-    body.device_tokens = req.device_tokens.as_ref().map(|t| t.join(","));
+    body.device_tokens = req
+        .device_tokens
+        .as_ref()
+        .and_then(DeviceTokens::as_list)
+        .map(|t| t.join(","));
     body.alias_type = req.alias_type.clone();
     body.alias = req.aliases.as_ref().map(|a| a.join(","));
     body.file_id = match (&req.file_id, &req.file_lines) {

@@ -17,13 +17,16 @@ pub struct PushRequest {
     /// unicast, listcast, broadcast, groupcast, filecast or customizedcast.
     #[serde(rename = "type")]
     pub cast_type: CastType,
-    /// unicast: exactly one; listcast: 1 to 500.
+    /// unicast: exactly one; listcast: 1 or more (more than 500 are split into Umeng calls
+    /// of at most 500, up to `delivery.max_audience`). For an app group, an object of such
+    /// lists keyed by platform: `{"android": [...], "ios": [...]}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_tokens: Option<Vec<String>>,
+    pub device_tokens: Option<DeviceTokens>,
     /// customizedcast: the alias type the app registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alias_type: Option<String>,
-    /// customizedcast by alias: 1 to 500.
+    /// customizedcast by alias: 1 or more (more than 500 are split into Umeng calls of at
+    /// most 500, up to `delivery.max_audience`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aliases: Option<Vec<String>>,
     /// groupcast: Umeng's filter, `{"where":{"and":[...]}}`.
@@ -85,6 +88,70 @@ pub struct PushRequest {
     /// `delivery.quota_wait_max_hours`. Only with `Prefer: respond-async` or `send_at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_quota_exhausted: Option<OnQuotaExhausted>,
+}
+
+/// `device_tokens`: a list for one app, or lists keyed by platform for an app group.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum DeviceTokens {
+    List(Vec<String>),
+    ByPlatform(TokensByPlatform),
+}
+
+/// Device tokens per platform (an app group's `unicast` or `listcast`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokensByPlatform {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub android: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ios: Option<Vec<String>>,
+}
+
+impl DeviceTokens {
+    /// The list, when given as one.
+    pub fn as_list(&self) -> Option<&Vec<String>> {
+        match self {
+            DeviceTokens::List(list) => Some(list),
+            DeviceTokens::ByPlatform(_) => None,
+        }
+    }
+}
+
+impl TokensByPlatform {
+    pub fn get(&self, platform: crate::umeng::Platform) -> Option<&Vec<String>> {
+        match platform {
+            crate::umeng::Platform::Android => self.android.as_ref(),
+            crate::umeng::Platform::Ios => self.ios.as_ref(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Tokens;
+        impl<'de> serde::de::Visitor<'de> for Tokens {
+            type Value = DeviceTokens;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of device tokens, or (for an app group) an object of arrays keyed by platform")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<DeviceTokens, A::Error> {
+                Vec::<String>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(DeviceTokens::List)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DeviceTokens, A::Error> {
+                TokensByPlatform::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(DeviceTokens::ByPlatform)
+            }
+        }
+        d.deserialize_any(Tokens)
+    }
 }
 
 /// See [`PushRequest::on_quota_exhausted`].

@@ -16,10 +16,12 @@ use time::OffsetDateTime;
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
 pub mod callbacks;
+pub mod parts;
 pub mod postgres;
 pub mod sqlite;
 
 pub use callbacks::{CallbackAttempt, CallbackClaim, CallbackEvent, CallbackNext, CallbackState};
+pub use parts::{NewPart, PartsAdmission, PushPart};
 
 /// Errors from the store. The message never carries a secret (the database URL's password
 /// is not part of any error produced here).
@@ -81,10 +83,14 @@ pub enum PushStatus {
     AwaitingQuota,
     /// Cancelled locally before it was sent: Umeng never saw it. Final.
     Withdrawn,
+    /// A parent push (fan-out or split list): some parts went out, some definitely did
+    /// not (or may not have). The gateway's own state, not Umeng's. Final until a repeat
+    /// of the request re-sends the parts that failed.
+    Partial,
 }
 
 impl PushStatus {
-    pub const ALL: [PushStatus; 17] = [
+    pub const ALL: [PushStatus; 18] = [
         PushStatus::Pending,
         PushStatus::Accepted,
         PushStatus::Failed,
@@ -102,6 +108,7 @@ impl PushStatus {
         PushStatus::AwaitingSendAt,
         PushStatus::AwaitingQuota,
         PushStatus::Withdrawn,
+        PushStatus::Partial,
     ];
 
     /// The states of a push the gateway has not sent yet (waiting for a delivery worker).
@@ -135,6 +142,7 @@ impl PushStatus {
             PushStatus::AwaitingSendAt => "awaiting_send_at",
             PushStatus::AwaitingQuota => "awaiting_quota",
             PushStatus::Withdrawn => "withdrawn",
+            PushStatus::Partial => "partial",
         }
     }
 
@@ -196,7 +204,8 @@ impl PushStatus {
             | PushStatus::AwaitingSend
             | PushStatus::AwaitingSendAt
             | PushStatus::AwaitingQuota
-            | PushStatus::Withdrawn => return None,
+            | PushStatus::Withdrawn
+            | PushStatus::Partial => return None,
         })
     }
 
@@ -319,6 +328,9 @@ pub struct DeliveryClaim {
     /// The bucket whose slot the push holds (production task-class pushes).
     pub quota_kind: Option<QuotaKind>,
     pub quota_wait: bool,
+    /// A part of a fanned-out or split push: its parent, settled once every part has its
+    /// outcome.
+    pub parent_id: Option<String>,
 }
 
 /// When a claimed push that was not sent (or may be sent again) is due next.
@@ -567,6 +579,23 @@ pub struct PushRecord {
     /// JSON field becomes a string holding the start of its JSON text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<String>,
+    /// A part of a fanned-out or split push: its parent's id (the parent is what history
+    /// lists, and what idempotency and callbacks are about).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// A part: its number within the parent (1, 2, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_no: Option<u32>,
+    /// A part: how many tokens or aliases it addresses (absent for a filter or the whole
+    /// app).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<u32>,
+    /// A parent: how many parts it has.
+    #[serde(skip)]
+    pub part_count: Option<u32>,
+    /// A parent: its parts, in order (filled by [`Store::get_push`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PushPart>,
 }
 
 /// Who sends a push: the caller's own request, or a delivery worker.
@@ -703,6 +732,10 @@ pub struct PushSummary {
     pub next_attempt_at: Option<OffsetDateTime>,
     /// How many Umeng calls were made for it so far (the record's `attempts`, counted).
     pub attempt_count: u32,
+    /// A fanned-out or split push: how many parts it has (their calls are counted on the
+    /// parts, in `GET /v1/pushes/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parts: Option<u32>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -742,6 +775,7 @@ impl PushSummary {
             send_at: r.send_at,
             next_attempt_at: r.next_attempt_at,
             attempt_count: u32::try_from(r.attempts.len()).unwrap_or(u32::MAX),
+            parts: r.part_count,
             created_at: r.created_at,
             sent_at: r.sent_at,
             finished_at: r.finished_at,
@@ -1035,6 +1069,33 @@ pub trait Store: Send + Sync + 'static {
     /// `pending` for those being sent), with the oldest due time.
     async fn queue_stats(&self) -> StoreResult<Vec<QueueStat>>;
 
+    /// Atomically admit a fanned-out or split push: `parent` (the caller's request; its
+    /// key is claimed as in [`Store::admit`]) and its `parts` (asynchronous pushes in
+    /// `awaiting_send`, or `awaiting_send_at` when held), with every part's quota slot taken
+    /// in the window of now, all or nothing: one full window writes nothing and answers
+    /// `RateLimited` naming the part's app. The parent stays `pending` until every part
+    /// has its outcome ([`Store::settle_parent`]).
+    ///
+    /// A repeat (same key and fingerprint) of a parent that is `partial` or `failed`
+    /// with parts that definitely failed re-queues only those parts (with their bodies
+    /// from `parts`, the same numbering), taking their slots again all or nothing; a slot
+    /// a failed part still held is given back first. Any other repeat replays the parent.
+    async fn admit_parts(
+        &self,
+        parent: NewPush,
+        parts: Vec<NewPart>,
+    ) -> StoreResult<PartsAdmission>;
+
+    /// When every part of `parent_id` has its outcome and the parent is still `pending`,
+    /// give the parent its derived status ([`parts::derive`]). Returns the status written,
+    /// or `None` (parts still in progress, or settled already).
+    async fn settle_parent(&self, parent_id: &str) -> StoreResult<Option<PushStatus>>;
+
+    /// Settle up to `limit` parents whose parts all have their outcome (a part that ended
+    /// without the worker that settles: a deadline, a recovered lease, a withdrawal).
+    /// Returns how many were settled.
+    async fn settle_parents(&self, limit: u32) -> StoreResult<u64>;
+
     /// The current window's state of one bucket (used 0 when no row exists).
     async fn quota_state(
         &self,
@@ -1300,6 +1361,11 @@ pub(crate) fn sample_record(request: Value, description: Option<String>) -> Push
         finished_at: None,
         updated_at: now,
         truncated: Vec::new(),
+        parent_id: None,
+        part_no: None,
+        audience: None,
+        part_count: None,
+        parts: Vec::new(),
     }
 }
 

@@ -13,10 +13,10 @@ use time::OffsetDateTime;
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, queue_stat, redact_url,
     run_detached, scrub, Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp,
-    DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary,
-    QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
-    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPart, NewPush,
+    PartsAdmission, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
+    PushStatus, PushSummary, QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult,
+    TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -36,14 +36,14 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 const COUNT_BY_HOUR: &str =
     "select (floor(extract(epoch from created_at) / 3600) * 3600)::bigint as hour, \
     status, error_code, count(*) as n from pushes \
-    where created_at >= $1 and ($2::text[] is null or app = any($2)) \
+    where created_at >= $1 and ($2::text[] is null or app = any($2)) and parent_id is null \
     group by 1, 2, 3 order by 1, 2, 3 limit $3";
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at, callback_url, delivery, send_at, next_attempt_at, \
-     deliver_by";
+     deliver_by, parent_id, part_no, audience, parts";
 
 /// How `max_connections` is shared: a quarter (1 to 4) for history reads, the rest (at
 /// least 1) for everything else.
@@ -62,7 +62,7 @@ const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, product
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
      created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at, \
-     jsonb_array_length(attempts) as attempt_count";
+     jsonb_array_length(attempts) as attempt_count, parts";
 
 const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs \
@@ -201,7 +201,7 @@ const CLAIM_DELIVERIES: &str = "select id, claims, lease_until \
      from umgw_claim_deliveries($1, $2, $3, $4, $5)";
 
 const CLAIMED_PUSHES: &str = "select id, app, appkey, cast_type, task_class, production_mode, \
-     out_biz_no, outbox, attempts, created_at, deliver_by, quota_kind, quota_wait \
+     out_biz_no, outbox, attempts, created_at, deliver_by, quota_kind, quota_wait, parent_id \
      from pushes where id = any($1)";
 
 /// Put a claimed push back to wait: `awaiting_send` after `$3` ms, or `awaiting_quota`
@@ -280,7 +280,7 @@ const QUEUE_STATS: &str = "select app, status, count(*) as n,
        min(next_attempt_at) filter (where next_attempt_at <= now()) as oldest_due
   from pushes
  where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
-    or (status = 'pending' and delivery is not null)
+    or (status = 'pending' and delivery is not null and parts is null)
  group by app, status";
 
 const QUOTA_STATE: &str = "with c as (
@@ -486,12 +486,17 @@ impl Store for PgStore {
         if push.callback_url.is_some() {
             push.callbacks = super::callbacks::pg_list(&self.read_pool, push_id).await?;
         }
+        if push.part_count.is_some() {
+            push.parts = super::parts::pg_list(&self.read_pool, push_id)
+                .await
+                .map_err(map_sqlx)?;
+        }
         Ok(Some(push))
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
         let mut qb = QueryBuilder::<Postgres>::new(format!(
-            "select {SUMMARY_COLUMNS} from pushes where true"
+            "select {SUMMARY_COLUMNS} from pushes where parent_id is null"
         ));
         if let Some(app) = &query.app {
             qb.push(" and app = ").push_bind(app.clone());
@@ -511,11 +516,16 @@ impl Store for PgStore {
         if let Some(out_biz_no) = &query.out_biz_no {
             qb.push(" and out_biz_no = ").push_bind(out_biz_no.clone());
         }
+        // A part's msg_id or task_id finds its parent.
         if let Some(msg_id) = &query.msg_id {
-            qb.push(" and msg_id = ").push_bind(msg_id.clone());
+            qb.push(" and id in (select coalesce(parent_id, id) from pushes where msg_id = ")
+                .push_bind(msg_id.clone())
+                .push(")");
         }
         if let Some(task_id) = &query.task_id {
-            qb.push(" and task_id = ").push_bind(task_id.clone());
+            qb.push(" and id in (select coalesce(parent_id, id) from pushes where task_id = ")
+                .push_bind(task_id.clone())
+                .push(")");
         }
         if let Some(from) = query.from {
             qb.push(" and created_at >= ").push_bind(from);
@@ -713,6 +723,7 @@ impl Store for PgStore {
                 deliver_by: row.try_get("deliver_by").map_err(map_sqlx)?,
                 quota_kind: quota_kind.as_deref().and_then(QuotaKind::parse),
                 quota_wait: row.try_get("quota_wait").map_err(map_sqlx)?,
+                parent_id: row.try_get("parent_id").map_err(map_sqlx)?,
                 push_id: id,
             });
         }
@@ -789,6 +800,33 @@ impl Store for PgStore {
         next: CallbackNext,
     ) -> StoreResult<bool> {
         super::callbacks::pg_record(&self.pool, claim, log, next).await
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %parent.id))]
+    async fn admit_parts(
+        &self,
+        parent: NewPush,
+        parts: Vec<NewPart>,
+    ) -> StoreResult<PartsAdmission> {
+        let pool = self.pool.clone();
+        run_detached(async move {
+            super::parts::pg_admit(&pool, parent, parts)
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn settle_parent(&self, parent_id: &str) -> StoreResult<Option<PushStatus>> {
+        super::parts::pg_settle(&self.pool, parent_id)
+            .await
+            .map_err(map_sqlx)
+    }
+
+    async fn settle_parents(&self, limit: u32) -> StoreResult<u64> {
+        super::parts::pg_settle_all(&self.pool, limit)
+            .await
+            .map_err(map_sqlx)
     }
 
     async fn quota_state(
@@ -962,6 +1000,24 @@ async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> Store
     }
 }
 
+/// A push with its parts (for a parent), as admission replays it.
+pub(super) async fn get_push_with_parts(
+    pool: &PgPool,
+    push_id: &str,
+) -> Result<Option<PushRecord>, sqlx::Error> {
+    let row = sqlx::query(&format!("select {PUSH_COLUMNS} from pushes where id = $1"))
+        .bind(push_id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(mut push) = row.as_ref().map(push_from_row).transpose()? else {
+        return Ok(None);
+    };
+    if push.part_count.is_some() {
+        push.parts = super::parts::pg_list(pool, push_id).await?;
+    }
+    Ok(Some(push))
+}
+
 async fn get_push(pool: &PgPool, push_id: &str) -> StoreResult<Option<PushRecord>> {
     let row = sqlx::query(&format!("select {PUSH_COLUMNS} from pushes where id = $1"))
         .bind(push_id)
@@ -972,6 +1028,11 @@ async fn get_push(pool: &PgPool, push_id: &str) -> StoreResult<Option<PushRecord
         .map(push_from_row)
         .transpose()
         .map_err(map_sqlx)
+}
+
+/// A non-negative integer column (PostgreSQL `integer`).
+fn opt_u32(v: Option<i32>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
 }
 
 fn decode_err(message: String) -> sqlx::Error {
@@ -1004,6 +1065,7 @@ fn summary_from_row(row: &PgRow) -> Result<PushSummary, sqlx::Error> {
         send_at: row.try_get("send_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         attempt_count: u32::try_from(row.try_get::<i32, _>("attempt_count")?).unwrap_or(0),
+        parts: opt_u32(row.try_get("parts")?),
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,
@@ -1062,5 +1124,10 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         truncated: Vec::new(),
         callback_url: row.try_get("callback_url")?,
         callbacks: Vec::new(),
+        parent_id: row.try_get("parent_id")?,
+        part_no: opt_u32(row.try_get("part_no")?),
+        audience: opt_u32(row.try_get("audience")?),
+        part_count: opt_u32(row.try_get("parts")?),
+        parts: Vec::new(),
     })
 }

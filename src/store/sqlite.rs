@@ -21,10 +21,10 @@ use super::postgres::missing_migration;
 use super::{
     attempts_json, attempts_of, hourly_count, map_sqlx, millis, queue_stat, redact_url,
     run_detached, scrub, Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp,
-    DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPush, PolledApp,
-    PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord, PushStatus, PushSummary,
-    QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult, TaskClaim, TaskUpdate,
-    MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPart, NewPush,
+    PartsAdmission, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
+    PushStatus, PushSummary, QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult,
+    TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -36,21 +36,21 @@ const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 const COUNT_BY_HOUR: &str = "select (created_at / 3600000) * 3600 as hour, status, error_code, \
     count(*) as n from pushes where created_at >= ?1 \
-    and (?2 is null or app in (select value from json_each(?2))) \
+    and (?2 is null or app in (select value from json_each(?2))) and parent_id is null \
     group by 1, 2, 3 order by 1, 2, 3 limit ?3";
 const PUSH_COLUMNS: &str = "id, app, appkey, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, fingerprint, status, description, request, umeng_request, \
      umeng_response, msg_id, task_id, file_id, error_code, error_msg, http_status, quota_kind, \
      quota_window, quota_refunded, task_status, task_checked_at, latency_ms, attempts, created_at, \
      sent_at, finished_at, updated_at, callback_url, delivery, send_at, next_attempt_at, \
-     deliver_by";
+     deliver_by, parent_id, part_no, audience, parts";
 
 /// What a history list reads: no stored bodies, long texts cut in the database.
 const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, production_mode, \
      client, out_biz_no, status, substr(description, 1, 256) as description, msg_id, task_id, \
      file_id, error_code, substr(error_msg, 1, 256) as error_msg, http_status, latency_ms, \
      created_at, sent_at, finished_at, updated_at, delivery, send_at, next_attempt_at, \
-     json_array_length(attempts) as attempt_count";
+     json_array_length(attempts) as attempt_count, parts";
 
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.delivery
   from idempotency_keys k join pushes p on p.id = k.push_id
@@ -71,7 +71,8 @@ const RECLAIM_KEY: &str = "update idempotency_keys
    set push_id = ?3, fingerprint = ?4, created_at = ?5
  where appkey = ?1 and out_biz_no = ?2 and push_id = ?6";
 
-const TAKE_SLOT: &str = "insert into quota_counters as q (appkey, kind, window_start, used)
+pub(super) const TAKE_SLOT: &str =
+    "insert into quota_counters as q (appkey, kind, window_start, used)
 values (?1, ?2, ?3, 1)
 on conflict (appkey, kind, window_start)
 do update set used = q.used + 1 where q.used < ?4
@@ -81,7 +82,7 @@ const REFUND_UNKNOWN_OWNER: &str = "update pushes set quota_refunded = 1, update
  where id = ?1 and status = 'unknown' and quota_window is not null and not quota_refunded
 returning appkey, quota_kind, quota_window";
 
-const SLOT_USED: &str =
+pub(super) const SLOT_USED: &str =
     "select used from quota_counters where appkey = ?1 and kind = ?2 and window_start = ?3";
 
 /// Which rows a finish may still write: `pending`, or `unknown` by the sweeper's guess
@@ -112,7 +113,7 @@ const FINISH: &str = concat!(
     finishable!()
 );
 
-const REFUND: &str = "update quota_counters set used = max(used - 1, 0)
+pub(super) const REFUND: &str = "update quota_counters set used = max(used - 1, 0)
  where appkey = ?1 and kind = ?2 and window_start = ?3";
 
 const SATURATE: &str = "insert into quota_counters as q (appkey, kind, window_start, used)
@@ -225,7 +226,7 @@ const CLAIM_DELIVERY: &str = "update pushes
  where id = ?1
 returning id, app, appkey, cast_type, task_class, production_mode, out_biz_no, outbox,
           attempts, created_at, deliver_by, quota_kind, quota_wait, deliver_claims,
-          deliver_lease_until";
+          deliver_lease_until, parent_id";
 
 const RETRY_DELIVERY: &str = "update pushes
    set status = ?2, next_attempt_at = ?3, error_code = ?4, error_msg = ?5, umeng_response = ?6,
@@ -256,7 +257,7 @@ const QUEUE_STATS: &str = "select app, status, count(*) as n,
        min(case when next_attempt_at <= ?1 then next_attempt_at end) as oldest_due
   from pushes
  where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
-    or (status = 'pending' and delivery is not null)
+    or (status = 'pending' and delivery is not null and parts is null)
  group by app, status";
 
 /// A slot a push holds and has not given back: `(appkey, kind, window)`.
@@ -360,7 +361,7 @@ fn to_ms(t: OffsetDateTime) -> i64 {
 }
 
 /// The state of `claim`'s window at `now_ms`, with `used` filled in by the caller.
-fn window_of(claim: QuotaClaim, now_ms: i64, used: u32) -> QuotaState {
+pub(super) fn window_of(claim: QuotaClaim, now_ms: i64, used: u32) -> QuotaState {
     let unit = claim.limit.window.seconds();
     let window_start = claim.limit.window.window_start(now_ms.div_euclid(1000));
     let end_ms = (window_start + unit) * 1000;
@@ -463,7 +464,10 @@ impl Store for SqliteStore {
 
     async fn get_push(&self, push_id: &str) -> StoreResult<Option<PushRecord>> {
         let mut conn = self.pool.acquire().await.map_err(map_sqlx)?;
-        let Some(mut push) = get_push(&mut conn, push_id).await.map_err(map_sqlx)? else {
+        let Some(mut push) = get_push_with_parts(&mut conn, push_id)
+            .await
+            .map_err(map_sqlx)?
+        else {
             return Ok(None);
         };
         drop(conn);
@@ -476,8 +480,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_pushes(&self, query: &PushQuery) -> StoreResult<Vec<PushSummary>> {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new(format!("select {SUMMARY_COLUMNS} from pushes where 1"));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "select {SUMMARY_COLUMNS} from pushes where parent_id is null"
+        ));
         if let Some(app) = &query.app {
             qb.push(" and app = ").push_bind(app.clone());
         }
@@ -505,11 +510,16 @@ impl Store for SqliteStore {
         if let Some(out_biz_no) = &query.out_biz_no {
             qb.push(" and out_biz_no = ").push_bind(out_biz_no.clone());
         }
+        // A part's msg_id or task_id finds its parent.
         if let Some(msg_id) = &query.msg_id {
-            qb.push(" and msg_id = ").push_bind(msg_id.clone());
+            qb.push(" and id in (select coalesce(parent_id, id) from pushes where msg_id = ")
+                .push_bind(msg_id.clone())
+                .push(")");
         }
         if let Some(task_id) = &query.task_id {
-            qb.push(" and task_id = ").push_bind(task_id.clone());
+            qb.push(" and id in (select coalesce(parent_id, id) from pushes where task_id = ")
+                .push_bind(task_id.clone())
+                .push(")");
         }
         if let Some(from) = query.from {
             qb.push(" and created_at >= ").push_bind(to_ms(from));
@@ -736,6 +746,49 @@ impl Store for SqliteStore {
                 )
             })
             .collect()
+    }
+
+    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %parent.id))]
+    async fn admit_parts(
+        &self,
+        parent: NewPush,
+        parts: Vec<NewPart>,
+    ) -> StoreResult<PartsAdmission> {
+        let pool = self.pool.clone();
+        let writer = Arc::clone(&self.writer);
+        run_detached(async move {
+            let _turn = writer.lock().await;
+            super::parts::sqlite_admit(&pool, parent, parts, now_ms())
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn settle_parent(&self, parent_id: &str) -> StoreResult<Option<PushStatus>> {
+        let pool = self.pool.clone();
+        let parent_id = parent_id.to_owned();
+        let writer = Arc::clone(&self.writer);
+        run_detached(async move {
+            let _turn = writer.lock().await;
+            super::parts::sqlite_settle(&pool, &parent_id, now_ms())
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
+    async fn settle_parents(&self, limit: u32) -> StoreResult<u64> {
+        let ids = super::parts::sqlite_settleable(&self.pool, limit)
+            .await
+            .map_err(map_sqlx)?;
+        let mut settled = 0;
+        for id in ids {
+            if self.settle_parent(&id).await?.is_some() {
+                settled += 1;
+            }
+        }
+        Ok(settled)
     }
 
     async fn quota_state(
@@ -1136,6 +1189,7 @@ fn delivery_claim(row: &SqliteRow) -> Result<DeliveryClaim, sqlx::Error> {
         deliver_by: opt_time(row, "deliver_by")?,
         quota_kind: kind.as_deref().and_then(QuotaKind::parse),
         quota_wait: row.try_get("quota_wait")?,
+        parent_id: row.try_get("parent_id")?,
     })
 }
 
@@ -1403,6 +1457,20 @@ async fn finish_push(
     Ok(true)
 }
 
+/// A push with its parts (for a parent).
+pub(super) async fn get_push_with_parts(
+    conn: &mut SqliteConnection,
+    push_id: &str,
+) -> Result<Option<PushRecord>, sqlx::Error> {
+    let Some(mut push) = get_push(&mut *conn, push_id).await? else {
+        return Ok(None);
+    };
+    if push.part_count.is_some() {
+        push.parts = super::parts::sqlite_list(conn, push_id).await?;
+    }
+    Ok(Some(push))
+}
+
 async fn get_push(
     conn: &mut SqliteConnection,
     push_id: &str,
@@ -1412,6 +1480,11 @@ async fn get_push(
         .fetch_optional(conn)
         .await?;
     row.as_ref().map(push_from_row).transpose()
+}
+
+/// A non-negative integer column.
+fn opt_u32(v: Option<i64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
 }
 
 fn decode_err(message: String) -> sqlx::Error {
@@ -1454,6 +1527,7 @@ fn summary_from_row(row: &SqliteRow) -> Result<PushSummary, sqlx::Error> {
         send_at: opt_time(row, "send_at")?,
         next_attempt_at: opt_time(row, "next_attempt_at")?,
         attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
+        parts: opt_u32(row.try_get("parts")?),
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,
@@ -1512,5 +1586,10 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         truncated: Vec::new(),
         callback_url: row.try_get("callback_url")?,
         callbacks: Vec::new(),
+        parent_id: row.try_get("parent_id")?,
+        part_no: opt_u32(row.try_get("part_no")?),
+        audience: opt_u32(row.try_get("audience")?),
+        part_count: opt_u32(row.try_get("parts")?),
+        parts: Vec::new(),
     })
 }

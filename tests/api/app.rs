@@ -6,7 +6,7 @@ use std::sync::Arc;
 use reqwest::Response;
 use serde_json::{json, Value};
 use umeng_push_gateway::config::{
-    AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings,
+    AppGroupSettings, AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings,
 };
 use umeng_push_gateway::secret::Secret;
 use umeng_push_gateway::simulator::{self, SimApp, SimPlatform, SimulatorConfig, SimulatorHandle};
@@ -18,6 +18,8 @@ use crate::proxy::Proxy;
 
 pub const ANDROID_APP: &str = "test-android";
 pub const IOS_APP: &str = "test-ios";
+/// An app group of both apps.
+pub const GROUP: &str = "test-both";
 pub const ANDROID_KEY: &str = "5f00000000000000000a0001";
 pub const IOS_KEY: &str = "5f00000000000000000a0002";
 pub const ANDROID_SECRET: &str = "androidsecret0123456789abcdefghi";
@@ -163,6 +165,16 @@ impl TestEnv {
                 ..ClientSettings::default()
             },
         ];
+        s
+    }
+
+    /// [`TestEnv::settings`] with the app group [`GROUP`] of both apps.
+    pub fn settings_with_group(&self) -> Settings {
+        let mut s = self.settings();
+        s.app_groups = vec![AppGroupSettings {
+            name: GROUP.into(),
+            apps: vec![ANDROID_APP.into(), IOS_APP.into()],
+        }];
         s
     }
 

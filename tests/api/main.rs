@@ -13,6 +13,7 @@ mod input;
 mod observability;
 mod openapi;
 mod outcomes;
+mod parts;
 mod process;
 mod proxy;
 mod push_examples;

@@ -146,19 +146,19 @@ fn corpus() -> Vec<Case> {
     ));
     // Sizes.
     c.push(js(
-        "501 tokens",
+        "1001 tokens (more than delivery.max_audience)",
         &with(
             &["device_tokens"],
-            json!(vec![ANDROID_TOKEN; 501]),
+            json!(vec![ANDROID_TOKEN; 1001]),
             &push_body(ANDROID_APP, "listcast"),
         ),
         Some("device_tokens"),
     ));
     c.push(js(
-        "501 aliases",
+        "1001 aliases (more than delivery.max_audience)",
         &with(
             &["aliases"],
-            json!(vec!["u1"; 501]),
+            json!(vec!["u1"; 1001]),
             &push_body(ANDROID_APP, "customizedcast"),
         ),
         Some("aliases"),
@@ -299,6 +299,7 @@ async fn hostile_corpus_gets_only_clean_4xx_or_success(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let mut s = env.settings();
     s.server.body_limit_bytes = BODY_LIMIT;
+    s.delivery.max_audience = 1000;
     let app = env.spawn_app_with(s).await;
     let corpus = corpus();
     let mut tally = std::collections::BTreeMap::<u16, usize>::new();
