@@ -15,6 +15,11 @@ create index pushes_parent_idx on pushes (parent_id, part_no) where parent_id is
 -- Parents whose outcome is not settled yet (the worker's upkeep settles them).
 create index pushes_open_parents_idx on pushes (created_at)
     where parts is not null and status = 'pending';
+-- Parents that wait as a whole (held until send_at, or for every member's quota window),
+-- their parts in `outbox` until they are released.
+create index pushes_due_parents_idx on pushes (next_attempt_at)
+    where parts is not null
+      and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota');
 
 create or replace trigger pushes_callback_event
     after update of status on pushes

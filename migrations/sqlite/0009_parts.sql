@@ -8,6 +8,11 @@ alter table pushes add column audience integer;
 create index pushes_parent_idx on pushes (parent_id, part_no) where parent_id is not null;
 create index pushes_open_parents_idx on pushes (created_at)
     where parts is not null and status = 'pending';
+-- Parents that wait as a whole (held until send_at, or for every member's quota window),
+-- their parts in `outbox` until they are released.
+create index pushes_due_parents_idx on pushes (next_attempt_at)
+    where parts is not null
+      and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota');
 
 drop trigger pushes_callback_event;
 create trigger pushes_callback_event

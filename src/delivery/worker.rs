@@ -90,6 +90,7 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let lease = Duration::from_secs(settings.lease_secs);
     let slots = Slots::new(&gateway);
     let mut upkeep_at = Instant::now();
+    let mut release_at = Instant::now();
     loop {
         if *stop.borrow() || stop.has_changed().is_err() {
             return;
@@ -97,6 +98,11 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         if Instant::now() >= upkeep_at {
             upkeep(&gateway).await;
             upkeep_at = Instant::now() + UPKEEP_EVERY;
+        }
+        // Parents held or waiting for quota as a whole: their parts join the queue when due.
+        if Instant::now() >= release_at {
+            gateway.release_parents().await;
+            release_at = Instant::now() + idle;
         }
         // While Umeng is unreachable nothing is claimed: the pushes wait where they are.
         let permit = match gateway.breaker.try_call() {

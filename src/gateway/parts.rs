@@ -18,7 +18,9 @@ use crate::error::ApiError;
 use crate::metrics::{self, PushOutcome};
 use crate::push::fanout::{self, PartPlan};
 use crate::push::{PreparedPush, PushRequest};
-use crate::store::{NewPart, NewPush, PartsAdmission, PushRecord, PushStatus, QuotaClaim};
+use crate::store::{
+    AsyncDelivery, NewPart, NewPush, PartsAdmission, PushRecord, PushStatus, QuotaClaim,
+};
 use crate::umeng::FieldError;
 
 /// A push's audience: one app, or an app group's members.
@@ -58,12 +60,13 @@ impl Gateway {
         let now = OffsetDateTime::now_utc();
         let parts = self.prepare_parts(&req, &audience, now).map_err(invalid)?;
         let asynchronous = respond_async || parts.iter().any(|p| p.push.send_at.is_some());
-        self.check_parts_async(&req, &parts, asynchronous, now)
+        self.check_parts_async(&parts, asynchronous, now)
             .map_err(|e| invalid(vec![e]))?;
 
         let parent_id = uuid::Uuid::now_v7().to_string();
-        let (parent, new_parts) =
+        let (mut parent, new_parts) =
             self.parent_rows(client, &audience, &req, raw, &parent_id, parts, now);
+        parent.delivery = self.gate(&new_parts, now);
         let name = audience.name.to_owned();
         let cast_type = req.cast_type;
         let this = Arc::clone(self);
@@ -177,12 +180,9 @@ impl Gateway {
         }
     }
 
-    /// `send_at` and `on_quota_exhausted` for parts. Quota slots of parts are taken at
-    /// admission, all or nothing, so a part that counts against a quota cannot wait for
-    /// a slot or be held.
+    /// `send_at` and `on_quota_exhausted` for parts (the rules of one push, per part).
     fn check_parts_async(
         &self,
-        req: &PushRequest,
         parts: &[Prepared<'_>],
         asynchronous: bool,
         now: OffsetDateTime,
@@ -190,22 +190,31 @@ impl Gateway {
         for part in parts {
             self.check_async_fields(&part.push, asynchronous, now)?;
         }
-        let counted = parts
-            .iter()
-            .any(|p| p.push.production_mode && p.push.quota_kind.is_some());
-        if counted && req.on_quota_exhausted == Some(crate::push::OnQuotaExhausted::Wait) {
-            return Err(FieldError::new(
-                "on_quota_exhausted",
-                "\"wait\" is not available for a push with parts that count against a quota: their slots are taken together at admission (a full window answers 429 naming the app)",
-            ));
-        }
-        if counted && req.send_at.is_some() {
-            return Err(FieldError::new(
-                "send_at",
-                "is not available for a push with parts that count against a quota: their slots are taken together at admission; use policy.start_time to let Umeng hold the tasks",
-            ));
-        }
         Ok(())
+    }
+
+    /// A parent whose parts count against a quota and that is held (`send_at`) or may
+    /// wait for quota waits as a whole: every part's slot is taken together when it is
+    /// due, in that moment's windows, so either every member sends or none does.
+    fn gate(&self, parts: &[NewPart], now: OffsetDateTime) -> Option<AsyncDelivery> {
+        let counted = parts.iter().any(|p| p.quota.is_some());
+        let deliveries: Vec<&AsyncDelivery> = parts
+            .iter()
+            .filter_map(|p| p.push.delivery.as_ref())
+            .collect();
+        let hold = deliveries.iter().any(|d| d.hold);
+        let wait = deliveries.iter().any(|d| d.quota_wait);
+        if !counted || !(hold || wait) {
+            return None;
+        }
+        let deliver_by = deliveries.iter().map(|d| d.deliver_by).min().unwrap_or(now);
+        Some(AsyncDelivery {
+            outbox: Value::Null,
+            hold,
+            deliver_by,
+            quota_wait: wait,
+            defer_quota: true,
+        })
     }
 
     /// The parent row and the part rows.
@@ -365,6 +374,20 @@ impl Gateway {
         self.settle_parent_of(parent_id).await;
     }
 
+    /// Release due parents that wait as a whole (held, or waiting for quota): their parts
+    /// go to the delivery queue, or they wait on, or fail.
+    pub async fn release_parents(&self) {
+        match self.store.release_parents(100).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(parents = n, "due parents released (or rescheduled)");
+                self.delivery_wake.notify_one();
+                self.parents_settled.notify_waiters();
+            }
+            Err(e) => tracing::warn!(error = %e, "releasing due parents failed"),
+        }
+    }
+
     /// Settle parents whose parts ended without their worker settling them (deadlines,
     /// recovered leases, withdrawals, a settle that failed).
     pub async fn settle_parents(&self) {
@@ -407,7 +430,7 @@ pub fn parent_answer(
             out_biz_no: push.out_biz_no.clone().unwrap_or_default(),
         });
     }
-    let status = if push.status == PushStatus::Pending {
+    let status = if push.status == PushStatus::Pending || push.status.is_waiting() {
         StatusCode::ACCEPTED
     } else {
         push.http_status

@@ -771,6 +771,17 @@ async fn cancel_push(
 pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
     let push = visible_push(gateway, caller, id).await?;
+    if push.part_count.is_some() && push.status.is_waiting() {
+        // A parent waiting as a whole (its parts not created yet): withdrawn at once.
+        if gateway.store.withdraw(&push.id).await? {
+            tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
+        }
+        let push = visible_push(gateway, caller, id).await?;
+        if push.status == PushStatus::Withdrawn || push.status.is_waiting() {
+            return Ok(push);
+        }
+        return for_each_task_part(gateway, caller, push, PartAction::Cancel).await;
+    }
     if push.part_count.is_some() {
         return for_each_task_part(gateway, caller, push, PartAction::Cancel).await;
     }

@@ -236,7 +236,7 @@ impl std::fmt::Display for PushStatus {
 }
 
 /// A push about to be sent: everything known before Umeng is called.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NewPush {
     /// Chosen by the caller of `admit` (a UUIDv7 string, so ids sort by creation time).
     pub id: String,
@@ -261,6 +261,7 @@ pub struct NewPush {
     pub description: Option<String>,
     /// When the push goes out, when that is not at once: its `send_at` (held by the
     /// gateway) or Umeng's `policy.start_time` (held by Umeng). Shown in history.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub send_at: Option<OffsetDateTime>,
     /// Asynchronous delivery: stored in a waiting state for a delivery worker instead of
     /// `pending` for the caller's own attempt.
@@ -268,7 +269,7 @@ pub struct NewPush {
 }
 
 /// How an asynchronous push is admitted.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AsyncDelivery {
     /// What the worker sends: `{"body": <Umeng body without appkey and timestamp>,
     /// "upload": <file_lines content, if any>}`. Dropped when the push is final.
@@ -278,6 +279,7 @@ pub struct AsyncDelivery {
     pub hold: bool,
     /// No attempt starts after this; the push then fails (`delivery_expired`, or
     /// `quota_wait_expired` while it waits for quota).
+    #[serde(with = "time::serde::rfc3339")]
     pub deliver_by: OffsetDateTime,
     /// Wait for a free quota slot instead of failing with `quota_exhausted`.
     pub quota_wait: bool,
@@ -364,7 +366,7 @@ pub struct QueueStat {
 }
 
 /// A quota slot to take during admission.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct QuotaClaim {
     pub kind: QuotaKind,
     pub limit: QuotaLimit,
@@ -1085,6 +1087,15 @@ pub trait Store: Send + Sync + 'static {
         parent: NewPush,
         parts: Vec<NewPart>,
     ) -> StoreResult<PartsAdmission>;
+
+    /// Release up to `limit` due parents that wait as a whole (held until their
+    /// `send_at`, or waiting for a window with room for every part): take every part's
+    /// slot in the window of now, all or nothing, and insert the parts (`awaiting_send`).
+    /// A full window makes the parent wait for that window's end (`awaiting_quota`, with
+    /// `on_quota_exhausted: "wait"`) or fail (`quota_exhausted`, 429); past its deadline
+    /// it fails (`delivery_expired`, or `quota_wait_expired`). Parents another replica is
+    /// releasing are skipped. Returns how many were handled.
+    async fn release_parents(&self, limit: u32) -> StoreResult<u64>;
 
     /// When every part of `parent_id` has its outcome and the parent is still `pending`,
     /// give the parent its derived status ([`parts::derive`]). Returns the status written,

@@ -8,7 +8,7 @@
 //! status. Admission is one transaction: the key, every part's quota slot (all or
 //! nothing), the parent and its parts.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
@@ -19,8 +19,9 @@ use time::OffsetDateTime;
 use super::{attempts_of, Attempt, NewPush, PushRecord, PushStatus, QuotaClaim};
 use crate::quota::QuotaState;
 
-/// One part of a parent push, as admitted.
-#[derive(Debug, Clone)]
+/// One part of a parent push, as admitted (and as a parent that waits as a whole keeps
+/// its parts until it is released).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewPart {
     /// The part as an asynchronous push of its member app (`delivery` set: its outbox,
     /// hold and deadline; `defer_quota` and `quota_wait` are not used).
@@ -262,6 +263,59 @@ fn slots_to_take<'a>(parts: &'a [NewPart], only: Option<&[u32]>) -> Vec<&'a NewP
     out
 }
 
+/// What releasing a due parent that waits as a whole came to, short of going out.
+enum Release {
+    /// Its deadline passed.
+    Expired { waited_for_quota: bool },
+    /// A member's window is full.
+    Full {
+        app: String,
+        quota: QuotaState,
+        wait: bool,
+    },
+}
+
+impl Release {
+    /// `(error_code, error_msg, http_status)` when the parent fails; `None` when it waits.
+    fn failure(&self) -> Option<(&'static str, String, u16)> {
+        match self {
+            Release::Expired {
+                waited_for_quota: true,
+            } => Some((
+                "quota_wait_expired",
+                "no window had room for every part before the push's deadline".into(),
+                429,
+            )),
+            Release::Expired { .. } => Some((
+                "delivery_expired",
+                "the push could not be sent before its deadline".into(),
+                504,
+            )),
+            Release::Full {
+                app,
+                quota,
+                wait: false,
+            } => Some((
+                "quota_exhausted",
+                format!(
+                    "the {} quota window of app {app} was full when the push was due",
+                    quota.kind.as_str()
+                ),
+                429,
+            )),
+            Release::Full { wait: true, .. } => None,
+        }
+    }
+
+    /// Seconds until the full window ends.
+    fn wait_secs(&self) -> i64 {
+        match self {
+            Release::Full { quota, .. } => quota.reset_after_secs.max(1),
+            Release::Expired { .. } => 1,
+        }
+    }
+}
+
 // ---------------------------------------------------------------- PostgreSQL
 
 const PG_INSERT_KEY: &str =
@@ -350,6 +404,191 @@ fn pg_settleable() -> String {
 const PART_COLUMNS: &str = "id, part_no, app, platform, audience, status, msg_id, task_id, \
      out_biz_no, error_code, error_msg, http_status, attempts, next_attempt_at, finished_at";
 
+const PG_INSERT_GATED: &str = "insert into pushes (id, app, appkey, platform, cast_type,
+    task_class, production_mode, client, out_biz_no, fingerprint, status, description, request,
+    delivery, send_at, parts, outbox, next_attempt_at, deliver_by, quota_wait)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'async', $14, $15, $16,
+        coalesce($17, now()), $18, $19)";
+
+/// Parents that wait as a whole (held, or waiting for quota) and are due.
+const PG_DUE_GATED: &str = "select id from pushes
+ where parts is not null and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+   and next_attempt_at <= now()
+ order by next_attempt_at, created_at, id limit $1";
+
+const PG_LOCK_GATED: &str = "select status, outbox, quota_wait, deliver_by <= now() as expired
+  from pushes
+ where id = $1 and parts is not null
+   and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+   and next_attempt_at <= now()
+   for update skip locked";
+
+const PG_RELEASED: &str = "update pushes
+   set status = 'pending', outbox = null, next_attempt_at = null, updated_at = now()
+ where id = $1";
+
+const PG_GATED_WAITS: &str = "update pushes
+   set status = 'awaiting_quota', updated_at = now(),
+       next_attempt_at = least(now() + $2::bigint * interval '1 second', deliver_by)
+ where id = $1 and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')";
+
+const PG_GATED_FAILS: &str = "update pushes
+   set status = 'failed', error_code = $2, error_msg = $3, http_status = $4, outbox = null,
+       next_attempt_at = null, finished_at = now(), updated_at = now()
+ where id = $1 and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')";
+
+/// Slots taken for parts: the window each part's slot came from, and the states.
+#[derive(Default)]
+struct Taken {
+    windows: Vec<(u32, i64)>,
+    quotas: Vec<(String, QuotaState)>,
+}
+
+impl Taken {
+    fn window_of(&self, part_no: u32) -> Option<i64> {
+        self.windows
+            .iter()
+            .find(|(p, _)| *p == part_no)
+            .map(|(_, w)| *w)
+    }
+}
+
+/// Takes every slot (`only`: of those parts), all or nothing: `Err((app, state))` names
+/// the first full window; the caller rolls back what was taken.
+async fn pg_take(
+    conn: &mut sqlx::PgConnection,
+    parts: &[NewPart],
+    only: Option<&[u32]>,
+) -> Result<Result<Taken, (String, QuotaState)>, sqlx::Error> {
+    let mut taken = Taken::default();
+    for part in slots_to_take(parts, only) {
+        let Some(claim) = part.quota else { continue };
+        let row = sqlx::query(PG_TAKE_SLOT)
+            .bind(&part.push.appkey)
+            .bind(claim.kind.as_str())
+            .bind(claim.limit.window.seconds())
+            .bind(i32::try_from(claim.limit.limit).unwrap_or(i32::MAX))
+            .fetch_one(&mut *conn)
+            .await?;
+        let window_start: i64 = row.try_get("window_start")?;
+        let mut state = QuotaState {
+            kind: claim.kind,
+            limit: claim.limit.limit,
+            window: claim.limit.window,
+            used: 0,
+            window_start,
+            reset_after_secs: row.try_get("reset_after_secs")?,
+        };
+        match row.try_get::<Option<i32>, _>("used")? {
+            Some(used) => {
+                state.used = u32::try_from(used).unwrap_or(0);
+                taken.windows.push((part.part_no, window_start));
+                taken.quotas.push((part.push.app.clone(), state));
+            }
+            None => {
+                let used: i32 = sqlx::query_scalar(PG_SLOT_USED)
+                    .bind(&part.push.appkey)
+                    .bind(claim.kind.as_str())
+                    .bind(window_start)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                state.used = u32::try_from(used).unwrap_or(0);
+                return Ok(Err((part.push.app.clone(), state)));
+            }
+        }
+    }
+    Ok(Ok(taken))
+}
+
+/// Inserts the part rows: waiting (`awaiting_send`, or `awaiting_send_at` when held and
+/// not `released`) with their slots' windows.
+async fn pg_insert_parts(
+    conn: &mut sqlx::PgConnection,
+    parent_id: &str,
+    parts: &[NewPart],
+    taken: &Taken,
+    released: bool,
+) -> Result<(), sqlx::Error> {
+    for part in parts {
+        let p = &part.push;
+        let Some(d) = &p.delivery else { continue };
+        let held = d.hold && !released;
+        let status = if held {
+            PushStatus::AwaitingSendAt
+        } else {
+            PushStatus::AwaitingSend
+        };
+        sqlx::query(PG_INSERT_PART)
+            .bind(&p.id)
+            .bind(&p.app)
+            .bind(&p.appkey)
+            .bind(&p.platform)
+            .bind(&p.cast_type)
+            .bind(p.task_class)
+            .bind(p.production_mode)
+            .bind(&p.client)
+            .bind(&p.out_biz_no)
+            .bind(&p.fingerprint)
+            .bind(status.as_str())
+            .bind(&p.description)
+            .bind(&p.request)
+            .bind(part.quota.map(|c| c.kind.as_str()))
+            .bind(taken.window_of(part.part_no))
+            .bind(
+                part.quota
+                    .map(|c| i32::try_from(c.limit.limit).unwrap_or(i32::MAX)),
+            )
+            .bind(part.quota.map(|c| c.limit.window.seconds()))
+            .bind(&d.outbox)
+            .bind(held.then_some(p.send_at).flatten())
+            .bind(p.send_at)
+            .bind(d.deliver_by)
+            .bind(parent_id)
+            .bind(part.part_no as i32)
+            .bind(part.audience.map(|a| a as i32))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts a parent that waits as a whole, its parts in its outbox until it is released.
+async fn pg_insert_gated(
+    conn: &mut sqlx::PgConnection,
+    parent: &NewPush,
+    parts: &[NewPart],
+    status: PushStatus,
+    next_attempt_at: Option<OffsetDateTime>,
+) -> Result<(), sqlx::Error> {
+    let Some(d) = &parent.delivery else {
+        return Err(decode_err("a waiting parent needs its delivery".into()));
+    };
+    let outbox = serde_json::to_value(parts).map_err(|e| decode_err(e.to_string()))?;
+    sqlx::query(PG_INSERT_GATED)
+        .bind(&parent.id)
+        .bind(&parent.app)
+        .bind(&parent.appkey)
+        .bind(&parent.platform)
+        .bind(&parent.cast_type)
+        .bind(parent.task_class)
+        .bind(parent.production_mode)
+        .bind(&parent.client)
+        .bind(&parent.out_biz_no)
+        .bind(&parent.fingerprint)
+        .bind(status.as_str())
+        .bind(&parent.description)
+        .bind(&parent.request)
+        .bind(parent.send_at)
+        .bind(i32::try_from(parts.len()).unwrap_or(i32::MAX))
+        .bind(outbox)
+        .bind(next_attempt_at)
+        .bind(d.deliver_by)
+        .bind(d.quota_wait)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// See [`super::Store::admit_parts`]. One transaction; any early return rolls back.
 pub(crate) async fn pg_admit(
     pool: &PgPool,
@@ -421,6 +660,18 @@ pub(crate) async fn pg_admit(
         }
     }
 
+    // A parent held until its send_at waits as a whole: its slots are taken when it is due.
+    let gate = parent.delivery.as_ref().filter(|_| resend.is_none());
+    if let Some(d) = gate.filter(|d| d.hold) {
+        pg_insert_gated(&mut tx, &parent, &parts, d.status(), parent.send_at).await?;
+        tx.commit().await?;
+        return Ok(PartsAdmission::Admitted {
+            push_id: parent.id,
+            resent: Vec::new(),
+            quotas: Vec::new(),
+        });
+    }
+
     if let Some((owner, numbers)) = &resend {
         let numbers_i32: Vec<i32> = numbers.iter().map(|&n| n as i32).collect();
         sqlx::query(PG_GIVE_BACK)
@@ -430,50 +681,46 @@ pub(crate) async fn pg_admit(
             .await?;
     }
 
-    // Every slot, all or nothing.
-    let mut windows: Vec<(u32, i64)> = Vec::new();
-    let mut quotas = Vec::new();
-    for part in slots_to_take(&parts, resend.as_ref().map(|(_, n)| n.as_slice())) {
-        let Some(claim) = part.quota else { continue };
-        let row = sqlx::query(PG_TAKE_SLOT)
-            .bind(&part.push.appkey)
-            .bind(claim.kind.as_str())
-            .bind(claim.limit.window.seconds())
-            .bind(i32::try_from(claim.limit.limit).unwrap_or(i32::MAX))
-            .fetch_one(&mut *tx)
-            .await?;
-        let window_start: i64 = row.try_get("window_start")?;
-        let mut state = QuotaState {
-            kind: claim.kind,
-            limit: claim.limit.limit,
-            window: claim.limit.window,
-            used: 0,
-            window_start,
-            reset_after_secs: row.try_get("reset_after_secs")?,
-        };
-        match row.try_get::<Option<i32>, _>("used")? {
-            Some(used) => {
-                state.used = u32::try_from(used).unwrap_or(0);
-                windows.push((part.part_no, window_start));
-                quotas.push((part.push.app.clone(), state));
-            }
-            None => {
-                let used: i32 = sqlx::query_scalar(PG_SLOT_USED)
-                    .bind(&part.push.appkey)
-                    .bind(claim.kind.as_str())
-                    .bind(window_start)
-                    .fetch_one(&mut *tx)
+    // Every slot, all or nothing. With "wait", in a savepoint: a full window undoes the
+    // slots alone, and the parent (its key claimed) waits as a whole for the window's end.
+    let only = resend.as_ref().map(|(_, n)| n.as_slice());
+    let waits = gate.filter(|d| d.quota_wait);
+    let taken = if let Some(d) = waits {
+        sqlx::query("savepoint slots").execute(&mut *tx).await?;
+        match pg_take(&mut tx, &parts, only).await? {
+            Ok(taken) => taken,
+            Err((_, quota)) => {
+                sqlx::query("rollback to savepoint slots")
+                    .execute(&mut *tx)
                     .await?;
-                tx.rollback().await?;
-                state.used = u32::try_from(used).unwrap_or(0);
-                return Ok(PartsAdmission::RateLimited {
-                    app: part.push.app.clone(),
-                    quota: state,
+                let next = OffsetDateTime::now_utc()
+                    + time::Duration::seconds(quota.reset_after_secs.max(1));
+                let status = PushStatus::AwaitingQuota;
+                pg_insert_gated(
+                    &mut tx,
+                    &parent,
+                    &parts,
+                    status,
+                    Some(next.min(d.deliver_by)),
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(PartsAdmission::Admitted {
+                    push_id: parent.id,
+                    resent: Vec::new(),
+                    quotas: Vec::new(),
                 });
             }
         }
-    }
-    let window_of = |n: u32| windows.iter().find(|(p, _)| *p == n).map(|(_, w)| *w);
+    } else {
+        match pg_take(&mut tx, &parts, only).await? {
+            Ok(taken) => taken,
+            Err((app, quota)) => {
+                tx.rollback().await?;
+                return Ok(PartsAdmission::RateLimited { app, quota });
+            }
+        }
+    };
 
     let (push_id, resent) = match resend {
         Some((owner, numbers)) => {
@@ -497,7 +744,7 @@ pub(crate) async fn pg_admit(
                     .bind(&d.outbox)
                     .bind(d.hold.then_some(part.push.send_at).flatten())
                     .bind(d.deliver_by)
-                    .bind(window_of(part.part_no))
+                    .bind(taken.window_of(part.part_no))
                     .execute(&mut *tx)
                     .await?;
             }
@@ -521,40 +768,7 @@ pub(crate) async fn pg_admit(
                 .bind(i32::try_from(parts.len()).unwrap_or(i32::MAX))
                 .execute(&mut *tx)
                 .await?;
-            for part in &parts {
-                let p = &part.push;
-                let Some(d) = &p.delivery else { continue };
-                sqlx::query(PG_INSERT_PART)
-                    .bind(&p.id)
-                    .bind(&p.app)
-                    .bind(&p.appkey)
-                    .bind(&p.platform)
-                    .bind(&p.cast_type)
-                    .bind(p.task_class)
-                    .bind(p.production_mode)
-                    .bind(&p.client)
-                    .bind(&p.out_biz_no)
-                    .bind(&p.fingerprint)
-                    .bind(d.status().as_str())
-                    .bind(&p.description)
-                    .bind(&p.request)
-                    .bind(part.quota.map(|c| c.kind.as_str()))
-                    .bind(window_of(part.part_no))
-                    .bind(
-                        part.quota
-                            .map(|c| i32::try_from(c.limit.limit).unwrap_or(i32::MAX)),
-                    )
-                    .bind(part.quota.map(|c| c.limit.window.seconds()))
-                    .bind(&d.outbox)
-                    .bind(d.hold.then_some(p.send_at).flatten())
-                    .bind(p.send_at)
-                    .bind(d.deliver_by)
-                    .bind(&parent.id)
-                    .bind(part.part_no as i32)
-                    .bind(part.audience.map(|a| a as i32))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            pg_insert_parts(&mut tx, &parent.id, &parts, &taken, false).await?;
             (parent.id, Vec::new())
         }
     };
@@ -562,8 +776,82 @@ pub(crate) async fn pg_admit(
     Ok(PartsAdmission::Admitted {
         push_id,
         resent,
-        quotas,
+        quotas: taken.quotas,
     })
+}
+
+/// See [`super::Store::release_parents`].
+pub(crate) async fn pg_release(pool: &PgPool, limit: u32) -> Result<u64, sqlx::Error> {
+    let ids: Vec<String> = sqlx::query_scalar(PG_DUE_GATED)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
+    let mut released = 0;
+    for id in ids {
+        if pg_release_one(pool, &id).await? {
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+/// Releases one due parent (see [`Release`]); false when another replica has it.
+async fn pg_release_one(pool: &PgPool, id: &str) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(row) = sqlx::query(PG_LOCK_GATED)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(false);
+    };
+    let status: String = row.try_get("status")?;
+    let quota_wait: bool = row.try_get("quota_wait")?;
+    let expired: Option<bool> = row.try_get("expired")?;
+    let parts: Vec<NewPart> = serde_json::from_value(
+        row.try_get::<Option<Value>, _>("outbox")?
+            .unwrap_or(Value::Null),
+    )
+    .map_err(|e| decode_err(format!("the parts of parent {id} cannot be read: {e}")))?;
+    let verdict = if expired == Some(true) {
+        Release::Expired {
+            waited_for_quota: status == PushStatus::AwaitingQuota.as_str(),
+        }
+    } else {
+        match pg_take(&mut tx, &parts, None).await? {
+            Ok(taken) => {
+                pg_insert_parts(&mut tx, id, &parts, &taken, true).await?;
+                sqlx::query(PG_RELEASED).bind(id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                return Ok(true);
+            }
+            Err((app, quota)) => Release::Full {
+                app,
+                quota,
+                wait: quota_wait,
+            },
+        }
+    };
+    tx.rollback().await?;
+    match verdict.failure() {
+        Some((code, msg, http)) => {
+            sqlx::query(PG_GATED_FAILS)
+                .bind(id)
+                .bind(code)
+                .bind(msg)
+                .bind(i32::from(http))
+                .execute(pool)
+                .await?;
+        }
+        None => {
+            sqlx::query(PG_GATED_WAITS)
+                .bind(id)
+                .bind(verdict.wait_secs())
+                .execute(pool)
+                .await?;
+        }
+    }
+    Ok(true)
 }
 
 pub(crate) async fn pg_settle(
@@ -714,6 +1002,170 @@ fn from_ms(ms: i64) -> Result<OffsetDateTime, sqlx::Error> {
         .map_err(|e| decode_err(e.to_string()))
 }
 
+const SQLITE_INSERT_GATED: &str = "insert into pushes (id, app, appkey, platform, cast_type,
+    task_class, production_mode, client, out_biz_no, fingerprint, status, description, request,
+    delivery, send_at, parts, outbox, next_attempt_at, deliver_by, quota_wait, created_at,
+    updated_at)
+values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'async', ?14, ?15, ?16,
+        coalesce(?17, ?20), ?18, ?19, ?20, ?20)";
+
+const SQLITE_DUE_GATED: &str = "select id from pushes
+ where parts is not null and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+   and next_attempt_at <= ?1
+ order by next_attempt_at, created_at, id limit ?2";
+
+const SQLITE_LOCK_GATED: &str = "select status, outbox, quota_wait, deliver_by <= ?2 as expired
+  from pushes
+ where id = ?1 and parts is not null
+   and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
+   and next_attempt_at <= ?2";
+
+const SQLITE_RELEASED: &str = "update pushes
+   set status = 'pending', outbox = null, next_attempt_at = null, updated_at = ?2
+ where id = ?1";
+
+const SQLITE_GATED_WAITS: &str = "update pushes
+   set status = 'awaiting_quota', updated_at = ?3,
+       next_attempt_at = min(?3 + ?2 * 1000, coalesce(deliver_by, ?3 + ?2 * 1000))
+ where id = ?1 and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')";
+
+const SQLITE_GATED_FAILS: &str = "update pushes
+   set status = 'failed', error_code = ?2, error_msg = ?3, http_status = ?4, outbox = null,
+       next_attempt_at = null, finished_at = ?5, updated_at = ?5
+ where id = ?1 and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')";
+
+/// [`pg_take`] for SQLite (writers are serialised: no race between the counters).
+async fn sqlite_take(
+    conn: &mut sqlx::SqliteConnection,
+    parts: &[NewPart],
+    only: Option<&[u32]>,
+    now: i64,
+) -> Result<Result<Taken, (String, QuotaState)>, sqlx::Error> {
+    let mut taken = Taken::default();
+    for part in slots_to_take(parts, only) {
+        let Some(claim) = part.quota else { continue };
+        let mut state = super::sqlite::window_of(claim, now, 0);
+        let used: Option<i64> = if claim.limit.limit > 0 {
+            sqlx::query_scalar(super::sqlite::TAKE_SLOT)
+                .bind(&part.push.appkey)
+                .bind(claim.kind.as_str())
+                .bind(state.window_start)
+                .bind(i64::from(claim.limit.limit))
+                .fetch_optional(&mut *conn)
+                .await?
+        } else {
+            None
+        };
+        match used {
+            Some(used) => {
+                state.used = u32::try_from(used).unwrap_or(u32::MAX);
+                taken.windows.push((part.part_no, state.window_start));
+                taken.quotas.push((part.push.app.clone(), state));
+            }
+            None => {
+                let used: Option<i64> = sqlx::query_scalar(super::sqlite::SLOT_USED)
+                    .bind(&part.push.appkey)
+                    .bind(claim.kind.as_str())
+                    .bind(state.window_start)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                state.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
+                return Ok(Err((part.push.app.clone(), state)));
+            }
+        }
+    }
+    Ok(Ok(taken))
+}
+
+/// [`pg_insert_parts`] for SQLite.
+async fn sqlite_insert_parts(
+    conn: &mut sqlx::SqliteConnection,
+    parent_id: &str,
+    parts: &[NewPart],
+    taken: &Taken,
+    released: bool,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    for part in parts {
+        let p = &part.push;
+        let Some(d) = &p.delivery else { continue };
+        let held = d.hold && !released;
+        let status = if held {
+            PushStatus::AwaitingSendAt
+        } else {
+            PushStatus::AwaitingSend
+        };
+        sqlx::query(SQLITE_INSERT_PART)
+            .bind(&p.id)
+            .bind(&p.app)
+            .bind(&p.appkey)
+            .bind(&p.platform)
+            .bind(&p.cast_type)
+            .bind(p.task_class)
+            .bind(p.production_mode)
+            .bind(&p.client)
+            .bind(&p.out_biz_no)
+            .bind(&p.fingerprint)
+            .bind(status.as_str())
+            .bind(&p.description)
+            .bind(Json(&p.request))
+            .bind(part.quota.map(|c| c.kind.as_str()))
+            .bind(taken.window_of(part.part_no))
+            .bind(part.quota.map(|c| i64::from(c.limit.limit)))
+            .bind(part.quota.map(|c| c.limit.window.seconds()))
+            .bind(Json(&d.outbox))
+            .bind(held.then_some(p.send_at).flatten().map(to_ms))
+            .bind(p.send_at.map(to_ms))
+            .bind(to_ms(d.deliver_by))
+            .bind(parent_id)
+            .bind(i64::from(part.part_no))
+            .bind(part.audience.map(i64::from))
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// [`pg_insert_gated`] for SQLite.
+async fn sqlite_insert_gated(
+    conn: &mut sqlx::SqliteConnection,
+    parent: &NewPush,
+    parts: &[NewPart],
+    status: PushStatus,
+    next_attempt_at: Option<OffsetDateTime>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let Some(d) = &parent.delivery else {
+        return Err(decode_err("a waiting parent needs its delivery".into()));
+    };
+    let outbox = serde_json::to_value(parts).map_err(|e| decode_err(e.to_string()))?;
+    sqlx::query(SQLITE_INSERT_GATED)
+        .bind(&parent.id)
+        .bind(&parent.app)
+        .bind(&parent.appkey)
+        .bind(&parent.platform)
+        .bind(&parent.cast_type)
+        .bind(parent.task_class)
+        .bind(parent.production_mode)
+        .bind(&parent.client)
+        .bind(&parent.out_biz_no)
+        .bind(&parent.fingerprint)
+        .bind(status.as_str())
+        .bind(&parent.description)
+        .bind(Json(&parent.request))
+        .bind(parent.send_at.map(to_ms))
+        .bind(i64::try_from(parts.len()).unwrap_or(i64::MAX))
+        .bind(Json(outbox))
+        .bind(next_attempt_at.map(to_ms))
+        .bind(to_ms(d.deliver_by))
+        .bind(d.quota_wait)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// See [`super::Store::admit_parts`]: one `begin immediate` transaction (writers are
 /// serialised, so the key check and the guarded counters cannot race).
 pub(crate) async fn sqlite_admit(
@@ -724,60 +1176,66 @@ pub(crate) async fn sqlite_admit(
 ) -> Result<PartsAdmission, sqlx::Error> {
     let mut tx = pool.begin_with("begin immediate").await?;
     let mut resend: Option<(String, Vec<u32>)> = None;
-    let mut claim_key = false;
     if let Some(key) = &parent.out_biz_no {
         let owner = sqlx::query(SQLITE_KEY_OWNER)
             .bind(&parent.appkey)
             .bind(key)
             .fetch_optional(&mut *tx)
             .await?;
-        match owner {
-            None => claim_key = true,
-            Some(owner) => {
-                let owner_id: String = owner.try_get("push_id")?;
-                let status: String = owner.try_get("status")?;
-                let is_parent = owner.try_get::<Option<i64>, _>("parts")?.is_some();
-                let failed = if resumable(&status, is_parent) {
-                    sqlx::query_scalar::<_, i64>(SQLITE_FAILED_PARTS)
-                        .bind(&owner_id)
-                        .fetch_all(&mut *tx)
-                        .await?
-                        .into_iter()
-                        .filter_map(|n| u32::try_from(n).ok())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let fingerprint: String = owner.try_get("fingerprint")?;
-                let owner_async = owner.try_get::<Option<String>, _>("delivery")?.is_some();
-                match judge_repeat(
-                    &parent,
-                    owner_id,
-                    &fingerprint,
-                    &status,
-                    owner_async,
-                    failed,
-                ) {
-                    Repeat::Answer(answer) => {
-                        tx.rollback().await?;
-                        return Ok(answer);
-                    }
-                    Repeat::Replay(id) => {
-                        let record = super::sqlite::get_push_with_parts(&mut tx, &id)
-                            .await?
-                            .ok_or_else(|| {
-                                decode_err(format!("push {id} owning the key is gone"))
-                            })?;
-                        tx.rollback().await?;
-                        return Ok(PartsAdmission::Replay {
-                            push: Box::new(record),
-                        });
-                    }
-                    Repeat::Resend(id, numbers) => resend = Some((id, numbers)),
+        if let Some(owner) = owner {
+            let owner_id: String = owner.try_get("push_id")?;
+            let status: String = owner.try_get("status")?;
+            let is_parent = owner.try_get::<Option<i64>, _>("parts")?.is_some();
+            let failed = if resumable(&status, is_parent) {
+                sqlx::query_scalar::<_, i64>(SQLITE_FAILED_PARTS)
+                    .bind(&owner_id)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .filter_map(|n| u32::try_from(n).ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let fingerprint: String = owner.try_get("fingerprint")?;
+            let owner_async = owner.try_get::<Option<String>, _>("delivery")?.is_some();
+            match judge_repeat(
+                &parent,
+                owner_id,
+                &fingerprint,
+                &status,
+                owner_async,
+                failed,
+            ) {
+                Repeat::Answer(answer) => {
+                    tx.rollback().await?;
+                    return Ok(answer);
                 }
+                Repeat::Replay(id) => {
+                    let record = super::sqlite::get_push_with_parts(&mut tx, &id)
+                        .await?
+                        .ok_or_else(|| decode_err(format!("push {id} owning the key is gone")))?;
+                    tx.rollback().await?;
+                    return Ok(PartsAdmission::Replay {
+                        push: Box::new(record),
+                    });
+                }
+                Repeat::Resend(id, numbers) => resend = Some((id, numbers)),
             }
         }
     }
+    let fresh = resend.is_none();
+
+    // A parent held until its send_at waits as a whole: its slots are taken when it is due.
+    let gate = parent.delivery.as_ref().filter(|_| fresh);
+    let waiting = if gate.is_some_and(|d| d.hold) {
+        Some((
+            gate.map_or(PushStatus::AwaitingSendAt, |d| d.status()),
+            parent.send_at,
+        ))
+    } else {
+        None
+    };
 
     if let Some((owner, numbers)) = &resend {
         let held = sqlx::query(SQLITE_HELD_BY_PARTS)
@@ -796,45 +1254,43 @@ pub(crate) async fn sqlite_admit(
         }
     }
 
-    let mut windows: Vec<(u32, i64)> = Vec::new();
-    let mut quotas = Vec::new();
-    for part in slots_to_take(&parts, resend.as_ref().map(|(_, n)| n.as_slice())) {
-        let Some(claim) = part.quota else { continue };
-        let mut state = super::sqlite::window_of(claim, now, 0);
-        let taken: Option<i64> = if claim.limit.limit > 0 {
-            sqlx::query_scalar(super::sqlite::TAKE_SLOT)
-                .bind(&part.push.appkey)
-                .bind(claim.kind.as_str())
-                .bind(state.window_start)
-                .bind(i64::from(claim.limit.limit))
-                .fetch_optional(&mut *tx)
-                .await?
-        } else {
-            None
-        };
-        match taken {
-            Some(used) => {
-                state.used = u32::try_from(used).unwrap_or(u32::MAX);
-                windows.push((part.part_no, state.window_start));
-                quotas.push((part.push.app.clone(), state));
-            }
-            None => {
-                let used: Option<i64> = sqlx::query_scalar(super::sqlite::SLOT_USED)
-                    .bind(&part.push.appkey)
-                    .bind(claim.kind.as_str())
-                    .bind(state.window_start)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                tx.rollback().await?;
-                state.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
-                return Ok(PartsAdmission::RateLimited {
-                    app: part.push.app.clone(),
-                    quota: state,
-                });
+    // Every slot, all or nothing. With "wait", a full window undoes the slots (in a
+    // savepoint) and the parent waits as a whole for the window's end.
+    let only = resend.as_ref().map(|(_, n)| n.as_slice());
+    let (taken, waiting) = match waiting {
+        Some(w) => (Taken::default(), Some(w)),
+        None => {
+            sqlx::query("savepoint slots").execute(&mut *tx).await?;
+            match sqlite_take(&mut tx, &parts, only, now).await? {
+                Ok(taken) => {
+                    sqlx::query("release savepoint slots")
+                        .execute(&mut *tx)
+                        .await?;
+                    (taken, None)
+                }
+                Err((app, quota)) => match gate.filter(|d| d.quota_wait) {
+                    Some(d) => {
+                        sqlx::query("rollback to savepoint slots")
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("release savepoint slots")
+                            .execute(&mut *tx)
+                            .await?;
+                        let next =
+                            from_ms(now)? + time::Duration::seconds(quota.reset_after_secs.max(1));
+                        (
+                            Taken::default(),
+                            Some((PushStatus::AwaitingQuota, Some(next.min(d.deliver_by)))),
+                        )
+                    }
+                    None => {
+                        tx.rollback().await?;
+                        return Ok(PartsAdmission::RateLimited { app, quota });
+                    }
+                },
             }
         }
-    }
-    let window_of = |n: u32| windows.iter().find(|(p, _)| *p == n).map(|(_, w)| *w);
+    };
 
     let (push_id, resent) = match resend {
         Some((owner, numbers)) => {
@@ -859,7 +1315,7 @@ pub(crate) async fn sqlite_admit(
                     .bind(Json(&d.outbox))
                     .bind(d.hold.then_some(part.push.send_at).flatten().map(to_ms))
                     .bind(to_ms(d.deliver_by))
-                    .bind(window_of(part.part_no))
+                    .bind(taken.window_of(part.part_no))
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
@@ -867,67 +1323,41 @@ pub(crate) async fn sqlite_admit(
             (owner, numbers)
         }
         None => {
-            sqlx::query(SQLITE_INSERT_PARENT)
-                .bind(&parent.id)
-                .bind(&parent.app)
-                .bind(&parent.appkey)
-                .bind(&parent.platform)
-                .bind(&parent.cast_type)
-                .bind(parent.task_class)
-                .bind(parent.production_mode)
-                .bind(&parent.client)
-                .bind(&parent.out_biz_no)
-                .bind(&parent.fingerprint)
-                .bind(&parent.description)
-                .bind(Json(&parent.request))
-                .bind(parent.send_at.map(to_ms))
-                .bind(i64::try_from(parts.len()).unwrap_or(i64::MAX))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            for part in &parts {
-                let p = &part.push;
-                let Some(d) = &p.delivery else { continue };
-                sqlx::query(SQLITE_INSERT_PART)
-                    .bind(&p.id)
-                    .bind(&p.app)
-                    .bind(&p.appkey)
-                    .bind(&p.platform)
-                    .bind(&p.cast_type)
-                    .bind(p.task_class)
-                    .bind(p.production_mode)
-                    .bind(&p.client)
-                    .bind(&p.out_biz_no)
-                    .bind(&p.fingerprint)
-                    .bind(d.status().as_str())
-                    .bind(&p.description)
-                    .bind(Json(&p.request))
-                    .bind(part.quota.map(|c| c.kind.as_str()))
-                    .bind(window_of(part.part_no))
-                    .bind(part.quota.map(|c| i64::from(c.limit.limit)))
-                    .bind(part.quota.map(|c| c.limit.window.seconds()))
-                    .bind(Json(&d.outbox))
-                    .bind(d.hold.then_some(p.send_at).flatten().map(to_ms))
-                    .bind(p.send_at.map(to_ms))
-                    .bind(to_ms(d.deliver_by))
-                    .bind(&parent.id)
-                    .bind(i64::from(part.part_no))
-                    .bind(part.audience.map(i64::from))
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if claim_key {
-                if let Some(key) = &parent.out_biz_no {
-                    sqlx::query(SQLITE_INSERT_KEY)
-                        .bind(&parent.appkey)
-                        .bind(key)
-                        .bind(&parent.fingerprint)
+            match waiting {
+                Some((status, next)) => {
+                    sqlite_insert_gated(&mut tx, &parent, &parts, status, next, now).await?;
+                }
+                None => {
+                    sqlx::query(SQLITE_INSERT_PARENT)
                         .bind(&parent.id)
+                        .bind(&parent.app)
+                        .bind(&parent.appkey)
+                        .bind(&parent.platform)
+                        .bind(&parent.cast_type)
+                        .bind(parent.task_class)
+                        .bind(parent.production_mode)
+                        .bind(&parent.client)
+                        .bind(&parent.out_biz_no)
+                        .bind(&parent.fingerprint)
+                        .bind(&parent.description)
+                        .bind(Json(&parent.request))
+                        .bind(parent.send_at.map(to_ms))
+                        .bind(i64::try_from(parts.len()).unwrap_or(i64::MAX))
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
+                    sqlite_insert_parts(&mut tx, &parent.id, &parts, &taken, false, now).await?;
                 }
+            }
+            if let Some(key) = &parent.out_biz_no {
+                sqlx::query(SQLITE_INSERT_KEY)
+                    .bind(&parent.appkey)
+                    .bind(key)
+                    .bind(&parent.fingerprint)
+                    .bind(&parent.id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
             }
             (parent.id, Vec::new())
         }
@@ -936,8 +1366,98 @@ pub(crate) async fn sqlite_admit(
     Ok(PartsAdmission::Admitted {
         push_id,
         resent,
-        quotas,
+        quotas: taken.quotas,
     })
+}
+
+/// The ids of due parents that wait as a whole (see [`super::Store::release_parents`]).
+pub(crate) async fn sqlite_due_gated(
+    pool: &SqlitePool,
+    limit: u32,
+    now: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(SQLITE_DUE_GATED)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await
+}
+
+/// Releases one due parent (one `begin immediate` transaction); false when it is no
+/// longer due.
+pub(crate) async fn sqlite_release_one(
+    pool: &SqlitePool,
+    id: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let Some(row) = sqlx::query(SQLITE_LOCK_GATED)
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(false);
+    };
+    let status: String = row.try_get("status")?;
+    let quota_wait: bool = row.try_get("quota_wait")?;
+    let expired: Option<bool> = row.try_get("expired")?;
+    let parts: Vec<NewPart> = serde_json::from_value(
+        row.try_get::<Option<Json<Value>>, _>("outbox")?
+            .map_or(Value::Null, |j| j.0),
+    )
+    .map_err(|e| decode_err(format!("the parts of parent {id} cannot be read: {e}")))?;
+    let verdict = if expired == Some(true) {
+        Release::Expired {
+            waited_for_quota: status == PushStatus::AwaitingQuota.as_str(),
+        }
+    } else {
+        sqlx::query("savepoint slots").execute(&mut *tx).await?;
+        match sqlite_take(&mut tx, &parts, None, now).await? {
+            Ok(taken) => {
+                sqlite_insert_parts(&mut tx, id, &parts, &taken, true, now).await?;
+                sqlx::query(SQLITE_RELEASED)
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(true);
+            }
+            Err((app, quota)) => {
+                sqlx::query("rollback to savepoint slots")
+                    .execute(&mut *tx)
+                    .await?;
+                Release::Full {
+                    app,
+                    quota,
+                    wait: quota_wait,
+                }
+            }
+        }
+    };
+    match verdict.failure() {
+        Some((code, msg, http)) => {
+            sqlx::query(SQLITE_GATED_FAILS)
+                .bind(id)
+                .bind(code)
+                .bind(msg)
+                .bind(i64::from(http))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        None => {
+            sqlx::query(SQLITE_GATED_WAITS)
+                .bind(id)
+                .bind(verdict.wait_secs())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 pub(crate) async fn sqlite_settle(

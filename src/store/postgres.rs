@@ -817,6 +817,16 @@ impl Store for PgStore {
         .await
     }
 
+    async fn release_parents(&self, limit: u32) -> StoreResult<u64> {
+        let pool = self.pool.clone();
+        run_detached(async move {
+            super::parts::pg_release(&pool, limit)
+                .await
+                .map_err(map_sqlx)
+        })
+        .await
+    }
+
     async fn settle_parent(&self, parent_id: &str) -> StoreResult<Option<PushStatus>> {
         super::parts::pg_settle(&self.pool, parent_id)
             .await

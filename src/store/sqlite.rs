@@ -765,6 +765,28 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn release_parents(&self, limit: u32) -> StoreResult<u64> {
+        let ids = super::parts::sqlite_due_gated(&self.pool, limit, now_ms())
+            .await
+            .map_err(map_sqlx)?;
+        let mut released = 0;
+        for id in ids {
+            let pool = self.pool.clone();
+            let writer = Arc::clone(&self.writer);
+            let done = run_detached(async move {
+                let _turn = writer.lock().await;
+                super::parts::sqlite_release_one(&pool, &id, now_ms())
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
+            if done {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     async fn settle_parent(&self, parent_id: &str) -> StoreResult<Option<PushStatus>> {
         let pool = self.pool.clone();
         let parent_id = parent_id.to_owned();

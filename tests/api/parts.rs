@@ -5,6 +5,9 @@
 
 use std::time::Duration;
 
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
 use serde_json::{json, Value};
 use umeng_push_gateway::config::Settings;
 use umeng_push_gateway::quota::{QuotaLimit, WindowUnit};
@@ -21,6 +24,9 @@ on_both_backends!(
     an_async_group_push_is_answered_202_then_settled,
     a_group_customizedcast_sends_the_aliases_to_both_apps_and_cancel_acts_on_tasks,
     a_repeat_of_an_accepted_parent_replays_it,
+    a_held_group_broadcast_takes_both_slots_when_it_is_due,
+    a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_withdraws,
+    a_waiting_group_broadcast_goes_when_both_windows_have_room,
 );
 
 /// Test settings with a fast delivery worker.
@@ -543,4 +549,150 @@ async fn a_repeat_of_an_accepted_parent_replays_it(backend: Backend) {
     let r = app.post_push(&body).await;
     assert_eq!(r.status(), 422);
     app.stop().await;
+}
+
+/// POSTs with `Prefer: respond-async`, asserting 202; returns the view.
+async fn post_async(app: &TestApp, body: &Value) -> Value {
+    let r = app
+        .http
+        .post(format!("{}/v1/pushes", app.base))
+        .bearer_auth(TOKEN_SENDER)
+        .header("prefer", "respond-async")
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    r.json().await.unwrap()
+}
+
+/// Waits (up to `secs`) until the push's status is one of `states`; returns the record.
+async fn wait_for_status(app: &TestApp, id: &str, states: &[&str], secs: u64) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..secs * 20 {
+        last = app.get_json(&format!("/v1/pushes/{id}")).await;
+        if states.iter().any(|s| last["status"] == *s) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("push {id} did not reach {states:?} within {secs} s: {last}");
+}
+
+fn in_secs(secs: i64) -> String {
+    (OffsetDateTime::now_utc() + time::Duration::seconds(secs))
+        .format(&Rfc3339)
+        .unwrap()
+}
+
+/// Fills `app`'s broadcast window (limit 1) with one broadcast of its own.
+async fn fill_broadcast_window(app: &TestApp, name: &str) {
+    let mut body = push_body(name, "broadcast");
+    body["production_mode"] = json!(true);
+    let r = app.post_push(&body).await;
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+}
+
+fn one_broadcast_per(settings: &mut Settings, app: usize, window: WindowUnit) {
+    settings.apps[app].quotas.broadcast = Some(QuotaLimit { limit: 1, window });
+}
+
+async fn a_held_group_broadcast_takes_both_slots_when_it_is_due(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app_with(fast(&env)).await;
+    let mut body = group_broadcast("held-1");
+    body["send_at"] = json!(in_secs(2));
+
+    let view = post_async(&app, &body).await;
+    assert_eq!(view["status"], "awaiting_send_at");
+    let id = view["id"].as_str().unwrap().to_owned();
+    // Held: nothing sent, no slot taken yet.
+    assert_eq!(app.quota_used(ANDROID_APP, "broadcast").await, 0);
+    assert_eq!(app.quota_used(IOS_APP, "broadcast").await, 0);
+    assert!(env.sends().is_empty());
+
+    let done = wait_for_status(&app, &id, &["accepted"], 15).await;
+    assert_eq!(part_statuses(&done), ["accepted", "accepted"]);
+    assert_eq!(env.sends().len(), 2);
+    assert_eq!(app.quota_used(ANDROID_APP, "broadcast").await, 1);
+    assert_eq!(app.quota_used(IOS_APP, "broadcast").await, 1);
+    // A repeat replays the parent.
+    let r = app.post_push(&body).await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(env.sends().len(), 2);
+    app.stop().await;
+}
+
+async fn a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_withdraws(
+    backend: Backend,
+) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = fast(&env);
+    one_broadcast_per(&mut settings, 1, WindowUnit::Day);
+    let app = env.spawn_app_with(settings).await;
+    let mut body = group_broadcast("held-full");
+    body["send_at"] = json!(in_secs(1));
+    let view = post_async(&app, &body).await;
+    let id = view["id"].as_str().unwrap().to_owned();
+    // The iOS window fills up before the push is due.
+    fill_broadcast_window(&app, IOS_APP).await;
+
+    let done = wait_for_status(&app, &id, &["failed"], 15).await;
+    assert_eq!(done["error_code"], "quota_exhausted");
+    assert_eq!(done["http_status"], 429);
+    assert!(
+        done["error_msg"].as_str().unwrap().contains(IOS_APP),
+        "{done}"
+    );
+    // Nothing half-sent: no Android slot, no Android call.
+    assert_eq!(app.quota_used(ANDROID_APP, "broadcast").await, 0);
+    assert_eq!(
+        env.sends().len(),
+        1,
+        "only the broadcast that filled the window"
+    );
+
+    // A held parent is withdrawn before it is due.
+    let mut later = group_broadcast("held-cancel");
+    later["send_at"] = json!(in_secs(3600));
+    let view = post_async(&app, &later).await;
+    let id = view["id"].as_str().unwrap();
+    let r = app
+        .post_as(TOKEN_SENDER, &format!("/v1/pushes/{id}/cancel"))
+        .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let record: Value = r.json().await.unwrap();
+    assert_eq!(record["status"], "withdrawn");
+    app.stop().await;
+}
+
+async fn a_waiting_group_broadcast_goes_when_both_windows_have_room(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let mut settings = fast(&env);
+    one_broadcast_per(&mut settings, 1, WindowUnit::Minute);
+    one_broadcast_per(&mut settings, 0, WindowUnit::Minute);
+    let a = env.spawn_app_with(settings.clone()).await;
+    let b = env.spawn_app_with(settings).await;
+    fill_broadcast_window(&a, IOS_APP).await;
+
+    let mut body = group_broadcast("wait-1");
+    body["on_quota_exhausted"] = json!("wait");
+    let view = post_async(&a, &body).await;
+    let id = view["id"].as_str().unwrap().to_owned();
+    assert_eq!(view["status"], "awaiting_quota", "{view}");
+    // The Android window has room, but nothing goes before both can.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.quota_used(ANDROID_APP, "broadcast").await, 0);
+    assert_eq!(env.sends().len(), 1);
+
+    // The next minute both windows have room: one call per app, from one replica.
+    let done = wait_for_status(&b, &id, &["accepted"], 75).await;
+    assert_eq!(part_statuses(&done), ["accepted", "accepted"]);
+    let sent = sent_bodies(&env);
+    assert_eq!(sent.len(), 3, "one broadcast per member, sent once");
+    assert_eq!(sent.iter().filter(|(k, _)| k == ANDROID_KEY).count(), 1);
+    assert_eq!(a.quota_used(ANDROID_APP, "broadcast").await, 1);
+    assert_eq!(a.quota_used(IOS_APP, "broadcast").await, 1);
+    a.stop().await;
+    b.stop().await;
 }
