@@ -38,6 +38,10 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
 ///
 /// A repeat of an earlier request with the same `out_biz_no` is answered from history with
 /// the stored status and `Idempotent-Replayed: true`, without calling Umeng.
+///
+/// `app` may name an app group (one part per member app), and a `listcast` or alias
+/// `customizedcast` may list more than 500 recipients (one part per 500): the push is a
+/// parent with `parts` (see README "One request, the whole audience").
 #[utoipa::path(
     post,
     path = "/v1/pushes",
@@ -52,7 +56,10 @@ pub fn router() -> OpenApiRouter<Arc<Gateway>> {
             ("Location" = String, description = "`/v1/pushes/{id}`"),
             ("Preference-Applied" = String, description = "`respond-async`, when the request asked for it"),
         )),
-        (status = 201, description = "Umeng accepted the push", body = PushView, headers(
+        (status = 207, description = "A push to an app group, or with a list longer than 500, of which some parts went out and some did not (status `partial`): `parts` says which. A repeat with the same `out_biz_no` re-sends exactly the parts that failed (`resent_parts`)", body = PushView, headers(
+            ("Location" = String, description = "`/v1/pushes/{id}`"),
+        )),
+        (status = 201, description = "Umeng accepted the push (for a push with parts: every part)", body = PushView, headers(
             ("Location" = String, description = "`/v1/pushes/{id}`"),
             ("RateLimit-Limit" = u32, description = "Limit of the quota bucket this push counted against"),
             ("RateLimit-Remaining" = u32, description = "Slots left in the window"),

@@ -27,6 +27,7 @@ on_both_backends!(
     a_receiver_down_for_a_while_then_up_gets_every_event_signed,
     redirects_are_not_followed_and_the_last_attempt_gives_up,
     async_pushes_get_their_final_events_and_a_withdrawn_one_too,
+    a_group_push_gets_one_event_for_the_parent_once_every_part_is_final,
 );
 
 /// One request the receiver got.
@@ -593,5 +594,51 @@ async fn async_pushes_get_their_final_events_and_a_withdrawn_one_too(backend: Ba
         events, want,
         "no event for the waiting states, one per final state"
     );
+    app.stop().await;
+}
+
+async fn a_group_push_gets_one_event_for_the_parent_once_every_part_is_final(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let receiver = Receiver::start(0).await;
+    let (mut settings, secret) = with_callbacks(&env, &receiver);
+    settings.app_groups = env.settings_with_group().app_groups;
+    settings.delivery.interval_ms = 50;
+    let app = env.spawn_app_with(settings).await;
+    // The iOS part is rejected: the parent is partial.
+    env.sim.add_fault(umeng_push_gateway::simulator::Fault {
+        appkey: Some(IOS_KEY.into()),
+        path: Some("/api/send".into()),
+        kind: umeng_push_gateway::simulator::FaultKind::ErrorCode {
+            code: "2003".into(),
+            message: None,
+        },
+        times: Some(1),
+    });
+    let push = serde_json::json!({
+        "app": GROUP,
+        "type": "unicast",
+        "device_tokens": {"android": [ANDROID_TOKEN], "ios": [IOS_TOKEN]},
+        "notification": {"title": "t", "text": "x"},
+        "production_mode": false,
+        "callback_url": receiver.url(),
+    });
+    let r = app.post_push(&push).await;
+    assert_eq!(r.status(), 207);
+    let id = id_of(&r.json().await.unwrap());
+
+    let got = receiver.wait_for_delivered(1).await;
+    // Give a stray per-part event the time to show up, were there one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got_all = receiver.got();
+    assert_eq!(
+        got_all.len(),
+        1,
+        "one event for the parent, none per part: {got:?}"
+    );
+    assert_signed(&got_all[0], &secret);
+    let event = body(&got_all[0]);
+    assert_eq!(event["type"], "push.partial");
+    assert_eq!(event["data"]["id"], id.as_str());
+    assert_eq!(event["data"]["app"], GROUP);
     app.stop().await;
 }

@@ -5,7 +5,7 @@ use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::app::{Backend, TestEnv, ANDROID_APP, IOS_APP};
+use crate::app::{Backend, TestEnv, ANDROID_APP, GROUP, IOS_APP};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/push-request.md");
 
@@ -89,7 +89,7 @@ fn to_near_future(body: &mut Value) {
 #[test]
 fn every_json_block_in_the_reference_is_valid_json() {
     let doc = std::fs::read_to_string(DOC).expect("docs/push-request.md");
-    let blocks: Vec<(String, String)> = ["json", "json push"]
+    let blocks: Vec<(String, String)> = ["json", "json push", "json push-group"]
         .iter()
         .flat_map(|tag| fenced_blocks(&doc, tag))
         .collect();
@@ -145,5 +145,23 @@ async fn every_push_example_in_the_reference_is_accepted() {
         "one example per cast type at least"
     );
     assert_eq!(env.sends().len(), examples.len());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_group_example_is_accepted_on_both_platforms() {
+    let doc = std::fs::read_to_string(DOC).expect("docs/push-request.md");
+    let examples = fenced_blocks(&doc, "json push-group");
+    assert_eq!(examples.len(), 1);
+    let env = TestEnv::new(Backend::Sqlite).await;
+    let app = env.spawn_app_with(env.settings_with_group()).await;
+    let mut body: Value = serde_json::from_str(&examples[0].1).expect("JSON");
+    assert_eq!(body["app"], "shop");
+    body["app"] = Value::from(GROUP);
+    let response = app.post_push(&body).await;
+    assert_eq!(response.status(), 201);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["status"], "accepted", "{answer}");
+    assert_eq!(answer["parts"].as_array().unwrap().len(), 2, "{answer}");
     app.stop().await;
 }
