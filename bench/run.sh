@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                                  # the main scenario, about 3 minutes
 #   BENCH_SCENARIOS="upstream replicas" bench/run.sh
-#   BENCH_SCENARIOS=all bench/run.sh              # main, async, upstream and replicas
+#   BENCH_SCENARIOS=all bench/run.sh              # main, async, upstream, parts and replicas
 #
 # Builds the release binary and the load generator (examples/loadgen.rs), starts the
 # Umeng simulator, then runs the scenarios named in BENCH_SCENARIOS (default "main"):
@@ -27,6 +27,10 @@
 #   scenario's synchronous rate, when both ran), the drain (pushes accepted by Umeng per
 #   second from the first 202 until the queue is empty), the queue's peak depth (sampled
 #   every 0.25 s) and the gateway's peak RSS.
+# parts: one request for a large audience, on SQLite and PostgreSQL: a listcast of
+#   BENCH_PARTS_AUDIENCE (10,000) tokens (20 parts of 500) and a customizedcast of as many
+#   aliases, each sent BENCH_PARTS_REPEAT (5) times, synchronously and one at a time: wall
+#   time per request, the Umeng calls the simulator received, the gateway's peak RSS.
 # replicas: BENCH_REPLICAS ("1 2 4") gateway processes on one PostgreSQL database, on ports
 #   BENCH_GW_PORT, +1, +2, ...; the load generator spreads its connections round robin over
 #   them, at each level of BENCH_REPLICA_CLIENTS ("16 64").
@@ -61,6 +65,8 @@ UPSTREAM_MS=${BENCH_UPSTREAM_MS:-80}
 UPSTREAM_CLIENTS=${BENCH_UPSTREAM_CLIENTS:-64 256}
 REPLICAS=${BENCH_REPLICAS:-1 2 4}
 REPLICA_CLIENTS=${BENCH_REPLICA_CLIENTS:-16 64}
+PARTS_AUDIENCE=${BENCH_PARTS_AUDIENCE:-10000}
+PARTS_REPEAT=${BENCH_PARTS_REPEAT:-5}
 DB_POOL=${BENCH_DB_POOL:-16}
 PG_URL=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 SIM_PORT=${BENCH_SIM_PORT:-18090}
@@ -442,6 +448,56 @@ if has_scenario async; then
     bench_async sqlite "sqlite://$WORK/gateway-async.db" "$WORK/gateway-async.db"
     psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
     bench_async postgres "$PG_URL/$PG_DB" "$PG_URL/$PG_DB"
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+fi
+
+# Sends the parts scenario's requests to one gateway on $2 (backend $1).
+bench_parts() { # backend, database url
+    local backend=$1 url=$2 kind i answer code ms codes walls calls rss
+    start_gateways "$url" 1
+    python3 - "$WORK" "$PARTS_AUDIENCE" <<'EOP'
+import json, sys
+work, n = sys.argv[1], int(sys.argv[2])
+note = {"title": "Bench", "text": "One request, a large audience"}
+bodies = {
+    "listcast": {"app": "bench-unicast", "type": "listcast", "notification": note,
+                 "device_tokens": [f"{i:0>44}" for i in range(n)], "production_mode": False},
+    "customizedcast": {"app": "bench-unicast", "type": "customizedcast", "notification": note,
+                       "alias_type": "user_id", "aliases": [f"user-{i}" for i in range(n)],
+                       "production_mode": False},
+}
+for kind, body in bodies.items():
+    with open(f"{work}/parts-{kind}.json", "w") as out:
+        json.dump(body, out)
+EOP
+    for kind in listcast customizedcast; do
+        log "one $kind to $PARTS_AUDIENCE recipients on $backend, $PARTS_REPEAT times"
+        echo 5 >"/proc/${GW_PIDS[0]}/clear_refs" 2>/dev/null || true
+        curl -sS -X DELETE "$SIM_URL/_sim/requests" >/dev/null
+        codes=
+        walls=
+        for i in $(seq 1 "$PARTS_REPEAT"); do
+            answer=$(curl -sS -o "$WORK/parts-answer.json" -w '%{http_code} %{time_total}' \
+                -X POST "$GW_URLS/v1/pushes" -H "authorization: Bearer $TOKEN" \
+                -H 'content-type: application/json' --data-binary "@$WORK/parts-$kind.json")
+            code=${answer%% *}
+            ms=$(awk -v t="${answer##* }" 'BEGIN { printf "%.1f", t * 1000 }')
+            codes+="${codes:+ }$code"
+            walls+="${walls:+,}$ms"
+        done
+        calls=$(curl -sS "$SIM_URL/_sim/requests" | python3 -c 'import json, sys; print(sum(1 for r in json.load(sys.stdin) if r["path"] == "/api/send"))')
+        rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/${GW_PIDS[0]}/status")
+        printf '{"kind":"parts","backend":"%s","cast":"%s","audience":%s,"requests":%s,"statuses":"%s","wall_ms":[%s],"umeng_calls":%s,"rss_kib":%s}\n' \
+            "$backend" "$kind" "$PARTS_AUDIENCE" "$PARTS_REPEAT" "$codes" "$walls" "$calls" "$rss" |
+            tee -a "$OUT" >&2
+    done
+    stop_gateways
+}
+
+if has_scenario parts; then
+    bench_parts sqlite "sqlite://$WORK/gateway-parts.db"
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    bench_parts postgres "$PG_URL/$PG_DB"
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
 fi
 

@@ -567,6 +567,7 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
     r.upstream_table(&mut checks);
     r.replicas_table();
     r.async_table(&mut checks);
+    r.parts_table();
     r.rss_checks(&mut checks);
     if !checks.is_empty() {
         println!();
@@ -956,6 +957,46 @@ impl<'a> Report<'a> {
                     verdict(r >= 2.0)
                 ));
             }
+        }
+    }
+
+    /// One request for a large audience (the `parts` scenario): wall time per request,
+    /// Umeng calls made, the gateway's peak RSS.
+    fn parts_table(&self) {
+        let rows: Vec<&Value> = self
+            .lines
+            .iter()
+            .filter(|v| s(v, "kind") == "parts")
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        println!();
+        println!("One request, a large audience: a listcast of N tokens and a customizedcast of N aliases, sent synchronously (the answer comes once every part has its outcome), one at a time; test mode. Calls are /api/send calls the simulator received for all of them.");
+        println!();
+        println!("| backend | cast | audience | requests | answers | wall ms (median) | wall ms (max) | Umeng calls | calls/request | peak RSS MiB |");
+        println!("|---|---|---:|---:|---|---:|---:|---:|---:|---:|");
+        for v in rows {
+            let mut wall: Vec<f64> = v
+                .get("wall_ms")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            wall.sort_by(f64::total_cmp);
+            let median = wall.get(wall.len() / 2).copied().unwrap_or(f64::NAN);
+            let max = wall.last().copied().unwrap_or(f64::NAN);
+            let requests = u(v, "requests").max(1);
+            println!(
+                "| {} | {} | {} | {} | {} | {median:.0} | {max:.0} | {} | {:.1} | {:.1} |",
+                s(v, "backend"),
+                s(v, "cast"),
+                u(v, "audience"),
+                u(v, "requests"),
+                s(v, "statuses"),
+                u(v, "umeng_calls"),
+                u(v, "umeng_calls") as f64 / requests as f64,
+                u(v, "rss_kib") as f64 / 1024.0,
+            );
         }
     }
 

@@ -225,6 +225,45 @@ pub struct PushDetail {
     pub cancellable: bool,
     /// Not sent yet: Cancel withdraws it here, Umeng never hears of it.
     pub withdrawable: bool,
+    /// A parent (app group or split list): its parts.
+    pub parts: Vec<PartRow>,
+    /// A part: its parent's id and its number.
+    pub parent_id: Option<String>,
+    pub part_no: Option<u32>,
+}
+
+/// One part of a parent, as the detail page lists it.
+#[derive(Debug, Serialize)]
+pub struct PartRow {
+    pub id: String,
+    pub part: u32,
+    pub app: String,
+    pub platform: String,
+    pub audience: Option<u32>,
+    pub status: StatusView,
+    /// Its msg_id or task_id.
+    pub reference: Option<String>,
+    pub error: Option<String>,
+    pub attempts: usize,
+}
+
+impl PartRow {
+    fn of(p: &crate::store::PushPart, lang: Lang) -> PartRow {
+        PartRow {
+            id: p.id.clone(),
+            part: p.part,
+            app: p.app.clone(),
+            platform: p.platform.clone(),
+            audience: p.audience,
+            status: status_view(p.status, lang),
+            reference: p.task_id.clone().or_else(|| p.msg_id.clone()),
+            error: p.error_code.as_ref().map(|c| match &p.error_msg {
+                Some(m) => format!("{c}: {}", cut(m, 120)),
+                None => c.clone(),
+            }),
+            attempts: p.attempts.len(),
+        }
+    }
 }
 
 /// A JSON body pretty-printed and cut to [`MAX_BODY_CHARS`].
@@ -335,8 +374,18 @@ impl PushDetail {
             .or_else(|| p.request.pointer("/notification/alert/title"))
             .and_then(Value::as_str)
             .map(|t| cut(t, 200));
-        let has_task = p.task_class && p.task_id.is_some();
-        let withdrawable = p.status.is_waiting();
+        // A parent acts through its parts: any task part, any part not sent yet.
+        let has_task = (p.task_class && p.task_id.is_some())
+            || p.parts.iter().any(|part| part.task_id.is_some());
+        let withdrawable =
+            p.status.is_waiting() || p.parts.iter().any(|part| part.status.is_waiting());
+        let open_task = if p.parts.is_empty() {
+            has_task && !p.status.is_final_task_state()
+        } else {
+            p.parts
+                .iter()
+                .any(|part| part.task_id.is_some() && !part.status.is_final_task_state())
+        };
         PushDetail {
             row: PushRow::of(&PushSummary::of(p), lang),
             platform: p.platform.clone(),
@@ -365,8 +414,11 @@ impl PushDetail {
             next_attempt_at: p.next_attempt_at.map(TimeView::of),
             deliver_by: p.deliver_by.map(TimeView::of),
             refreshable: has_task,
-            cancellable: withdrawable || (has_task && !p.status.is_final_task_state()),
+            cancellable: withdrawable || open_task,
             withdrawable,
+            parts: p.parts.iter().map(|part| PartRow::of(part, lang)).collect(),
+            parent_id: p.parent_id.clone(),
+            part_no: p.part_no,
         }
     }
 }

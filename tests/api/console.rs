@@ -29,6 +29,7 @@ on_both_backends!(
     console_can_be_turned_off,
     console_bad_input_gets_a_clear_page_not_a_500,
     console_queue_lists_waiting_pushes_and_withdraws_one,
+    console_shows_a_parent_with_its_parts,
 );
 
 /// One browser test at a time: each starts its own Chromium.
@@ -1154,4 +1155,82 @@ async fn console_queue_lists_waiting_pushes_and_withdraws_one(backend: Backend) 
         !html.contains(&ios_held) && !html.contains(&retried),
         "{html}"
     );
+}
+
+async fn console_shows_a_parent_with_its_parts(backend: Backend) {
+    let _one = BROWSER_LOCK.lock().await;
+    // Arrange: a group unicast whose iOS part Umeng rejects: a partial parent.
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app_with(env.settings_with_group()).await;
+    env.sim.add_fault(Fault {
+        appkey: Some(crate::app::IOS_KEY.into()),
+        path: Some("/api/send".into()),
+        kind: FaultKind::ErrorCode {
+            code: "2003".into(),
+            message: Some("bad token".into()),
+        },
+        times: Some(1),
+    });
+    let r = app
+        .post_push(&json!({
+            "app": crate::app::GROUP,
+            "type": "unicast",
+            "device_tokens": {"android": [crate::app::ANDROID_TOKEN], "ios": [crate::app::IOS_TOKEN]},
+            "notification": {"title": "Order shipped", "text": "It is on its way"},
+            "production_mode": false,
+        }))
+        .await;
+    assert_eq!(r.status(), 207);
+    let view: Value = r.json().await.expect("json");
+    let id = view["id"].as_str().expect("id").to_owned();
+    let part2 = view["parts"][1]["id"].as_str().expect("part id").to_owned();
+
+    // The page lists the parts (plain HTTP: holds without a browser too).
+    let (session, _, _) = sign_in_http(&app.base, TOKEN_SENDER).await;
+    let html = plain()
+        .get(format!("{}/ui/pushes/{id}", app.base))
+        .header("cookie", session.expect("a session"))
+        .send()
+        .await
+        .expect("answer")
+        .text()
+        .await
+        .expect("html");
+    assert!(html.contains("id=\"parts\""), "{html}");
+    assert_eq!(html.matches("data-part=").count(), 2);
+    assert!(html.contains("2003: bad token"), "{html}");
+
+    let Some(b) = browser(&app, "en-US", backend).await else {
+        return;
+    };
+    b.goto("/ui/").await;
+    b.sign_in(TOKEN_SENDER).await;
+    b.goto(&format!("/ui/pushes/{id}")).await;
+    let status = b
+        .find("#status")
+        .await
+        .attr("data-status")
+        .await
+        .expect("attr");
+    assert_eq!(status.as_deref(), Some("partial"));
+    let rows = b
+        .client
+        .find_all(Locator::Css("table#parts tbody tr"))
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 2);
+    let part_status = b
+        .find("table#parts tr[data-part='2'] .badge")
+        .await
+        .attr("data-status")
+        .await
+        .expect("attr");
+    assert_eq!(part_status.as_deref(), Some("failed"));
+    b.screenshot("parts").await;
+    // A part links to its own page, which links back to the parent.
+    b.click("table#parts tr[data-part='2'] a").await;
+    assert_eq!(b.path().await, format!("/ui/pushes/{part2}"));
+    assert!(b.text("#parent").await.contains(&id));
+    b.close().await;
+    app.stop().await;
 }
