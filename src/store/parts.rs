@@ -217,6 +217,9 @@ enum Repeat {
     Answer(PartsAdmission),
     Replay(String),
     Resend(String, Vec<u32>),
+    /// The owner is a parent that failed before any part was created (its quota window
+    /// was full when it was due, or its deadline passed): the key moves to a new parent.
+    Reclaim(String),
 }
 
 /// Judges a repeat of the key: `failed_parts` lists the owner's parts that definitely
@@ -227,7 +230,7 @@ fn judge_repeat(
     fingerprint: &str,
     status: &str,
     owner_async: bool,
-    failed_parts: Vec<u32>,
+    parts: Option<(Vec<u32>, usize)>,
 ) -> Repeat {
     if fingerprint != parent.fingerprint {
         return Repeat::Answer(PartsAdmission::Mismatch { push_id: owner_id });
@@ -235,10 +238,10 @@ fn judge_repeat(
     if status == PushStatus::Pending.as_str() && !owner_async {
         return Repeat::Answer(PartsAdmission::InFlight { push_id: owner_id });
     }
-    if failed_parts.is_empty() {
-        Repeat::Replay(owner_id)
-    } else {
-        Repeat::Resend(owner_id, failed_parts)
+    match parts {
+        Some((_, 0)) if status == PushStatus::Failed.as_str() => Repeat::Reclaim(owner_id),
+        Some((failed, _)) if !failed.is_empty() => Repeat::Resend(owner_id, failed),
+        _ => Repeat::Replay(owner_id),
     }
 }
 
@@ -328,8 +331,13 @@ const PG_KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.deliver
  where k.appkey = $1 and k.out_biz_no = $2
    for update of p";
 
-const PG_FAILED_PARTS: &str = "select part_no from pushes
- where parent_id = $1 and status = 'failed' order by part_no";
+/// A parent's parts: their numbers and whether each definitely failed.
+const PG_PART_OUTCOMES: &str = "select part_no, status = 'failed' as failed from pushes
+ where parent_id = $1 order by part_no";
+
+const PG_MOVE_KEY: &str = "update idempotency_keys
+   set push_id = $3, fingerprint = $4, created_at = now()
+ where appkey = $1 and out_biz_no = $2 and push_id = $5";
 
 const PG_TAKE_SLOT: &str = "with w as (
     select (floor((extract(epoch from now()) + 28800) / $3::bigint) * $3::bigint - 28800)::bigint
@@ -621,16 +629,20 @@ pub(crate) async fn pg_admit(
             let owner_id: String = owner.try_get("push_id")?;
             let status: String = owner.try_get("status")?;
             let is_parent = owner.try_get::<Option<i32>, _>("parts")?.is_some();
-            let failed = if resumable(&status, is_parent) {
-                sqlx::query_scalar::<_, i32>(PG_FAILED_PARTS)
+            let parts_state = if resumable(&status, is_parent) {
+                let rows = sqlx::query(PG_PART_OUTCOMES)
                     .bind(&owner_id)
                     .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .filter_map(|n| u32::try_from(n).ok())
-                    .collect()
+                    .await?;
+                let mut failed = Vec::new();
+                for row in &rows {
+                    if row.try_get::<bool, _>("failed")? {
+                        failed.extend(u32::try_from(row.try_get::<i32, _>("part_no")?).ok());
+                    }
+                }
+                Some((failed, rows.len()))
             } else {
-                Vec::new()
+                None
             };
             let fingerprint: String = owner.try_get("fingerprint")?;
             let owner_async = owner.try_get::<Option<String>, _>("delivery")?.is_some();
@@ -640,7 +652,7 @@ pub(crate) async fn pg_admit(
                 &fingerprint,
                 &status,
                 owner_async,
-                failed,
+                parts_state,
             ) {
                 Repeat::Answer(answer) => {
                     tx.rollback().await?;
@@ -656,6 +668,18 @@ pub(crate) async fn pg_admit(
                     });
                 }
                 Repeat::Resend(id, numbers) => resend = Some((id, numbers)),
+                Repeat::Reclaim(old) => {
+                    // The key's foreign key is checked at commit: the new parent is
+                    // inserted below.
+                    sqlx::query(PG_MOVE_KEY)
+                        .bind(&parent.appkey)
+                        .bind(key)
+                        .bind(&parent.id)
+                        .bind(&parent.fingerprint)
+                        .bind(&old)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
         }
     }
@@ -941,8 +965,12 @@ const SQLITE_INSERT_KEY: &str = "insert into idempotency_keys (appkey, out_biz_n
     push_id, created_at)
 values (?1, ?2, ?3, ?4, ?5)";
 
-const SQLITE_FAILED_PARTS: &str = "select part_no from pushes
- where parent_id = ?1 and status = 'failed' order by part_no";
+const SQLITE_PART_OUTCOMES: &str = "select part_no, status = 'failed' as failed from pushes
+ where parent_id = ?1 order by part_no";
+
+const SQLITE_MOVE_KEY: &str = "update idempotency_keys
+   set push_id = ?3, fingerprint = ?4, created_at = ?5
+ where appkey = ?1 and out_biz_no = ?2 and push_id = ?6";
 
 const SQLITE_HELD_BY_PARTS: &str = "update pushes set quota_refunded = 1, updated_at = ?3
  where parent_id = ?1 and part_no in (select value from json_each(?2))
@@ -1176,6 +1204,7 @@ pub(crate) async fn sqlite_admit(
 ) -> Result<PartsAdmission, sqlx::Error> {
     let mut tx = pool.begin_with("begin immediate").await?;
     let mut resend: Option<(String, Vec<u32>)> = None;
+    let mut reclaim: Option<String> = None;
     if let Some(key) = &parent.out_biz_no {
         let owner = sqlx::query(SQLITE_KEY_OWNER)
             .bind(&parent.appkey)
@@ -1186,16 +1215,20 @@ pub(crate) async fn sqlite_admit(
             let owner_id: String = owner.try_get("push_id")?;
             let status: String = owner.try_get("status")?;
             let is_parent = owner.try_get::<Option<i64>, _>("parts")?.is_some();
-            let failed = if resumable(&status, is_parent) {
-                sqlx::query_scalar::<_, i64>(SQLITE_FAILED_PARTS)
+            let parts_state = if resumable(&status, is_parent) {
+                let rows = sqlx::query(SQLITE_PART_OUTCOMES)
                     .bind(&owner_id)
                     .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .filter_map(|n| u32::try_from(n).ok())
-                    .collect()
+                    .await?;
+                let mut failed = Vec::new();
+                for row in &rows {
+                    if row.try_get::<bool, _>("failed")? {
+                        failed.extend(u32::try_from(row.try_get::<i64, _>("part_no")?).ok());
+                    }
+                }
+                Some((failed, rows.len()))
             } else {
-                Vec::new()
+                None
             };
             let fingerprint: String = owner.try_get("fingerprint")?;
             let owner_async = owner.try_get::<Option<String>, _>("delivery")?.is_some();
@@ -1205,7 +1238,7 @@ pub(crate) async fn sqlite_admit(
                 &fingerprint,
                 &status,
                 owner_async,
-                failed,
+                parts_state,
             ) {
                 Repeat::Answer(answer) => {
                     tx.rollback().await?;
@@ -1221,6 +1254,7 @@ pub(crate) async fn sqlite_admit(
                     });
                 }
                 Repeat::Resend(id, numbers) => resend = Some((id, numbers)),
+                Repeat::Reclaim(old) => reclaim = Some(old),
             }
         }
     }
@@ -1349,15 +1383,29 @@ pub(crate) async fn sqlite_admit(
                     sqlite_insert_parts(&mut tx, &parent.id, &parts, &taken, false, now).await?;
                 }
             }
-            if let Some(key) = &parent.out_biz_no {
-                sqlx::query(SQLITE_INSERT_KEY)
-                    .bind(&parent.appkey)
-                    .bind(key)
-                    .bind(&parent.fingerprint)
-                    .bind(&parent.id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+            match (&parent.out_biz_no, &reclaim) {
+                (Some(key), Some(old)) => {
+                    sqlx::query(SQLITE_MOVE_KEY)
+                        .bind(&parent.appkey)
+                        .bind(key)
+                        .bind(&parent.id)
+                        .bind(&parent.fingerprint)
+                        .bind(now)
+                        .bind(old)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                (Some(key), None) => {
+                    sqlx::query(SQLITE_INSERT_KEY)
+                        .bind(&parent.appkey)
+                        .bind(key)
+                        .bind(&parent.fingerprint)
+                        .bind(&parent.id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                (None, _) => {}
             }
             (parent.id, Vec::new())
         }

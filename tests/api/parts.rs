@@ -651,6 +651,12 @@ async fn a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_wit
         1,
         "only the broadcast that filled the window"
     );
+    // A repeat is not a replay of that failure: the key moves to a new attempt, which
+    // (its send_at now past) is judged at once: the iOS window is still full.
+    let r = app.post_push(&body).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["app"], IOS_APP);
 
     // A held parent is withdrawn before it is due.
     let mut later = group_broadcast("held-cancel");
