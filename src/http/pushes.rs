@@ -375,8 +375,9 @@ pub struct ListParams {
     #[serde(rename = "type")]
     #[param(rename = "type")]
     pub cast_type: Option<String>,
-    /// A push status (pending, accepted, failed, unknown, a task state, or a delivery state:
-    /// awaiting_send, awaiting_send_at, awaiting_quota, withdrawn).
+    /// A push status (pending, accepted, failed, unknown, a task state, a delivery state:
+    /// awaiting_send, awaiting_send_at, awaiting_quota, withdrawn; or partial, a push with
+    /// parts of which some failed).
     #[param(value_type = Option<crate::store::PushStatus>)]
     pub status: Option<String>,
     /// The sending client's configured name.
