@@ -212,6 +212,42 @@ fn u32_of(v: Option<i64>) -> Option<u32> {
     v.and_then(|n| u32::try_from(n).ok())
 }
 
+/// `(status, http_status)` of each part row (columns `status` text, `http_status` as a
+/// 64-bit integer), either backend.
+fn part_states<R: Row>(rows: &[R]) -> Result<Vec<(PushStatus, Option<u16>)>, sqlx::Error>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+{
+    rows.iter()
+        .map(|row| {
+            let status: String = row.try_get("status")?;
+            let http: Option<i64> = row.try_get("http_status")?;
+            let status = PushStatus::parse(&status)
+                .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?;
+            Ok((status, http.and_then(|h| u16::try_from(h).ok())))
+        })
+        .collect()
+}
+
+/// The numbers of the parts that definitely failed, and how many part rows there are
+/// (columns `part_no` as a 64-bit integer, `failed` boolean), either backend.
+fn part_outcomes<R: Row>(rows: &[R]) -> Result<(Vec<u32>, usize), sqlx::Error>
+where
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+{
+    let mut failed = Vec::new();
+    for row in rows {
+        if row.try_get::<bool, _>("failed")? {
+            failed.extend(u32::try_from(row.try_get::<i64, _>("part_no")?).ok());
+        }
+    }
+    Ok((failed, rows.len()))
+}
+
 /// What a repeat of a parent's key leads to, once the owner is known.
 enum Repeat {
     Answer(PartsAdmission),
@@ -332,8 +368,8 @@ const PG_KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.deliver
    for update of p";
 
 /// A parent's parts: their numbers and whether each definitely failed.
-const PG_PART_OUTCOMES: &str = "select part_no, status = 'failed' as failed from pushes
- where parent_id = $1 order by part_no";
+const PG_PART_OUTCOMES: &str = "select part_no::bigint as part_no, status = 'failed' as failed
+  from pushes where parent_id = $1 order by part_no";
 
 const PG_MOVE_KEY: &str = "update idempotency_keys
    set push_id = $3, fingerprint = $4, created_at = now()
@@ -390,7 +426,7 @@ const PG_RESEND_PART: &str = "update pushes
        finished_at = null, updated_at = now()
  where parent_id = $1 and part_no = $2 and status = 'failed'";
 
-const PG_PART_STATES: &str = "select status, http_status from pushes
+const PG_PART_STATES: &str = "select status, http_status::bigint as http_status from pushes
  where parent_id = $1 order by part_no";
 
 const PG_SETTLE: &str = "update pushes
@@ -634,13 +670,7 @@ pub(crate) async fn pg_admit(
                     .bind(&owner_id)
                     .fetch_all(&mut *tx)
                     .await?;
-                let mut failed = Vec::new();
-                for row in &rows {
-                    if row.try_get::<bool, _>("failed")? {
-                        failed.extend(u32::try_from(row.try_get::<i32, _>("part_no")?).ok());
-                    }
-                }
-                Some((failed, rows.len()))
+                Some(part_outcomes(&rows)?)
             } else {
                 None
             };
@@ -886,15 +916,7 @@ pub(crate) async fn pg_settle(
         .bind(parent_id)
         .fetch_all(pool)
         .await?;
-    let mut states = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let status: String = row.try_get("status")?;
-        let http: Option<i32> = row.try_get("http_status")?;
-        let status = PushStatus::parse(&status)
-            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?;
-        states.push((status, http.and_then(|h| u16::try_from(h).ok())));
-    }
-    let Some(outcome) = derive(&states) else {
+    let Some(outcome) = derive(&part_states(&rows)?) else {
         return Ok(None);
     };
     let done = sqlx::query(PG_SETTLE)
@@ -1220,13 +1242,7 @@ pub(crate) async fn sqlite_admit(
                     .bind(&owner_id)
                     .fetch_all(&mut *tx)
                     .await?;
-                let mut failed = Vec::new();
-                for row in &rows {
-                    if row.try_get::<bool, _>("failed")? {
-                        failed.extend(u32::try_from(row.try_get::<i64, _>("part_no")?).ok());
-                    }
-                }
-                Some((failed, rows.len()))
+                Some(part_outcomes(&rows)?)
             } else {
                 None
             };
@@ -1517,15 +1533,7 @@ pub(crate) async fn sqlite_settle(
         .bind(parent_id)
         .fetch_all(pool)
         .await?;
-    let mut states = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let status: String = row.try_get("status")?;
-        let http: Option<i64> = row.try_get("http_status")?;
-        let status = PushStatus::parse(&status)
-            .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?;
-        states.push((status, http.and_then(|h| u16::try_from(h).ok())));
-    }
-    let Some(outcome) = derive(&states) else {
+    let Some(outcome) = derive(&part_states(&rows)?) else {
         return Ok(None);
     };
     let done = sqlx::query(SQLITE_SETTLE)

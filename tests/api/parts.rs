@@ -27,6 +27,7 @@ on_both_backends!(
     a_held_group_broadcast_takes_both_slots_when_it_is_due,
     a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_withdraws,
     a_waiting_group_broadcast_goes_when_both_windows_have_room,
+    the_poller_follows_each_task_part,
 );
 
 /// Test settings with a fast delivery worker.
@@ -701,4 +702,46 @@ async fn a_waiting_group_broadcast_goes_when_both_windows_have_room(backend: Bac
     assert_eq!(a.quota_used(IOS_APP, "broadcast").await, 1);
     a.stop().await;
     b.stop().await;
+}
+
+async fn the_poller_follows_each_task_part(backend: Backend) {
+    let env = TestEnv::with_task_step(backend, Duration::from_millis(50)).await;
+    let mut settings = fast(&env);
+    settings.poller.interval_secs = 1;
+    settings.poller.backoff_secs = vec![1];
+    let app = env.spawn_app_with(settings).await;
+    let r = app
+        .post_push(&json!({"app": GROUP, "type": "groupcast",
+            "filter": {"where": {"and": [{"tag": "vip"}]}},
+            "notification": {"title": "t", "text": "x"}, "production_mode": false}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut record = Value::Null;
+    for _ in 0..300 {
+        record = app.get_json(&format!("/v1/pushes/{id}")).await;
+        if part_statuses(&record).iter().all(|s| s == "done") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(part_statuses(&record), ["done", "done"], "{record}");
+    // The parent keeps its send outcome; its parts carry the task states.
+    assert_eq!(record["status"], "accepted");
+    let polls = env
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/api/status")
+        .map(|r| r.appkey.unwrap_or_default())
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(
+        polls.len(),
+        2,
+        "each part's task is polled with its own appkey"
+    );
+    app.stop().await;
 }
