@@ -1,6 +1,7 @@
 //! Asynchronous delivery under failure (issue 10), on the gateway binary as child
 //! processes: Umeng down for 30 s and then up, `kill -9` with a queue of 200, and two
-//! replicas draining one queue of 1,000. Every push carries its key in its notification
+//! replicas draining one queue of 1,000; and `kill -9` while pushes with parts (split lists,
+//! app groups) are being sent. Every push carries its key in its notification
 //! text, so each simulator receipt is tied to its request, unicasts included. Slow:
 //! `#[ignore]`d, run by `reliability/run.sh`; RELIABILITY.md has the figures.
 
@@ -59,6 +60,18 @@ async fn postgres_kill_9_with_a_queue_of_200() {
 #[ignore = "slow: reliability/run.sh"]
 async fn postgres_two_replicas_drain_1000() {
     two_replicas_drain_1000().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: reliability/run.sh"]
+async fn sqlite_kill_9_with_parents_in_flight() {
+    kill_9_with_parents_in_flight(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: reliability/run.sh"]
+async fn postgres_kill_9_with_parents_in_flight() {
+    kill_9_with_parents_in_flight(Backend::Postgres).await;
 }
 
 /// The binary under test: `UMGW_GATEWAY_BIN`, or the one cargo built for this test run.
@@ -144,6 +157,10 @@ name = "{IOS_APP}"
 platform = "ios"
 appkey = "{IOS_KEY}"
 master_secret = "{IOS_SECRET}"
+
+[[app_groups]]
+name = "{GROUP}"
+apps = ["{ANDROID_APP}", "{IOS_APP}"]
 
 [[clients]]
 name = "sender"
@@ -716,4 +733,142 @@ async fn two_replicas_drain_1000() {
         &[logs[0].as_path(), logs[1].as_path()],
     );
     assert_eq!(sent_by[0] + sent_by[1], REPLICA_PUSHES);
+}
+
+const PARENT_LISTS: usize = 6;
+const PARENT_GROUPS: usize = 6;
+const LIST_TOKENS: usize = 1200;
+
+/// Pushes with parts are asynchronous pushes per part: killed with SIGKILL while split
+/// listcasts (1,200 tokens: 3 parts) and group groupcasts (2 parts) are being sent behind a
+/// slow Umeng, then started again. No token reaches Umeng twice, every group part is one
+/// task, and every parent ends with the status its parts give it.
+async fn kill_9_with_parents_in_flight(backend: Backend) {
+    if backend == Backend::Postgres && crate::helpers::skip_postgres() {
+        return;
+    }
+    let env = TestEnv::new(backend).await;
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: Some("/api/send".into()),
+        kind: FaultKind::Latency { ms: 400 },
+        times: None,
+    });
+    let mut knobs = Knobs::new(env.sim.base_url());
+    knobs.connect_timeout_ms = 250;
+    knobs.timeout_ms = 1000;
+    knobs.pending_timeout_secs = 33;
+    knobs.lease_secs = 16;
+    knobs.concurrency = 8;
+    knobs.per_app_concurrency = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(&env, &knobs, dir.path(), "gateway").await;
+    let mut bodies = Vec::new();
+    for n in 0..PARENT_LISTS {
+        let key = format!("p-l{n}");
+        let mut b = body(&key, "listcast", 0, n % 2 == 0);
+        let tokens: Vec<String> = (0..LIST_TOKENS)
+            .map(|i| format!("{n:02}{i:0>42}"))
+            .collect();
+        b["device_tokens"] = json!(tokens);
+        bodies.push((key, b));
+    }
+    for n in 0..PARENT_GROUPS {
+        let key = format!("p-g{n}");
+        let mut b = body(&key, "groupcast", 0, n % 2 == 0);
+        b["app"] = json!(GROUP);
+        bodies.push((key, b));
+    }
+
+    // Act: queue them, let the worker get going, kill -9, start again.
+    let pushes = post_all(&[gw.base.clone()], bodies, 4).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.kill();
+    let killed_at = Instant::now();
+    let at_kill = status_counts(&env).await;
+    let receipts_at_kill = env.sends().len();
+    let mut gw = Gateway::start(&env, &knobs, dir.path(), "gateway").await;
+    wait_until_final(&env, Duration::from_secs(knobs.lease_secs + 120)).await;
+    let final_in = killed_at.elapsed();
+    gw.kill();
+    let log = gw.log.clone();
+
+    // Assert: the books, per parent.
+    let rows = records(&env, &pushes).await;
+    let sends = env.sends();
+    let receipts = receipts_by_key(&sends);
+    let mut parents: BTreeMap<String, usize> = BTreeMap::new();
+    let mut parts: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, parent) in &rows {
+        *parents.entry(parent.status.to_string()).or_default() += 1;
+        let got: Vec<&RecordedRequest> = receipts.get(key).cloned().unwrap_or_default();
+        let expected = if key.starts_with("p-l") { 3 } else { 2 };
+        assert_eq!(parent.parts.len(), expected, "{key}: {parent:?}");
+        let states: Vec<(umeng_push_gateway::store::PushStatus, Option<u16>)> = parent
+            .parts
+            .iter()
+            .map(|p| (p.status, p.http_status))
+            .collect();
+        let derived = umeng_push_gateway::store::parts::derive(&states).expect("settled");
+        assert_eq!(parent.status, derived.status, "{key}: {parent:?}");
+        for part in &parent.parts {
+            *parts.entry(part.status.to_string()).or_default() += 1;
+        }
+        if key.starts_with("p-l") {
+            // Unicast-class parts: no token twice; an accepted part's call is the one in
+            // history; an unknown one was sent at most once.
+            let mut tokens: Vec<String> = got
+                .iter()
+                .filter_map(|r| serde_json::from_str::<Value>(&r.body).ok())
+                .flat_map(|b| {
+                    b["device_tokens"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let sent = tokens.len();
+            tokens.sort_unstable();
+            tokens.dedup();
+            assert_eq!(tokens.len(), sent, "{key}: a token reached Umeng twice");
+            for part in &parent.parts {
+                match part.status.to_string().as_str() {
+                    "accepted" => assert!(
+                        got.iter()
+                            .any(|r| succeeded(r) && r.result_id == part.msg_id),
+                        "{key} part {}: no receipt",
+                        part.part
+                    ),
+                    "unknown" => assert_eq!(part.error_code.as_deref(), Some("stale_pending")),
+                    other => panic!("{key} part {}: ended {other}", part.part),
+                }
+            }
+        } else {
+            // Task-class parts: re-sent after the lease with their own key; one task each.
+            for part in &parent.parts {
+                let biz = part.out_biz_no.clone().expect("a derived out_biz_no");
+                let tasks: HashSet<Option<String>> = got
+                    .iter()
+                    .filter(|r| r.out_biz_no.as_deref() == Some(biz.as_str()) && succeeded(r))
+                    .map(|r| r.result_id.clone())
+                    .collect();
+                assert_eq!(tasks.len(), 1, "{key} part {}: {tasks:?}", part.part);
+                assert!(tasks.contains(&part.task_id), "{key}: {part:?}");
+            }
+        }
+    }
+    assert_eq!(rows.len(), PARENT_LISTS + PARENT_GROUPS);
+    let report = format!(
+        "parts kill-9 {backend:?}: {PARENT_LISTS} listcasts of {LIST_TOKENS} tokens (3 parts \
+         each) and {PARENT_GROUPS} group groupcasts (2 parts each), answered 202; kill -9 \
+         1.5 s later; states at the kill {at_kill:?}, {receipts_at_kill} upstream receipts; \
+         every parent final {final_in:.1?} after the kill (lease {} s); parents {parents:?}; \
+         parts {parts:?}; no token sent twice, one task per group part; {} upstream \
+         receipts in all",
+        knobs.lease_secs,
+        sends.len(),
+    );
+    save_report(&format!("parts-kill9-{backend:?}"), &report, &[&log]);
 }
