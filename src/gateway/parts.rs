@@ -62,6 +62,23 @@ impl Gateway {
         let asynchronous = respond_async || parts.iter().any(|p| p.push.send_at.is_some());
         self.check_parts_async(&parts, asynchronous, now)
             .map_err(|e| invalid(vec![e]))?;
+        if !asynchronous {
+            // As for one synchronous push: while Umeng is unreachable nothing is stored,
+            // and the caller hears it at once instead of waiting for the parts.
+            match self.breaker.try_call() {
+                Ok(permit) => self.breaker.release(permit),
+                Err(wait) => {
+                    metrics::push(
+                        audience.name,
+                        req.cast_type.as_str(),
+                        PushOutcome::Unavailable,
+                    );
+                    return Err(ApiError::UmengUnavailable {
+                        retry_after: wait.as_secs().max(1),
+                    });
+                }
+            }
+        }
 
         let parent_id = uuid::Uuid::now_v7().to_string();
         let (mut parent, new_parts) =

@@ -488,7 +488,11 @@ async fn async_pushes_wait_while_the_breaker_is_open(backend: Backend) {
     let mut tried = 0;
     for id in &ids {
         let r = app.get_json(&format!("/v1/pushes/{id}")).await;
-        assert_eq!(r["status"], "awaiting_send", "{r}");
+        // Waiting, or out as the half-open breaker's probe this very moment.
+        assert!(
+            r["status"] == "awaiting_send" || r["status"] == "pending",
+            "{r}"
+        );
         tried += r["attempts"].as_array().unwrap().len();
     }
     assert!((2..=12).contains(&tried), "{tried} calls in 3 s");

@@ -28,6 +28,7 @@ on_both_backends!(
     a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_withdraws,
     a_waiting_group_broadcast_goes_when_both_windows_have_room,
     the_poller_follows_each_task_part,
+    a_synchronous_parent_is_refused_while_the_breaker_is_open,
 );
 
 /// Test settings with a fast delivery worker.
@@ -742,6 +743,34 @@ async fn the_poller_follows_each_task_part(backend: Backend) {
         polls.len(),
         2,
         "each part's task is polled with its own appkey"
+    );
+    app.stop().await;
+}
+
+async fn a_synchronous_parent_is_refused_while_the_breaker_is_open(backend: Backend) {
+    let (env, proxy) = TestEnv::with_proxy(backend).await;
+    let mut s = env.settings_with_group();
+    s.umeng.breaker_failures = 1;
+    s.umeng.breaker_cooldown_secs = 60;
+    let app = env.spawn_app_with(s).await;
+    proxy.refuse().await;
+    // One refused call opens the breaker.
+    let r = app.post_push(&push_body(ANDROID_APP, "unicast")).await;
+    assert_eq!(r.status(), 502);
+    let r = app.post_push(&group_broadcast("while-down")).await;
+    assert_eq!(r.status(), 503);
+    let problem: Value = r.json().await.unwrap();
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("umeng-unavailable"),
+        "{problem}"
+    );
+    let list = app.get_json(&format!("/v1/pushes?app={GROUP}")).await;
+    assert!(
+        list["items"].as_array().unwrap().is_empty(),
+        "nothing stored"
     );
     app.stop().await;
 }
