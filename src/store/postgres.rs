@@ -53,6 +53,33 @@ fn split_pool(max_connections: u32) -> (u32, u32) {
     (write, read)
 }
 
+/// A pooled connection idle at least this long is pinged before it is handed out; one
+/// that went back to the pool just now is used as it is.
+const PING_IF_IDLE: Duration = Duration::from_secs(1);
+
+/// The options both pools share. Under load every push took a round trip for the pool's
+/// liveness ping before its statement (sqlx's `test_before_acquire`): a connection that
+/// was in use a moment ago is alive as far as a ping can tell. A connection idle for a
+/// second or more (after a quiet spell, or a database restart) is still pinged, and a dead
+/// one replaced; one that dies between two statements fails its statement (503, or an
+/// outcome record retried), as it could after a ping too.
+fn pool_options(size: u32, options: &PoolOptions) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(options.acquire_timeout)
+        .max_lifetime(MAX_LIFETIME)
+        .idle_timeout(IDLE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// True when this session cannot write: a standby, or `default_transaction_read_only`.
 const READ_ONLY: &str =
     "select pg_is_in_recovery() or current_setting('transaction_read_only') = 'on'";
@@ -332,17 +359,8 @@ impl PgStore {
             .application_name("umeng-push-gateway")
             .options(SESSION_OPTIONS);
         let (write_size, read_size) = split_pool(options.max_connections);
-        let read_pool = PgPoolOptions::new()
-            .max_connections(read_size)
-            .acquire_timeout(options.acquire_timeout)
-            .max_lifetime(MAX_LIFETIME)
-            .idle_timeout(IDLE_TIMEOUT)
-            .connect_lazy_with(connect.clone());
-        let pool = PgPoolOptions::new()
-            .max_connections(write_size)
-            .acquire_timeout(options.acquire_timeout)
-            .max_lifetime(MAX_LIFETIME)
-            .idle_timeout(IDLE_TIMEOUT)
+        let read_pool = pool_options(read_size, options).connect_lazy_with(connect.clone());
+        let pool = pool_options(write_size, options)
             .connect_with(connect)
             .await
             .map_err(|e| match map_sqlx(e) {
