@@ -39,6 +39,7 @@ crate::store_cases!(
     saturate_marks_the_window_of_now,
     forgotten_uploads_are_not_found,
     counts_by_hour_group_status_and_error_code_within_the_allowed_apps,
+    concurrent_outcomes_keep_the_counts_exact,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -1373,4 +1374,75 @@ async fn counts_by_hour_group_status_and_error_code_within_the_allowed_apps(ctx:
         .await
         .expect("counts for no app");
     assert!(none.is_empty(), "{none:?}");
+}
+
+/// Outcomes written at the same moment (as a group commit of outcome records would gather
+/// them): each is applied to its own push, refunds of one window add up, a repeated
+/// outcome of one push applies once, and a saturation fills the window.
+async fn concurrent_outcomes_keep_the_counts_exact(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(admitted(store, new_push(None), Some(groupcast(100))).await);
+    }
+    let q = groupcast(100);
+    let used = || async {
+        store
+            .quota_state(APPKEY, q.kind, q.limit)
+            .await
+            .unwrap()
+            .used
+    };
+    assert_eq!(used().await, 40);
+
+    // 30 refunds and 10 kept, all at once; each refund twice (a duplicate finisher).
+    let mut writes = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let f = if i < 30 {
+            failed()
+        } else {
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        };
+        let copies = if i < 30 { 2 } else { 1 };
+        for _ in 0..copies {
+            let store = Arc::clone(store);
+            let (id, f) = (id.clone(), f.clone());
+            writes.push(tokio::spawn(
+                async move { store.finish(&id, f).await.unwrap() },
+            ));
+        }
+    }
+    let mut applied = 0;
+    for w in writes {
+        applied += usize::from(w.await.unwrap());
+    }
+    assert_eq!(applied, 40, "one write per push applies");
+    assert_eq!(used().await, 10, "30 slots back, once each");
+    for (i, id) in ids.iter().enumerate() {
+        let want = if i < 30 {
+            PushStatus::Failed
+        } else {
+            PushStatus::Accepted
+        };
+        assert_eq!(get(store, id).await.status, want);
+    }
+
+    // Two saturations at once fill the window, whatever it held.
+    let a = admitted(store, new_push(None), Some(groupcast(100))).await;
+    let b = admitted(store, new_push(None), Some(groupcast(100))).await;
+    let sat = |id: String| {
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            store
+                .finish(
+                    &id,
+                    finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day)),
+                )
+                .await
+                .unwrap()
+        })
+    };
+    let (x, y) = (sat(a), sat(b));
+    assert!(x.await.unwrap() && y.await.unwrap());
+    assert_eq!(used().await, 100);
 }
