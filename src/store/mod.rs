@@ -17,6 +17,7 @@ use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
 pub mod callbacks;
 pub mod parts;
+mod pg_finish;
 pub mod postgres;
 pub mod sqlite;
 
@@ -25,7 +26,7 @@ pub use parts::{NewPart, PartsAdmission, PushPart};
 
 /// Errors from the store. The message never carries a secret (the database URL's password
 /// is not part of any error produced here).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),

@@ -15,8 +15,8 @@ use super::{
     run_detached, scrub, Admission, CallbackAttempt, CallbackClaim, CallbackNext, DeliveryApp,
     DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, HourlyCount, NewPart, NewPush,
     PartsAdmission, PolledApp, PoolOptions, PoolStatus, PurgeTarget, PushQuery, PushRecord,
-    PushStatus, PushSummary, QueueStat, QuotaAction, QuotaClaim, Store, StoreError, StoreResult,
-    TaskClaim, TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
+    PushStatus, PushSummary, QueueStat, QuotaClaim, Store, StoreError, StoreResult, TaskClaim,
+    TaskUpdate, MAX_PAGE, MAX_PUSH_COUNT_ROWS,
 };
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 
@@ -95,49 +95,6 @@ const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start
      reset_after_secs \
      from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
      $17, $18, $19, $20, $21)";
-
-/// Guarded finish plus the quota action, in one statement. `o.was_refunded` is the flag
-/// before this statement, so the refund happens at most once. A row the sweeper marked
-/// `unknown` (`stale_pending`, a guess) takes the real outcome too, unless its key has
-/// moved on to a newer push. A 2050 (`saturate`) marks the window of the database's `now`
-/// full: that is the window Umeng just called full.
-const FINISH: &str = "with o as (
-    select id, quota_refunded as was_refunded from pushes where id = $1
-), f as (
-    update pushes p
-       set status = $2, umeng_request = $3, umeng_response = $4, msg_id = $5, task_id = $6,
-           file_id = $7, error_code = $8, error_msg = $9, http_status = $10, latency_ms = $11,
-           sent_at = $12, attempts = $15,
-           quota_refunded = p.quota_refunded
-               or ($13::text = 'refund' and p.quota_window is not null),
-           outbox = null, next_attempt_at = null, deliver_lease_until = null,
-           finished_at = now(), updated_at = now()
-      from o
-     where p.id = o.id
-       and ($16::integer is null or p.deliver_claims = $16::integer)
-       and (p.status = 'pending'
-            or (p.status = 'unknown' and p.error_code = 'stale_pending'
-                and (p.out_biz_no is null
-                     or exists (select 1 from idempotency_keys k where k.push_id = p.id))))
- returning p.appkey, p.quota_kind, p.quota_window, p.quota_limit, o.was_refunded
-), r as (
-    update quota_counters c
-       set used = greatest(c.used - 1, 0)
-      from f
-     where $13::text = 'refund' and not f.was_refunded
-       and c.appkey = f.appkey and c.kind = f.quota_kind and c.window_start = f.quota_window
-), s as (
-    insert into quota_counters as c (appkey, kind, window_start, used)
-    select f.appkey, f.quota_kind,
-           (floor((extract(epoch from now()) + 28800) / $14::bigint) * $14::bigint
-               - 28800)::bigint,
-           f.quota_limit
-      from f
-     where $13::text = 'saturate' and f.quota_kind is not null and f.quota_limit is not null
-    on conflict (appkey, kind, window_start)
-    do update set used = greatest(c.used, excluded.used)
-)
-select count(*) from f";
 
 /// An ordered, fenced task-state write (see [`Store::update_task`]). `$5` lists the stored
 /// states this status replaces outright; the same status needs `task_checked_at` unchanged
@@ -342,6 +299,8 @@ pub struct PgStore {
     /// A few connections of their own for history reads, so a slow history query cannot
     /// take the connections admissions need.
     read_pool: PgPool,
+    /// Outcome records, written in batches (group commit).
+    finisher: super::pg_finish::Finisher,
 }
 
 impl PgStore {
@@ -376,7 +335,12 @@ impl PgStore {
                 )),
                 other => other,
             })?;
-        Ok(Self { pool, read_pool })
+        let finisher = super::pg_finish::Finisher::start(pool.clone());
+        Ok(Self {
+            pool,
+            read_pool,
+            finisher,
+        })
     }
 
     /// The underlying pool (for tests and operational queries).
@@ -443,36 +407,8 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
-        let action = match finish.quota {
-            QuotaAction::Keep => "keep",
-            QuotaAction::Refund => "refund",
-            QuotaAction::Saturate(_) => "saturate",
-        };
-        let unit = match finish.quota {
-            QuotaAction::Saturate(window) => window.seconds(),
-            _ => 60,
-        };
-        let query = sqlx::query_scalar::<_, i64>(FINISH)
-            .bind(push_id.to_owned())
-            .bind(finish.status.as_str())
-            .bind(finish.umeng_request)
-            .bind(finish.umeng_response)
-            .bind(finish.msg_id)
-            .bind(finish.task_id)
-            .bind(finish.file_id)
-            .bind(finish.error_code)
-            .bind(finish.error_msg)
-            .bind(i32::from(finish.http_status))
-            .bind(finish.latency_ms)
-            .bind(finish.sent_at)
-            .bind(action)
-            .bind(unit)
-            .bind(attempts_json(&finish.attempts))
-            .bind(finish.claim.map(|c| i32::try_from(c).unwrap_or(i32::MAX)));
-        let pool = self.pool.clone();
-        let changed =
-            run_detached(async move { query.fetch_one(&pool).await.map_err(map_sqlx) }).await?;
-        Ok(changed > 0)
+        // Gathered with the outcomes of concurrent pushes into one call.
+        self.finisher.finish(push_id, finish).await
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
