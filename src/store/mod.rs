@@ -17,7 +17,7 @@ use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
 pub mod callbacks;
 pub mod parts;
-mod pg_finish;
+mod pg_batch;
 pub mod postgres;
 pub mod sqlite;
 

@@ -299,8 +299,8 @@ pub struct PgStore {
     /// A few connections of their own for history reads, so a slow history query cannot
     /// take the connections admissions need.
     read_pool: PgPool,
-    /// Outcome records, written in batches (group commit).
-    finisher: super::pg_finish::Finisher,
+    /// Admissions and outcome records, written in batches (group commit).
+    writers: super::pg_batch::Writers,
 }
 
 impl PgStore {
@@ -335,11 +335,11 @@ impl PgStore {
                 )),
                 other => other,
             })?;
-        let finisher = super::pg_finish::Finisher::start(pool.clone());
+        let writers = super::pg_batch::Writers::start(pool.clone());
         Ok(Self {
             pool,
             read_pool,
-            finisher,
+            writers,
         })
     }
 
@@ -401,14 +401,14 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push.id))]
     async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
-        let pool = self.pool.clone();
-        run_detached(async move { admit(&pool, push, quota).await }).await
+        // Gathered with the admissions of concurrent pushes into one call.
+        self.writers.admit(push, quota).await
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
         // Gathered with the outcomes of concurrent pushes into one call.
-        self.finisher.finish(push_id, finish).await
+        self.writers.finish(push_id, finish).await
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
@@ -880,7 +880,12 @@ pub(crate) fn missing_migration(migrator: &Migrator, applied: &[i64]) -> StoreRe
     }
 }
 
-async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
+/// One admission, alone (`umgw_admit`).
+pub(super) async fn admit(
+    pool: &PgPool,
+    push: NewPush,
+    quota: Option<QuotaClaim>,
+) -> StoreResult<Admission> {
     let row = sqlx::query(ADMIT)
         .bind(&push.id)
         .bind(&push.app)
@@ -909,23 +914,53 @@ async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> Store
         .fetch_one(pool)
         .await
         .map_err(map_sqlx)?;
-    let outcome: String = row.try_get("outcome").map_err(map_sqlx)?;
-    let push_id: Option<String> = row.try_get("push_id").map_err(map_sqlx)?;
+    let answer = AdmitRow {
+        outcome: row.try_get("outcome").map_err(map_sqlx)?,
+        push_id: row.try_get("push_id").map_err(map_sqlx)?,
+        reclaimed_from: row.try_get("reclaimed_from").map_err(map_sqlx)?,
+        used: row.try_get("used").map_err(map_sqlx)?,
+        window_start: row.try_get("window_start").map_err(map_sqlx)?,
+        reset_after_secs: row.try_get("reset_after_secs").map_err(map_sqlx)?,
+    };
+    admission_of(pool, answer, &push, quota).await
+}
+
+/// What `umgw_admit` answered for one push.
+#[derive(Debug, Clone)]
+pub(super) struct AdmitRow {
+    pub outcome: String,
+    pub push_id: Option<String>,
+    pub reclaimed_from: Option<String>,
+    pub used: Option<i32>,
+    pub window_start: Option<i64>,
+    pub reset_after_secs: Option<i64>,
+}
+
+/// The [`Admission`] for `umgw_admit`'s answer (reading the owner of a replayed key).
+pub(super) async fn admission_of(
+    pool: &PgPool,
+    answer: AdmitRow,
+    push: &NewPush,
+    quota: Option<QuotaClaim>,
+) -> StoreResult<Admission> {
+    let AdmitRow {
+        outcome,
+        push_id,
+        reclaimed_from,
+        used,
+        window_start,
+        reset_after_secs,
+    } = answer;
     let deferred = push.delivery.as_ref().is_some_and(|d| d.defer_quota);
     let state = match quota {
-        Some(claim) if !deferred => {
-            let used: Option<i32> = row.try_get("used").map_err(map_sqlx)?;
-            let window_start: Option<i64> = row.try_get("window_start").map_err(map_sqlx)?;
-            let reset: Option<i64> = row.try_get("reset_after_secs").map_err(map_sqlx)?;
-            Some(QuotaState {
-                kind: claim.kind,
-                limit: claim.limit.limit,
-                window: claim.limit.window,
-                used: used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0),
-                window_start: window_start.unwrap_or_default(),
-                reset_after_secs: reset.unwrap_or(1),
-            })
-        }
+        Some(claim) if !deferred => Some(QuotaState {
+            kind: claim.kind,
+            limit: claim.limit.limit,
+            window: claim.limit.window,
+            used: used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0),
+            window_start: window_start.unwrap_or_default(),
+            reset_after_secs: reset_after_secs.unwrap_or(1),
+        }),
         _ => None,
     };
     let owner = || {
@@ -937,7 +972,7 @@ async fn admit(pool: &PgPool, push: NewPush, quota: Option<QuotaClaim>) -> Store
         "admitted" => Ok(Admission::Admitted {
             push_id: owner()?,
             quota: state,
-            reclaimed_from: row.try_get("reclaimed_from").map_err(map_sqlx)?,
+            reclaimed_from,
         }),
         "rate_limited" => match state {
             Some(quota) => Ok(Admission::RateLimited { quota }),

@@ -62,3 +62,51 @@ begin
     end loop;
 end
 $$;
+
+-- Admissions of concurrent pushes in one call (group commit): umgw_admit for each row, in
+-- the order given (the caller sorts by appkey and bucket, so two batches take counter rows
+-- in the same order). Any error aborts the whole batch; the caller then admits each push
+-- alone. Returns one row per input row, `idx` its position (0-based).
+create function umgw_admit_batch(p_rows jsonb)
+returns table (
+    idx              integer,
+    outcome          text,
+    push_id          text,
+    reclaimed_from   text,
+    used             integer,
+    window_start     bigint,
+    reset_after_secs bigint
+)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+    r record;
+    a record;
+begin
+    for r in
+        select (t.ord - 1)::integer as i, t.v
+          from jsonb_array_elements(p_rows) with ordinality as t(v, ord)
+    loop
+        select * into a from umgw_admit(
+            r.v ->> 'id', r.v ->> 'app', r.v ->> 'appkey', r.v ->> 'platform',
+            r.v ->> 'cast_type', (r.v ->> 'task_class')::boolean,
+            (r.v ->> 'production_mode')::boolean, r.v ->> 'client', r.v ->> 'out_biz_no',
+            r.v ->> 'fingerprint', r.v -> 'request', r.v ->> 'description',
+            r.v ->> 'quota_kind', (r.v ->> 'quota_limit')::integer,
+            (r.v ->> 'quota_unit')::bigint, r.v ->> 'status',
+            (r.v ->> 'defer_quota')::boolean,
+            case when jsonb_typeof(r.v -> 'outbox') = 'null' then null else r.v -> 'outbox' end,
+            (r.v ->> 'send_at')::timestamptz, (r.v ->> 'deliver_by')::timestamptz,
+            (r.v ->> 'quota_wait')::boolean);
+        idx := r.i;
+        outcome := a.outcome;
+        push_id := a.push_id;
+        reclaimed_from := a.reclaimed_from;
+        used := a.used;
+        window_start := a.window_start;
+        reset_after_secs := a.reset_after_secs;
+        return next;
+    end loop;
+end
+$$;

@@ -1,0 +1,332 @@
+//! Group commit on PostgreSQL: concurrent admissions, and concurrent outcome records, are
+//! gathered into one call of `umgw_admit_batch` / `umgw_finish_batch` (one round trip, one
+//! transaction, one WAL flush) by a couple of writer tasks each. There is no artificial
+//! delay: a writer takes whatever is waiting when it is free, so a lone push is written at
+//! once and a burst shares its commit.
+//!
+//! Each row keeps its own semantics inside the function (the same `umgw_admit` for an
+//! admission; for an outcome the same guard and quota action as one at a time), applied
+//! row by row, so quotas and keys stay exact however many pushes share a batch. A batch of
+//! admissions that fails as a whole (one row's error, a deadlock between two batches) is
+//! retried one admission at a time.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use sqlx::postgres::PgPool;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::postgres::{admission_of, admit, AdmitRow};
+use super::{
+    attempts_json, map_sqlx, Admission, Finish, NewPush, QuotaAction, QuotaClaim, StoreError,
+    StoreResult,
+};
+
+/// Most pushes in one call.
+const MAX_BATCH: usize = 64;
+/// Writers draining the queue: one may wait on a row lock while another writes.
+const WRITERS: usize = 2;
+/// Pushes waiting for a writer; a caller waits when it is full.
+const QUEUE: usize = 4096;
+
+const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
+
+/// A queue drained in batches by writer tasks (clones share them).
+#[derive(Debug)]
+pub(crate) struct Batcher<J> {
+    queue: mpsc::Sender<J>,
+}
+
+impl<J> Clone for Batcher<J> {
+    fn clone(&self) -> Self {
+        Batcher {
+            queue: self.queue.clone(),
+        }
+    }
+}
+
+impl<J: Send + 'static> Batcher<J> {
+    /// Starts the writers (on the current tokio runtime); each calls `write` with whatever
+    /// is waiting, up to [`MAX_BATCH`]. They end when every clone is dropped and the queue
+    /// is empty.
+    fn start<W, F>(pool: PgPool, write: W) -> Self
+    where
+        W: Fn(PgPool, Vec<J>) -> F + Clone + Send + 'static,
+        F: std::future::Future<Output = ()> + Send,
+    {
+        let (queue, jobs) = mpsc::channel::<J>(QUEUE);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for _ in 0..WRITERS {
+            let jobs = Arc::clone(&jobs);
+            let pool = pool.clone();
+            let write = write.clone();
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut jobs = jobs.lock().await;
+                        let Some(first) = jobs.recv().await else {
+                            return;
+                        };
+                        let mut batch = vec![first];
+                        while batch.len() < MAX_BATCH {
+                            match jobs.try_recv() {
+                                Ok(job) => batch.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    write(pool.clone(), batch).await;
+                }
+            });
+        }
+        Batcher { queue }
+    }
+
+    /// Queue a job whose answer comes back through `result`; the job is done even if the
+    /// caller stops waiting.
+    async fn submit<T>(&self, job: J, result: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
+        let stopped = || StoreError::Unavailable("the database writer has stopped".into());
+        self.queue.send(job).await.map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+}
+
+/// An outcome record waiting for its batch.
+#[derive(Debug)]
+pub(crate) struct FinishJob {
+    push_id: String,
+    finish: Finish,
+    done: oneshot::Sender<StoreResult<bool>>,
+}
+
+/// An admission waiting for its batch.
+#[derive(Debug)]
+pub(crate) struct AdmitJob {
+    push: NewPush,
+    quota: Option<QuotaClaim>,
+    done: oneshot::Sender<StoreResult<Admission>>,
+}
+
+/// The two queues of a PostgreSQL store.
+#[derive(Debug, Clone)]
+pub(crate) struct Writers {
+    finishes: Batcher<FinishJob>,
+    admissions: Batcher<AdmitJob>,
+}
+
+impl Writers {
+    pub(crate) fn start(pool: PgPool) -> Writers {
+        Writers {
+            finishes: Batcher::start(pool.clone(), |pool, batch| async move {
+                write_finishes(&pool, batch).await
+            }),
+            admissions: Batcher::start(pool, |pool, batch| async move {
+                write_admissions(&pool, batch).await
+            }),
+        }
+    }
+
+    /// Record one outcome with those of concurrent pushes; true when it applied.
+    pub(crate) async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+        let (done, result) = oneshot::channel();
+        let job = FinishJob {
+            push_id: push_id.to_owned(),
+            finish,
+            done,
+        };
+        self.finishes.submit(job, result).await
+    }
+
+    /// Admit one push with those of concurrent pushes.
+    pub(crate) async fn admit(
+        &self,
+        push: NewPush,
+        quota: Option<QuotaClaim>,
+    ) -> StoreResult<Admission> {
+        let (done, result) = oneshot::channel();
+        let job = AdmitJob { push, quota, done };
+        self.admissions.submit(job, result).await
+    }
+}
+
+const ADMIT_BATCH: &str = "select idx, outcome, push_id, reclaimed_from, used, window_start, \
+     reset_after_secs from umgw_admit_batch($1)";
+
+/// Admits a batch in one call; answers each job. Admissions of one key never share a
+/// call (the later waits for the next), and the batch is ordered by appkey and bucket, so
+/// two batches take counter rows in the same order. If the call fails as a whole, each
+/// push is admitted alone, so one bad row cannot fail the others.
+async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
+    while !batch.is_empty() {
+        let mut now: Vec<AdmitJob> = Vec::with_capacity(batch.len());
+        let mut later = Vec::new();
+        for job in batch {
+            let same_key = |j: &AdmitJob| {
+                j.push.out_biz_no.is_some()
+                    && j.push.out_biz_no == job.push.out_biz_no
+                    && j.push.appkey == job.push.appkey
+            };
+            if now.iter().any(same_key) {
+                later.push(job);
+            } else {
+                now.push(job);
+            }
+        }
+        now.sort_by(|a, b| {
+            let key = |j: &AdmitJob| (j.push.appkey.clone(), j.quota.map(|q| q.kind));
+            key(a).cmp(&key(b))
+        });
+        if now.len() == 1 {
+            let job = now.remove(0);
+            let _ = job.done.send(admit(pool, job.push, job.quota).await);
+        } else {
+            let rows: Vec<Value> = now.iter().map(|j| admit_row(&j.push, j.quota)).collect();
+            let answers = sqlx::query(ADMIT_BATCH)
+                .bind(Value::Array(rows))
+                .fetch_all(pool)
+                .await
+                .map_err(map_sqlx)
+                .and_then(|rows| {
+                    rows.iter()
+                        .map(admit_answer)
+                        .collect::<StoreResult<Vec<_>>>()
+                });
+            match answers {
+                Ok(answers) if answers.len() == now.len() => {
+                    let mut answers = answers;
+                    answers.sort_by_key(|(i, _)| *i);
+                    for (job, (_, answer)) in now.into_iter().zip(answers) {
+                        let admission = admission_of(pool, answer, &job.push, job.quota).await;
+                        let _ = job.done.send(admission);
+                    }
+                }
+                outcome => {
+                    if let Err(e) = outcome {
+                        tracing::debug!(error = %e, pushes = now.len(), "a batch of admissions failed; admitting each alone");
+                    }
+                    for job in now {
+                        let _ = job.done.send(admit(pool, job.push, job.quota).await);
+                    }
+                }
+            }
+        }
+        batch = later;
+    }
+}
+
+/// One row of `umgw_admit_batch`'s answer: its position and what `umgw_admit` said.
+fn admit_answer(row: &sqlx::postgres::PgRow) -> StoreResult<(i32, AdmitRow)> {
+    use sqlx::Row;
+    let get = |e: sqlx::Error| map_sqlx(e);
+    Ok((
+        row.try_get("idx").map_err(get)?,
+        AdmitRow {
+            outcome: row.try_get("outcome").map_err(get)?,
+            push_id: row.try_get("push_id").map_err(get)?,
+            reclaimed_from: row.try_get("reclaimed_from").map_err(get)?,
+            used: row.try_get("used").map_err(get)?,
+            window_start: row.try_get("window_start").map_err(get)?,
+            reset_after_secs: row.try_get("reset_after_secs").map_err(get)?,
+        },
+    ))
+}
+
+/// One admission as a row of the batch (the arguments of `umgw_admit`).
+fn admit_row(push: &NewPush, quota: Option<QuotaClaim>) -> Value {
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    };
+    let d = push.delivery.as_ref();
+    json!({
+        "id": push.id,
+        "app": push.app,
+        "appkey": push.appkey,
+        "platform": push.platform,
+        "cast_type": push.cast_type,
+        "task_class": push.task_class,
+        "production_mode": push.production_mode,
+        "client": push.client,
+        "out_biz_no": push.out_biz_no,
+        "fingerprint": push.fingerprint,
+        "request": push.request,
+        "description": push.description,
+        "quota_kind": quota.map(|c| c.kind.as_str()),
+        "quota_limit": quota.map(|c| c.limit.limit),
+        "quota_unit": quota.map(|c| c.limit.window.seconds()),
+        "status": d.map_or(super::PushStatus::Pending, |d| d.status()).as_str(),
+        "defer_quota": d.is_some_and(|d| d.defer_quota),
+        "outbox": d.map(|d| &d.outbox),
+        "send_at": push.send_at.and_then(rfc3339),
+        "deliver_by": d.and_then(|d| rfc3339(d.deliver_by)),
+        "quota_wait": d.is_some_and(|d| d.quota_wait),
+    })
+}
+
+/// Writes one batch of outcomes and answers each job. Two outcomes for the same push never
+/// share a call (the second waits for the next one), so each answer is its own.
+async fn write_finishes(pool: &PgPool, mut batch: Vec<FinishJob>) {
+    while !batch.is_empty() {
+        let mut now = Vec::with_capacity(batch.len());
+        let mut later = Vec::new();
+        for job in batch {
+            if now.iter().any(|j: &FinishJob| j.push_id == job.push_id) {
+                later.push(job);
+            } else {
+                now.push(job);
+            }
+        }
+        let rows: Vec<Value> = now.iter().map(|j| row(&j.push_id, &j.finish)).collect();
+        let result = sqlx::query_scalar::<_, String>(FINISH_BATCH)
+            .bind(Value::Array(rows))
+            .fetch_all(pool)
+            .await
+            .map_err(map_sqlx);
+        match result {
+            Ok(changed) => {
+                for job in now {
+                    let applied = changed.contains(&job.push_id);
+                    let _ = job.done.send(Ok(applied));
+                }
+            }
+            Err(e) => {
+                for job in now {
+                    let _ = job.done.send(Err(e.clone()));
+                }
+            }
+        }
+        batch = later;
+    }
+}
+
+/// One outcome as a row of the batch.
+fn row(push_id: &str, f: &Finish) -> Value {
+    let (action, unit) = match f.quota {
+        QuotaAction::Keep => ("keep", 60),
+        QuotaAction::Refund => ("refund", 60),
+        QuotaAction::Saturate(window) => ("saturate", window.seconds()),
+    };
+    let sent_at = f.sent_at.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    });
+    json!({
+        "id": push_id,
+        "status": f.status.as_str(),
+        "umeng_request": f.umeng_request,
+        "umeng_response": f.umeng_response,
+        "msg_id": f.msg_id,
+        "task_id": f.task_id,
+        "file_id": f.file_id,
+        "error_code": f.error_code,
+        "error_msg": f.error_msg,
+        "http_status": f.http_status,
+        "latency_ms": f.latency_ms,
+        "sent_at": sent_at,
+        "action": action,
+        "unit": unit,
+        "attempts": attempts_json(&f.attempts),
+        "claim": f.claim,
+    })
+}
