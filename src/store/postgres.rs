@@ -1,4 +1,6 @@
-//! The PostgreSQL store: admission is one call of the `umgw_admit` function (one round trip).
+//! The PostgreSQL store: an admission is one `umgw_admit` call and an outcome record one
+//! guarded update, each gathered with those of concurrent pushes into one call per burst
+//! (group commit, [`super::pg_batch`]).
 
 use std::str::FromStr;
 use std::time::Duration;
