@@ -178,6 +178,15 @@ impl TestEnv {
         s
     }
 
+    /// [`TestEnv::settings`] with a fast delivery worker (looks every 50 ms, retries after
+    /// 50 to 400 ms).
+    pub fn fast_delivery(&self, mut s: Settings) -> Settings {
+        s.delivery.interval_ms = 50;
+        s.delivery.backoff_base_ms = 50;
+        s.delivery.backoff_cap_ms = 400;
+        s
+    }
+
     pub async fn spawn_app(&self) -> TestApp {
         self.spawn_app_with(self.settings()).await
     }

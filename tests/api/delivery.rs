@@ -34,11 +34,7 @@ on_both_backends!(
 
 /// Test settings with a fast delivery worker.
 fn fast(env: &TestEnv) -> Settings {
-    let mut s = env.settings();
-    s.delivery.interval_ms = 50;
-    s.delivery.backoff_base_ms = 50;
-    s.delivery.backoff_cap_ms = 400;
-    s
+    env.fast_delivery(env.settings())
 }
 
 async fn post_async(app: &TestApp, body: &Value) -> Response {

@@ -31,13 +31,9 @@ on_both_backends!(
     a_synchronous_parent_is_refused_while_the_breaker_is_open,
 );
 
-/// Test settings with a fast delivery worker.
+/// Test settings with the app group and a fast delivery worker.
 fn fast(env: &TestEnv) -> Settings {
-    let mut s = env.settings_with_group();
-    s.delivery.interval_ms = 50;
-    s.delivery.backoff_base_ms = 50;
-    s.delivery.backoff_cap_ms = 400;
-    s
+    env.fast_delivery(env.settings_with_group())
 }
 
 fn group_broadcast(key: &str) -> Value {

@@ -536,6 +536,27 @@ async fn umeng_down_then_up(backend: Backend, breaker: bool) {
     assert!(max <= 2 * 12, "a push was tried {max} times");
 }
 
+/// A test env whose simulator answers each send after 400 ms, and knobs for it: Umeng
+/// timeouts 250 + 1000 ms (W = 2.5 s), so the pending timeout can be 33 s (> W + 30 s) and
+/// the lease 16 s (> 2 W + 10 s); 8 sends at a time, 4 per app.
+async fn slow_umeng(backend: Backend) -> (TestEnv, Knobs) {
+    let env = TestEnv::new(backend).await;
+    env.sim.add_fault(Fault {
+        appkey: None,
+        path: Some("/api/send".into()),
+        kind: FaultKind::Latency { ms: 400 },
+        times: None,
+    });
+    let mut knobs = Knobs::new(env.sim.base_url());
+    knobs.connect_timeout_ms = 250;
+    knobs.timeout_ms = 1000;
+    knobs.pending_timeout_secs = 33;
+    knobs.lease_secs = 16;
+    knobs.concurrency = 8;
+    knobs.per_app_concurrency = 4;
+    (env, knobs)
+}
+
 const QUEUED_UNICASTS: usize = 150;
 const QUEUED_GROUPCASTS: usize = 50;
 
@@ -546,21 +567,7 @@ async fn kill_9_with_a_queue(backend: Backend) {
     if backend == Backend::Postgres && crate::helpers::skip_postgres() {
         return;
     }
-    let env = TestEnv::new(backend).await;
-    env.sim.add_fault(Fault {
-        appkey: None,
-        path: Some("/api/send".into()),
-        kind: FaultKind::Latency { ms: 400 },
-        times: None,
-    });
-    let mut knobs = Knobs::new(env.sim.base_url());
-    // W = 2 x (250 + 1000) ms = 2.5 s: pending timeout > W + 30 s, lease > 2 W + 10 s.
-    knobs.connect_timeout_ms = 250;
-    knobs.timeout_ms = 1000;
-    knobs.pending_timeout_secs = 33;
-    knobs.lease_secs = 16;
-    knobs.concurrency = 8;
-    knobs.per_app_concurrency = 4;
+    let (env, knobs) = slow_umeng(backend).await;
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start(&env, &knobs, dir.path(), "gateway").await;
     // Every fourth one a groupcast, so both kinds are being sent at the kill.
@@ -747,20 +754,7 @@ async fn kill_9_with_parents_in_flight(backend: Backend) {
     if backend == Backend::Postgres && crate::helpers::skip_postgres() {
         return;
     }
-    let env = TestEnv::new(backend).await;
-    env.sim.add_fault(Fault {
-        appkey: None,
-        path: Some("/api/send".into()),
-        kind: FaultKind::Latency { ms: 400 },
-        times: None,
-    });
-    let mut knobs = Knobs::new(env.sim.base_url());
-    knobs.connect_timeout_ms = 250;
-    knobs.timeout_ms = 1000;
-    knobs.pending_timeout_secs = 33;
-    knobs.lease_secs = 16;
-    knobs.concurrency = 8;
-    knobs.per_app_concurrency = 4;
+    let (env, knobs) = slow_umeng(backend).await;
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start(&env, &knobs, dir.path(), "gateway").await;
     let mut bodies = Vec::new();
