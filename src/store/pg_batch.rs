@@ -182,31 +182,49 @@ async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
             let _ = job.done.send(admit(pool, job.push, job.quota).await);
         } else {
             let rows: Vec<Value> = now.iter().map(|j| admit_row(&j.push, j.quota)).collect();
-            let answers = sqlx::query(ADMIT_BATCH)
+            let called = sqlx::query(ADMIT_BATCH)
                 .bind(Value::Array(rows))
                 .fetch_all(pool)
-                .await
-                .map_err(map_sqlx)
-                .and_then(|rows| {
-                    rows.iter()
-                        .map(admit_answer)
-                        .collect::<StoreResult<Vec<_>>>()
-                });
-            match answers {
-                Ok(answers) if answers.len() == now.len() => {
-                    let mut answers = answers;
-                    answers.sort_by_key(|(i, _)| *i);
-                    for (job, (_, answer)) in now.into_iter().zip(answers) {
-                        let admission = admission_of(pool, answer, &job.push, job.quota).await;
-                        let _ = job.done.send(admission);
-                    }
-                }
-                outcome => {
-                    if let Err(e) = outcome {
-                        tracing::debug!(error = %e, pushes = now.len(), "a batch of admissions failed; admitting each alone");
-                    }
+                .await;
+            match called {
+                // The call failed, so its transaction wrote nothing: each push alone.
+                Err(e) => {
+                    tracing::debug!(error = %e, pushes = now.len(), "a batch of admissions failed; admitting each alone");
                     for job in now {
                         let _ = job.done.send(admit(pool, job.push, job.quota).await);
+                    }
+                }
+                // Committed: every push has its answer (never admitted again).
+                Ok(rows) => {
+                    let answers = rows
+                        .iter()
+                        .map(admit_answer)
+                        .collect::<StoreResult<Vec<_>>>()
+                        .and_then(|answers| {
+                            if answers.len() == now.len() {
+                                Ok(answers)
+                            } else {
+                                Err(StoreError::Database(format!(
+                                    "a batch of {} admissions answered {} rows",
+                                    now.len(),
+                                    answers.len()
+                                )))
+                            }
+                        });
+                    match answers {
+                        Ok(mut answers) => {
+                            answers.sort_by_key(|(i, _)| *i);
+                            for (job, (_, answer)) in now.into_iter().zip(answers) {
+                                let admission =
+                                    admission_of(pool, answer, &job.push, job.quota).await;
+                                let _ = job.done.send(admission);
+                            }
+                        }
+                        Err(e) => {
+                            for job in now {
+                                let _ = job.done.send(Err(e.clone()));
+                            }
+                        }
                     }
                 }
             }
