@@ -164,6 +164,20 @@ impl Browser {
             .is_empty()
     }
 
+    /// Waits (up to 10 s) until the address contains `part` (a navigation has landed).
+    async fn wait_for_path_containing(&self, part: &str) {
+        for _ in 0..200 {
+            if self.path().await.contains(part) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the address never contained {part:?}: {}",
+            self.path().await
+        );
+    }
+
     async fn click(&self, css: &str) {
         self.find(css).await.click().await.expect("click");
     }
@@ -344,12 +358,9 @@ async fn console_signs_in_filters_opens_refreshes_cancels_and_signs_out(backend:
         .await
         .expect("select");
     b.click("#apply").await;
+    // The form's GET replaces the page: wait for the new address, not the old table.
+    b.wait_for_path_containing("type=broadcast").await;
     b.find("table.history").await;
-    assert!(
-        b.path().await.contains("type=broadcast"),
-        "{}",
-        b.path().await
-    );
     let rows = b
         .client
         .find_all(Locator::Css("table.history tbody tr"))
@@ -1229,6 +1240,7 @@ async fn console_shows_a_parent_with_its_parts(backend: Backend) {
     b.screenshot("parts").await;
     // A part links to its own page, which links back to the parent.
     b.click("table#parts tr[data-part='2'] a").await;
+    b.wait_for_path_containing(&part2).await;
     assert_eq!(b.path().await, format!("/ui/pushes/{part2}"));
     assert!(b.text("#parent").await.contains(&id));
     b.close().await;
