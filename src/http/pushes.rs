@@ -779,21 +779,15 @@ async fn cancel_push(
 pub async fn cancel(gateway: &Gateway, caller: &Caller, id: &str) -> Result<PushRecord, ApiError> {
     caller.require(Scope::Cancel)?;
     let push = visible_push(gateway, caller, id).await?;
-    if push.part_count.is_some() && push.status.is_waiting() {
-        // A parent waiting as a whole (its parts not created yet): withdrawn at once.
-        if gateway.store.withdraw(&push.id).await? {
-            tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
-        }
-        let push = visible_push(gateway, caller, id).await?;
-        if push.status == PushStatus::Withdrawn || push.status.is_waiting() {
-            return Ok(push);
-        }
-        return for_each_task_part(gateway, caller, push, PartAction::Cancel).await;
+    let push = withdraw_if_waiting(gateway, caller, push).await?;
+    if push.part_count.is_none() {
+        return cancel_sent(gateway, caller, push).await;
     }
-    if push.part_count.is_some() {
-        return for_each_task_part(gateway, caller, push, PartAction::Cancel).await;
+    // A parent waiting as a whole has no parts yet: withdrawn above (or still waiting).
+    if push.status == PushStatus::Withdrawn || push.status.is_waiting() {
+        return Ok(push);
     }
-    cancel_one(gateway, caller, push).await
+    for_each_task_part(gateway, caller, push, PartAction::Cancel).await
 }
 
 /// Cancel one push (not a parent).
@@ -802,20 +796,24 @@ async fn cancel_one(
     caller: &Caller,
     push: PushRecord,
 ) -> Result<PushRecord, ApiError> {
-    let id = push.id.as_str();
-    if push.status.is_waiting() {
-        // Not sent yet: withdrawn here, Umeng never hears of it.
-        if gateway.store.withdraw(&push.id).await? {
-            tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
-        }
-        let push = visible_push(gateway, caller, id).await?;
-        if push.status == PushStatus::Withdrawn {
-            return Ok(push);
-        }
-        // A delivery worker claimed it in the meantime: judged as below.
-        return cancel_sent(gateway, caller, push).await;
-    }
+    let push = withdraw_if_waiting(gateway, caller, push).await?;
     cancel_sent(gateway, caller, push).await
+}
+
+/// A push the gateway has not sent yet is withdrawn here (Umeng never hears of it);
+/// returns the push as it is now (withdrawn, or claimed by a delivery worker meanwhile).
+async fn withdraw_if_waiting(
+    gateway: &Gateway,
+    caller: &Caller,
+    push: PushRecord,
+) -> Result<PushRecord, ApiError> {
+    if !push.status.is_waiting() {
+        return Ok(push);
+    }
+    if gateway.store.withdraw(&push.id).await? {
+        tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
+    }
+    visible_push(gateway, caller, &push.id).await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

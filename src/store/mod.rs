@@ -1142,6 +1142,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
+/// A count or number stored as a signed integer column, if it fits a `u32`.
+pub(crate) fn non_negative(v: Option<i64>) -> Option<u32> {
+    v.and_then(|n| u32::try_from(n).ok())
+}
+
 /// The stored form of a push's attempts.
 pub(crate) fn attempts_json(attempts: &[Attempt]) -> Value {
     serde_json::to_value(attempts).unwrap_or_else(|_| Value::Array(Vec::new()))

@@ -16,7 +16,8 @@ use sqlx::types::Json;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{attempts_of, Attempt, NewPush, PushRecord, PushStatus, QuotaClaim};
+use super::sqlite::{from_ms, to_ms};
+use super::{attempts_of, non_negative, Attempt, NewPush, PushRecord, PushStatus, QuotaClaim};
 use crate::quota::QuotaState;
 
 /// One part of a parent push, as admitted (and as a parent that waits as a whole keeps
@@ -206,10 +207,6 @@ const OPEN_PART_STATES: &str = "('pending', 'awaiting_send', 'awaiting_send_at',
 
 fn decode_err(message: String) -> sqlx::Error {
     sqlx::Error::Decode(message.into())
-}
-
-fn u32_of(v: Option<i64>) -> Option<u32> {
-    v.and_then(|n| u32::try_from(n).ok())
 }
 
 /// `(status, http_status)` of each part row (columns `status` text, `http_status` as a
@@ -957,10 +954,11 @@ pub(crate) async fn pg_list(pool: &PgPool, parent_id: &str) -> Result<Vec<PushPa
             let http: Option<i32> = row.try_get("http_status")?;
             Ok(PushPart {
                 id: row.try_get("id")?,
-                part: u32_of(row.try_get::<Option<i32>, _>("part_no")?.map(i64::from)).unwrap_or(0),
+                part: non_negative(row.try_get::<Option<i32>, _>("part_no")?.map(i64::from))
+                    .unwrap_or(0),
                 app: row.try_get("app")?,
                 platform: row.try_get("platform")?,
-                audience: u32_of(row.try_get::<Option<i32>, _>("audience")?.map(i64::from)),
+                audience: non_negative(row.try_get::<Option<i32>, _>("audience")?.map(i64::from)),
                 status: PushStatus::parse(&status)
                     .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
                 msg_id: row.try_get("msg_id")?,
@@ -1041,15 +1039,6 @@ fn sqlite_settleable_sql() -> String {
                              where c.parent_id = p.id and c.status in {OPEN_PART_STATES})
           order by p.created_at limit ?1"
     )
-}
-
-fn to_ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
-fn from_ms(ms: i64) -> Result<OffsetDateTime, sqlx::Error> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map_err(|e| decode_err(e.to_string()))
 }
 
 const SQLITE_INSERT_GATED: &str = "insert into pushes (id, app, appkey, platform, cast_type,
@@ -1574,10 +1563,10 @@ pub(crate) async fn sqlite_list(
             let http: Option<i64> = row.try_get("http_status")?;
             Ok(PushPart {
                 id: row.try_get("id")?,
-                part: u32_of(row.try_get("part_no")?).unwrap_or(0),
+                part: non_negative(row.try_get("part_no")?).unwrap_or(0),
                 app: row.try_get("app")?,
                 platform: row.try_get("platform")?,
-                audience: u32_of(row.try_get("audience")?),
+                audience: non_negative(row.try_get("audience")?),
                 status: PushStatus::parse(&status)
                     .ok_or_else(|| decode_err(format!("unknown push status {status:?}")))?,
                 msg_id: row.try_get("msg_id")?,

@@ -1031,11 +1031,6 @@ async fn get_push(pool: &PgPool, push_id: &str) -> StoreResult<Option<PushRecord
         .map_err(map_sqlx)
 }
 
-/// A non-negative integer column (PostgreSQL `integer`).
-fn opt_u32(v: Option<i32>) -> Option<u32> {
-    v.and_then(|n| u32::try_from(n).ok())
-}
-
 fn decode_err(message: String) -> sqlx::Error {
     sqlx::Error::Decode(message.into())
 }
@@ -1066,7 +1061,7 @@ fn summary_from_row(row: &PgRow) -> Result<PushSummary, sqlx::Error> {
         send_at: row.try_get("send_at")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         attempt_count: u32::try_from(row.try_get::<i32, _>("attempt_count")?).unwrap_or(0),
-        parts: opt_u32(row.try_get("parts")?),
+        parts: super::non_negative(row.try_get::<Option<i32>, _>("parts")?.map(i64::from)),
         created_at: row.try_get("created_at")?,
         sent_at: row.try_get("sent_at")?,
         finished_at: row.try_get("finished_at")?,
@@ -1126,9 +1121,9 @@ fn push_from_row(row: &PgRow) -> Result<PushRecord, sqlx::Error> {
         callback_url: row.try_get("callback_url")?,
         callbacks: Vec::new(),
         parent_id: row.try_get("parent_id")?,
-        part_no: opt_u32(row.try_get("part_no")?),
-        audience: opt_u32(row.try_get("audience")?),
-        part_count: opt_u32(row.try_get("parts")?),
+        part_no: super::non_negative(row.try_get::<Option<i32>, _>("part_no")?.map(i64::from)),
+        audience: super::non_negative(row.try_get::<Option<i32>, _>("audience")?.map(i64::from)),
+        part_count: super::non_negative(row.try_get::<Option<i32>, _>("parts")?.map(i64::from)),
         parts: Vec::new(),
     })
 }

@@ -351,12 +351,12 @@ fn now_ms() -> i64 {
     i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
-fn from_ms(ms: i64) -> Result<OffsetDateTime, sqlx::Error> {
+pub(super) fn from_ms(ms: i64) -> Result<OffsetDateTime, sqlx::Error> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-fn to_ms(t: OffsetDateTime) -> i64 {
+pub(super) fn to_ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
@@ -1504,11 +1504,6 @@ async fn get_push(
     row.as_ref().map(push_from_row).transpose()
 }
 
-/// A non-negative integer column.
-fn opt_u32(v: Option<i64>) -> Option<u32> {
-    v.and_then(|n| u32::try_from(n).ok())
-}
-
 fn decode_err(message: String) -> sqlx::Error {
     sqlx::Error::Decode(message.into())
 }
@@ -1549,7 +1544,7 @@ fn summary_from_row(row: &SqliteRow) -> Result<PushSummary, sqlx::Error> {
         send_at: opt_time(row, "send_at")?,
         next_attempt_at: opt_time(row, "next_attempt_at")?,
         attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
-        parts: opt_u32(row.try_get("parts")?),
+        parts: super::non_negative(row.try_get("parts")?),
         created_at: from_ms(row.try_get("created_at")?)?,
         sent_at: opt_time(row, "sent_at")?,
         finished_at: opt_time(row, "finished_at")?,
@@ -1609,9 +1604,9 @@ fn push_from_row(row: &SqliteRow) -> Result<PushRecord, sqlx::Error> {
         callback_url: row.try_get("callback_url")?,
         callbacks: Vec::new(),
         parent_id: row.try_get("parent_id")?,
-        part_no: opt_u32(row.try_get("part_no")?),
-        audience: opt_u32(row.try_get("audience")?),
-        part_count: opt_u32(row.try_get("parts")?),
+        part_no: super::non_negative(row.try_get("part_no")?),
+        audience: super::non_negative(row.try_get("audience")?),
+        part_count: super::non_negative(row.try_get("parts")?),
         parts: Vec::new(),
     })
 }

@@ -323,6 +323,31 @@ impl TestApp {
             .unwrap()
     }
 
+    /// POST a push with `Prefer: respond-async` as the sender.
+    pub async fn post_push_async(&self, body: &Value) -> Response {
+        self.http
+            .post(format!("{}/v1/pushes", self.base))
+            .bearer_auth(TOKEN_SENDER)
+            .header("prefer", "respond-async")
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// Waits (up to `secs`) until the push's status is one of `states`; returns the record.
+    pub async fn wait_for_status(&self, id: &str, states: &[&str], secs: u64) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..secs * 20 {
+            last = self.get_json(&format!("/v1/pushes/{id}")).await;
+            if states.iter().any(|s| last["status"] == *s) {
+                return last;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("push {id} did not reach {states:?} within {secs} s: {last}");
+    }
+
     /// Stop serving and wait for the instance to exit.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use reqwest::Response;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -37,37 +36,13 @@ fn fast(env: &TestEnv) -> Settings {
     env.fast_delivery(env.settings())
 }
 
-async fn post_async(app: &TestApp, body: &Value) -> Response {
-    app.http
-        .post(format!("{}/v1/pushes", app.base))
-        .bearer_auth(TOKEN_SENDER)
-        .header("prefer", "respond-async")
-        .json(body)
-        .send()
-        .await
-        .expect("gateway answers")
-}
-
 /// POST asynchronously, asserting 202; returns the push view.
 async fn accepted_202(app: &TestApp, body: &Value) -> Value {
-    let r = post_async(app, body).await;
+    let r = app.post_push_async(body).await;
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let view: Value = r.json().await.unwrap();
     view
-}
-
-/// Waits (up to `secs`) until the push's status is one of `states`; returns the record.
-async fn wait_for_status(app: &TestApp, id: &str, states: &[&str], secs: u64) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..secs * 20 {
-        last = app.get_json(&format!("/v1/pushes/{id}")).await;
-        if states.iter().any(|s| last["status"] == *s) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("push {id} did not reach {states:?} within {secs} s: {last}");
 }
 
 fn send_fault(kind: FaultKind, times: u32) -> Fault {
@@ -88,7 +63,7 @@ async fn an_async_push_is_answered_202_and_delivered_by_a_worker(backend: Backen
     let app = env.spawn_app_with(fast(&env)).await;
     let mut body = push_body(ANDROID_APP, "unicast");
     body["out_biz_no"] = json!("async-1");
-    let r = post_async(&app, &body).await;
+    let r = app.post_push_async(&body).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let view: Value = r.json().await.unwrap();
@@ -96,7 +71,7 @@ async fn an_async_push_is_answered_202_and_delivered_by_a_worker(backend: Backen
     assert_eq!(view["status"], "awaiting_send");
     assert_eq!(view["out_biz_no"], "async-1");
 
-    let done = wait_for_status(&app, &id, &["accepted"], 10).await;
+    let done = app.wait_for_status(&id, &["accepted"], 10).await;
     assert!(done["msg_id"].is_string(), "{done}");
     assert_eq!(done["delivery"], "async");
     assert_eq!(done["http_status"], 201);
@@ -125,7 +100,7 @@ async fn a_repeat_replays_the_current_state_and_another_replica_sends_it(backend
     let id = view["id"].as_str().unwrap().to_owned();
 
     for repeat in [
-        post_async(&front, &body).await,
+        front.post_push_async(&body).await,
         front.post_push(&body).await,
     ] {
         assert_eq!(repeat.status(), 202);
@@ -140,7 +115,7 @@ async fn a_repeat_replays_the_current_state_and_another_replica_sends_it(backend
     assert!(env.sends().is_empty(), "nothing runs the queue yet");
 
     let worker = env.spawn_app_with(fast(&env)).await;
-    let done = wait_for_status(&front, &id, &["accepted"], 10).await;
+    let done = front.wait_for_status(&id, &["accepted"], 10).await;
     assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
     assert_eq!(env.sends().len(), 1);
     worker.stop().await;
@@ -160,7 +135,7 @@ async fn transient_failures_are_retried_with_backoff_then_delivered(backend: Bac
     ));
     let view = accepted_202(&app, &push_body(ANDROID_APP, "unicast")).await;
     let id = view["id"].as_str().unwrap();
-    let done = wait_for_status(&app, id, &["accepted", "failed"], 15).await;
+    let done = app.wait_for_status(id, &["accepted", "failed"], 15).await;
     assert_eq!(done["status"], "accepted", "{done}");
     let attempts = done["attempts"].as_array().unwrap();
     let outcomes: Vec<&str> = attempts
@@ -189,7 +164,9 @@ async fn a_definite_failure_is_final_at_once(backend: Backend) {
         1,
     ));
     let view = accepted_202(&app, &push_body(ANDROID_APP, "unicast")).await;
-    let done = wait_for_status(&app, view["id"].as_str().unwrap(), &["failed"], 10).await;
+    let done = app
+        .wait_for_status(view["id"].as_str().unwrap(), &["failed"], 10)
+        .await;
     assert_eq!(done["error_code"], "2003");
     assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
     assert!(done["next_attempt_at"].is_null(), "{done}");
@@ -203,7 +180,9 @@ async fn a_unicast_timeout_is_unknown_and_never_resent(backend: Backend) {
     let app = env.spawn_app_with(fast(&env)).await;
     env.sim.add_fault(send_fault(FaultKind::Hang, 1));
     let view = accepted_202(&app, &push_body(ANDROID_APP, "unicast")).await;
-    let done = wait_for_status(&app, view["id"].as_str().unwrap(), &["unknown"], 15).await;
+    let done = app
+        .wait_for_status(view["id"].as_str().unwrap(), &["unknown"], 15)
+        .await;
     assert_eq!(done["error_code"], "timeout");
     assert_eq!(done["http_status"], 504);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -222,7 +201,9 @@ async fn a_task_class_timeout_is_resent_with_the_same_out_biz_no(backend: Backen
     // No out_biz_no from the caller: the gateway gives the task one of its own.
     let view = accepted_202(&app, &push_body(ANDROID_APP, "groupcast")).await;
     let id = view["id"].as_str().unwrap();
-    let done = wait_for_status(&app, id, &["accepted", "queued", "sending", "done"], 20).await;
+    let done = app
+        .wait_for_status(id, &["accepted", "queued", "sending", "done"], 20)
+        .await;
     assert!(done["task_id"].is_string(), "{done}");
     let outcomes: Vec<&str> = done["attempts"]
         .as_array()
@@ -255,7 +236,7 @@ async fn send_at_holds_the_push_and_cancel_withdraws_it(backend: Backend) {
     let id = view["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(env.sends().is_empty(), "held until send_at");
-    let done = wait_for_status(&app, &id, &["accepted"], 10).await;
+    let done = app.wait_for_status(&id, &["accepted"], 10).await;
     let sent_at = OffsetDateTime::parse(done["sent_at"].as_str().unwrap(), &Rfc3339).unwrap();
     assert!(sent_at >= soon, "sent at {sent_at}, not before {soon}");
 
@@ -313,8 +294,7 @@ async fn a_held_push_takes_its_quota_slot_when_it_is_sent(backend: Backend) {
     held["out_biz_no"] = json!("held-2");
     let view: Value = app.post_push(&held).await.json().await.unwrap();
     assert_eq!(app.quota_used(ANDROID_APP, "groupcast").await, 0);
-    wait_for_status(
-        &app,
+    app.wait_for_status(
         view["id"].as_str().unwrap(),
         &["accepted", "queued", "sending", "done"],
         10,
@@ -345,7 +325,8 @@ async fn quota_wait_sends_first_come_first_served_across_two_replicas(backend: B
     }
     // Five go out in this minute; the last two wait for the next one.
     for id in &ids[..5] {
-        wait_for_status(&a, id, &["accepted", "queued", "sending", "done"], 10).await;
+        a.wait_for_status(id, &["accepted", "queued", "sending", "done"], 10)
+            .await;
     }
     for id in &ids[5..] {
         let r = a.get_json(&format!("/v1/pushes/{id}")).await;
@@ -366,7 +347,8 @@ async fn quota_wait_sends_first_come_first_served_across_two_replicas(backend: B
         );
     }
     for id in &ids[5..] {
-        wait_for_status(&a, id, &["accepted", "queued", "sending", "done"], 75).await;
+        a.wait_for_status(id, &["accepted", "queued", "sending", "done"], 75)
+            .await;
     }
     assert_eq!(env.sends().len(), 7);
     assert_eq!(
@@ -386,7 +368,7 @@ async fn an_async_reject_push_still_gets_429_for_a_full_window(backend: Backend)
     let mut answers = Vec::new();
     for i in 0..11 {
         body["out_biz_no"] = json!(format!("b-{i}"));
-        answers.push(post_async(&app, &body).await.status().as_u16());
+        answers.push(app.post_push_async(&body).await.status().as_u16());
     }
     assert_eq!(
         answers.iter().filter(|s| **s == 202).count(),
@@ -432,7 +414,7 @@ async fn async_fields_are_checked(backend: Backend) {
 
     let mut unknown_mode = push_body(ANDROID_APP, "groupcast");
     unknown_mode["on_quota_exhausted"] = json!("queue");
-    let r = post_async(&app, &unknown_mode).await;
+    let r = app.post_push_async(&unknown_mode).await;
     assert_eq!(r.status(), 422);
     assert!(env.sends().is_empty());
     app.stop().await;
@@ -494,7 +476,7 @@ async fn async_pushes_wait_while_the_breaker_is_open(backend: Backend) {
     assert!((2..=12).contains(&tried), "{tried} calls in 3 s");
     proxy.resume().await;
     for id in &ids {
-        let done = wait_for_status(&app, id, &["accepted"], 20).await;
+        let done = app.wait_for_status(id, &["accepted"], 20).await;
         let attempts = done["attempts"].as_array().unwrap();
         assert_eq!(attempts.last().unwrap()["outcome"], "accepted", "{done}");
     }
@@ -514,7 +496,9 @@ async fn an_async_filecast_uploads_its_lines_then_sends_and_forgets_them(backend
     });
     let view = accepted_202(&app, &push_body(ANDROID_APP, "filecast")).await;
     let id = view["id"].as_str().unwrap();
-    let done = wait_for_status(&app, id, &["accepted", "queued", "sending", "done"], 20).await;
+    let done = app
+        .wait_for_status(id, &["accepted", "queued", "sending", "done"], 20)
+        .await;
     assert!(done["file_id"].is_string(), "{done}");
     let calls: Vec<(&str, &str)> = done["attempts"]
         .as_array()
@@ -550,7 +534,7 @@ async fn an_app_at_its_concurrency_limit_does_not_stall_the_worker(backend: Back
         ids.push(view["id"].as_str().unwrap().to_owned());
     }
     for id in &ids {
-        wait_for_status(&app, id, &["accepted"], 8).await;
+        app.wait_for_status(id, &["accepted"], 8).await;
     }
     assert_eq!(env.sends().len(), 5);
     app.stop().await;

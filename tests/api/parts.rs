@@ -407,15 +407,7 @@ async fn an_async_group_push_is_answered_202_then_settled(backend: Backend) {
         "notification": {"title": "Your order", "text": "has shipped"},
         "production_mode": false,
     });
-    let r = app
-        .http
-        .post(format!("{}/v1/pushes", app.base))
-        .bearer_auth(TOKEN_SENDER)
-        .header("prefer", "respond-async")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = app.post_push_async(&body).await;
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["preference-applied"], "respond-async");
     let view: Value = r.json().await.unwrap();
@@ -551,30 +543,9 @@ async fn a_repeat_of_an_accepted_parent_replays_it(backend: Backend) {
 
 /// POSTs with `Prefer: respond-async`, asserting 202; returns the view.
 async fn post_async(app: &TestApp, body: &Value) -> Value {
-    let r = app
-        .http
-        .post(format!("{}/v1/pushes", app.base))
-        .bearer_auth(TOKEN_SENDER)
-        .header("prefer", "respond-async")
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let r = app.post_push_async(body).await;
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
     r.json().await.unwrap()
-}
-
-/// Waits (up to `secs`) until the push's status is one of `states`; returns the record.
-async fn wait_for_status(app: &TestApp, id: &str, states: &[&str], secs: u64) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..secs * 20 {
-        last = app.get_json(&format!("/v1/pushes/{id}")).await;
-        if states.iter().any(|s| last["status"] == *s) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("push {id} did not reach {states:?} within {secs} s: {last}");
 }
 
 fn in_secs(secs: i64) -> String {
@@ -609,7 +580,7 @@ async fn a_held_group_broadcast_takes_both_slots_when_it_is_due(backend: Backend
     assert_eq!(app.quota_used(IOS_APP, "broadcast").await, 0);
     assert!(env.sends().is_empty());
 
-    let done = wait_for_status(&app, &id, &["accepted"], 15).await;
+    let done = app.wait_for_status(&id, &["accepted"], 15).await;
     assert_eq!(part_statuses(&done), ["accepted", "accepted"]);
     assert_eq!(env.sends().len(), 2);
     assert_eq!(app.quota_used(ANDROID_APP, "broadcast").await, 1);
@@ -635,7 +606,7 @@ async fn a_held_group_broadcast_fails_whole_when_a_window_is_full_and_cancel_wit
     // The iOS window fills up before the push is due.
     fill_broadcast_window(&app, IOS_APP).await;
 
-    let done = wait_for_status(&app, &id, &["failed"], 15).await;
+    let done = app.wait_for_status(&id, &["failed"], 15).await;
     assert_eq!(done["error_code"], "quota_exhausted");
     assert_eq!(done["http_status"], 429);
     assert!(
@@ -690,7 +661,7 @@ async fn a_waiting_group_broadcast_goes_when_both_windows_have_room(backend: Bac
     assert_eq!(env.sends().len(), 1);
 
     // The next minute both windows have room: one call per app, from one replica.
-    let done = wait_for_status(&b, &id, &["accepted"], 75).await;
+    let done = b.wait_for_status(&id, &["accepted"], 75).await;
     assert_eq!(part_statuses(&done), ["accepted", "accepted"]);
     let sent = sent_bodies(&env);
     assert_eq!(sent.len(), 3, "one broadcast per member, sent once");
