@@ -15,11 +15,13 @@ use time::OffsetDateTime;
 
 use crate::quota::{QuotaKind, QuotaLimit, QuotaState, WindowUnit};
 
+mod batch;
 pub mod callbacks;
 pub mod parts;
 mod pg_batch;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_batch;
 
 pub use callbacks::{CallbackAttempt, CallbackClaim, CallbackEvent, CallbackNext, CallbackState};
 pub use parts::{NewPart, PartsAdmission, PushPart};

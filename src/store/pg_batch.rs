@@ -10,87 +10,21 @@
 //! admissions that fails as a whole (one row's error, a deadlock between two batches) is
 //! retried one admission at a time.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 use sqlx::postgres::PgPool;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::oneshot;
 
+use super::batch::Batcher;
 use super::postgres::{admission_of, admit, AdmitRow};
 use super::{
     attempts_json, map_sqlx, Admission, Finish, NewPush, QuotaAction, QuotaClaim, StoreError,
     StoreResult,
 };
 
-/// Most pushes in one call.
-const MAX_BATCH: usize = 64;
-/// Writers draining the queue: one may wait on a row lock while another writes.
+/// Writers draining each queue: one may wait on a row lock while another writes.
 const WRITERS: usize = 2;
-/// Pushes waiting for a writer; a caller waits when it is full.
-const QUEUE: usize = 4096;
 
 const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
-
-/// A queue drained in batches by writer tasks (clones share them).
-#[derive(Debug)]
-pub(crate) struct Batcher<J> {
-    queue: mpsc::Sender<J>,
-}
-
-impl<J> Clone for Batcher<J> {
-    fn clone(&self) -> Self {
-        Batcher {
-            queue: self.queue.clone(),
-        }
-    }
-}
-
-impl<J: Send + 'static> Batcher<J> {
-    /// Starts the writers (on the current tokio runtime); each calls `write` with whatever
-    /// is waiting, up to [`MAX_BATCH`]. They end when every clone is dropped and the queue
-    /// is empty.
-    fn start<W, F>(pool: PgPool, write: W) -> Self
-    where
-        W: Fn(PgPool, Vec<J>) -> F + Clone + Send + 'static,
-        F: std::future::Future<Output = ()> + Send,
-    {
-        let (queue, jobs) = mpsc::channel::<J>(QUEUE);
-        let jobs = Arc::new(Mutex::new(jobs));
-        for _ in 0..WRITERS {
-            let jobs = Arc::clone(&jobs);
-            let pool = pool.clone();
-            let write = write.clone();
-            tokio::spawn(async move {
-                loop {
-                    let batch = {
-                        let mut jobs = jobs.lock().await;
-                        let Some(first) = jobs.recv().await else {
-                            return;
-                        };
-                        let mut batch = vec![first];
-                        while batch.len() < MAX_BATCH {
-                            match jobs.try_recv() {
-                                Ok(job) => batch.push(job),
-                                Err(_) => break,
-                            }
-                        }
-                        batch
-                    };
-                    write(pool.clone(), batch).await;
-                }
-            });
-        }
-        Batcher { queue }
-    }
-
-    /// Queue a job whose answer comes back through `result`; the job is done even if the
-    /// caller stops waiting.
-    async fn submit<T>(&self, job: J, result: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
-        let stopped = || StoreError::Unavailable("the database writer has stopped".into());
-        self.queue.send(job).await.map_err(|_| stopped())?;
-        result.await.map_err(|_| stopped())?
-    }
-}
 
 /// An outcome record waiting for its batch.
 #[derive(Debug)]
@@ -118,10 +52,10 @@ pub(crate) struct Writers {
 impl Writers {
     pub(crate) fn start(pool: PgPool) -> Writers {
         Writers {
-            finishes: Batcher::start(pool.clone(), |pool, batch| async move {
+            finishes: Batcher::start(pool.clone(), WRITERS, |pool, batch| async move {
                 write_finishes(&pool, batch).await
             }),
-            admissions: Batcher::start(pool, |pool, batch| async move {
+            admissions: Batcher::start(pool, WRITERS, |pool, batch| async move {
                 write_admissions(&pool, batch).await
             }),
         }

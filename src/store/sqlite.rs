@@ -286,6 +286,8 @@ pub struct SqliteStore {
     /// waits by sleeping (1, 2, 5, 10 ms, ...) and so made the tail latency of concurrent
     /// pushes tens to hundreds of milliseconds.
     writer: Arc<tokio::sync::Mutex<()>>,
+    /// Admissions and outcome records, committed together when they arrive together.
+    batches: super::sqlite_batch::Writer,
 }
 
 impl SqliteStore {
@@ -334,9 +336,11 @@ impl SqliteStore {
                 ),
                 other => other,
             })?;
+        let writer = Arc::default();
         Ok(Self {
+            batches: super::sqlite_batch::Writer::start(pool.clone(), Arc::clone(&writer)),
             pool,
-            writer: Arc::default(),
+            writer,
         })
     }
 
@@ -418,25 +422,12 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push.id))]
     async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
-        let pool = self.pool.clone();
-        let writer = Arc::clone(&self.writer);
-        run_detached(async move {
-            let _turn = writer.lock().await;
-            admit(&pool, push, quota).await.map_err(map_sqlx)
-        })
-        .await
+        self.batches.admit(push, quota).await
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
-        let pool = self.pool.clone();
-        let push_id = push_id.to_owned();
-        let writer = Arc::clone(&self.writer);
-        run_detached(async move {
-            let _turn = writer.lock().await;
-            finish_push(&pool, &push_id, finish).await.map_err(map_sqlx)
-        })
-        .await
+        self.batches.finish(push_id, finish).await
     }
 
     #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
@@ -880,28 +871,52 @@ impl Store for SqliteStore {
     }
 }
 
-/// Admission in one `begin immediate` transaction: writers are serialised, so the key check
-/// and the guarded counter cannot race; any early return rolls everything back.
-async fn admit(
+/// Admission alone: the row in one statement when there is nothing to check or count,
+/// otherwise one `begin immediate` transaction (writers are serialised, so the key check and
+/// the guarded counter cannot race).
+pub(super) async fn admit(
     pool: &SqlitePool,
-    push: NewPush,
+    push: &NewPush,
+    quota: Option<QuotaClaim>,
+) -> Result<Admission, sqlx::Error> {
+    if is_one_statement(push, quota) {
+        return admit_in(&mut *pool.acquire().await?, push, quota).await;
+    }
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let admission = admit_in(&mut tx, push, quota).await?;
+    tx.commit().await?;
+    Ok(admission)
+}
+
+/// An admission that is the push row alone: no key to check, no slot to take now.
+fn is_one_statement(push: &NewPush, quota: Option<QuotaClaim>) -> bool {
+    push.out_biz_no.is_none()
+        && (quota.is_none() || push.delivery.as_ref().is_some_and(|d| d.defer_quota))
+}
+
+/// Admission inside the caller's write transaction (its own, or a batch's). A refusal
+/// leaves nothing written: the checks come before the writes, and a reclaim that is
+/// refused after giving the old owner's slot back is undone through a savepoint. An error
+/// may leave partial writes: the caller rolls the transaction back.
+pub(super) async fn admit_in(
+    conn: &mut SqliteConnection,
+    push: &NewPush,
     quota: Option<QuotaClaim>,
 ) -> Result<Admission, sqlx::Error> {
     // A deferred slot (asynchronous delivery) is taken when the push is sent: admission
     // records the bucket only.
     let deferred = quota.filter(|_| push.delivery.as_ref().is_some_and(|d| d.defer_quota));
     let quota = quota.filter(|_| deferred.is_none());
+    let now = now_ms();
     if push.out_biz_no.is_none() && quota.is_none() {
         // Nothing to check or count: the row alone, one statement.
-        insert_push(&mut *pool.acquire().await?, &push, deferred, None, now_ms()).await?;
+        insert_push(conn, push, deferred, None, now).await?;
         return Ok(Admission::Admitted {
-            push_id: push.id,
+            push_id: push.id.clone(),
             quota: None,
             reclaimed_from: None,
         });
     }
-    let mut tx = pool.begin_with("begin immediate").await?;
-    let now = now_ms();
     let window = quota.map(|claim| window_of(claim, now, 0));
 
     let mut reclaimed_from = None;
@@ -909,7 +924,7 @@ async fn admit(
         let owner = sqlx::query(KEY_OWNER)
             .bind(&push.appkey)
             .bind(key)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?;
         if let Some(owner) = owner {
             let fingerprint: String = owner.try_get("fingerprint")?;
@@ -929,7 +944,7 @@ async fn admit(
             {
                 None
             } else {
-                match get_push(&mut tx, &owner_id).await? {
+                match get_push(conn, &owner_id).await? {
                     Some(record) => Some(Admission::Replay {
                         push: Box::new(record),
                     }),
@@ -937,19 +952,45 @@ async fn admit(
                 }
             };
             if let Some(verdict) = verdict {
-                tx.rollback().await?;
                 return Ok(verdict);
             }
             reclaimed_from = Some(owner_id);
         }
     }
 
-    if let Some(old_owner) = &reclaimed_from {
-        // One logical push holds one slot: Umeng dedupes a retry of an unknown task-class
-        // push into the same task, so the slot the unknown attempt kept goes back first.
-        refund_unknown_owner(&mut tx, old_owner).await?;
+    let Some(old_owner) = reclaimed_from else {
+        return admit_rows(conn, push, quota, deferred, window, None, now).await;
+    };
+    // One logical push holds one slot: Umeng dedupes a retry of an unknown task-class push
+    // into the same task, so the slot the unknown attempt kept goes back first, and comes
+    // back again if the new attempt is refused.
+    sqlx::query("savepoint umgw_reclaim")
+        .execute(&mut *conn)
+        .await?;
+    refund_unknown_owner(conn, &old_owner).await?;
+    let admission = admit_rows(conn, push, quota, deferred, window, Some(old_owner), now).await?;
+    if !matches!(admission, Admission::Admitted { .. }) {
+        sqlx::query("rollback to umgw_reclaim")
+            .execute(&mut *conn)
+            .await?;
     }
+    sqlx::query("release umgw_reclaim")
+        .execute(&mut *conn)
+        .await?;
+    Ok(admission)
+}
 
+/// The writes of an admission whose key check passed: the slot, the row, the key. A
+/// refusal comes before any write of its own.
+async fn admit_rows(
+    conn: &mut SqliteConnection,
+    push: &NewPush,
+    quota: Option<QuotaClaim>,
+    deferred: Option<QuotaClaim>,
+    window: Option<QuotaState>,
+    reclaimed_from: Option<String>,
+    now: i64,
+) -> Result<Admission, sqlx::Error> {
     let mut state = None;
     if let (Some(claim), Some(mut window)) = (quota, window) {
         let taken: Option<i64> = if claim.limit.limit > 0 {
@@ -958,7 +999,7 @@ async fn admit(
                 .bind(claim.kind.as_str())
                 .bind(window.window_start)
                 .bind(i64::from(claim.limit.limit))
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?
         } else {
             None
@@ -973,20 +1014,19 @@ async fn admit(
                     .bind(&push.appkey)
                     .bind(claim.kind.as_str())
                     .bind(window.window_start)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut *conn)
                     .await?;
-                tx.rollback().await?;
                 window.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
                 return Ok(Admission::RateLimited { quota: window });
             }
         }
     }
 
-    // The row goes in last, once nothing can reject the request.
+    // The row goes in once nothing can reject the request.
     let slot = quota.zip(window);
     insert_push(
-        &mut tx,
-        &push,
+        conn,
+        push,
         slot.map(|(c, _)| c).or(deferred),
         slot.map(|(_, w)| w.window_start),
         now,
@@ -996,7 +1036,8 @@ async fn admit(
     if let Some(key) = &push.out_biz_no {
         match &reclaimed_from {
             Some(old_owner) => {
-                // Writers are serialised, so this cannot miss; the guard keeps it honest.
+                // Writers are serialised, so this cannot miss; the guard keeps it honest
+                // (the caller undoes the writes above).
                 let moved = sqlx::query(RECLAIM_KEY)
                     .bind(&push.appkey)
                     .bind(key)
@@ -1004,10 +1045,9 @@ async fn admit(
                     .bind(&push.fingerprint)
                     .bind(now)
                     .bind(old_owner)
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
                 if moved.rows_affected() != 1 {
-                    tx.rollback().await?;
                     return Ok(Admission::InFlight {
                         push_id: old_owner.clone(),
                     });
@@ -1020,15 +1060,13 @@ async fn admit(
                     .bind(&push.fingerprint)
                     .bind(&push.id)
                     .bind(now)
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
             }
         }
     }
-
-    tx.commit().await?;
     Ok(Admission::Admitted {
-        push_id: push.id,
+        push_id: push.id.clone(),
         quota: state,
         reclaimed_from,
     })
@@ -1391,7 +1429,7 @@ async fn insert_push(
 /// Binds the outcome columns of [`FINISH`].
 fn bind_finish<'q>(
     push_id: &'q str,
-    finish: Finish,
+    finish: &'q Finish,
     refunded: bool,
     now: i64,
 ) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
@@ -1400,13 +1438,13 @@ fn bind_finish<'q>(
     sqlx::query(FINISH)
         .bind(push_id)
         .bind(finish.status.as_str())
-        .bind(finish.umeng_request.map(Json))
-        .bind(finish.umeng_response.map(Json))
-        .bind(finish.msg_id)
-        .bind(finish.task_id)
-        .bind(finish.file_id)
-        .bind(finish.error_code)
-        .bind(finish.error_msg)
+        .bind(finish.umeng_request.as_ref().map(Json))
+        .bind(finish.umeng_response.as_ref().map(Json))
+        .bind(finish.msg_id.as_deref())
+        .bind(finish.task_id.as_deref())
+        .bind(finish.file_id.as_deref())
+        .bind(finish.error_code.as_deref())
+        .bind(finish.error_msg.as_deref())
         .bind(i64::from(finish.http_status))
         .bind(finish.latency_ms)
         .bind(finish.sent_at.map(to_ms))
@@ -1416,26 +1454,43 @@ fn bind_finish<'q>(
         .bind(claim)
 }
 
-async fn finish_push(
+/// An outcome record alone: the guarded update in one statement when no counter is
+/// touched, otherwise one `begin immediate` transaction.
+pub(super) async fn finish_push(
     pool: &SqlitePool,
     push_id: &str,
-    finish: Finish,
+    finish: &Finish,
+) -> Result<bool, sqlx::Error> {
+    if finish.quota == QuotaAction::Keep {
+        return finish_in(&mut *pool.acquire().await?, push_id, finish).await;
+    }
+    let mut tx = pool.begin_with("begin immediate").await?;
+    let applied = finish_in(&mut tx, push_id, finish).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// An outcome record inside the caller's write transaction; true when it applied. When it
+/// does not apply nothing was written; an error may leave partial writes (the caller rolls
+/// the transaction back).
+pub(super) async fn finish_in(
+    conn: &mut SqliteConnection,
+    push_id: &str,
+    finish: &Finish,
 ) -> Result<bool, sqlx::Error> {
     if finish.quota == QuotaAction::Keep {
         // No counter to touch: the guarded update alone, one statement.
         let updated = bind_finish(push_id, finish, false, now_ms())
-            .execute(pool)
+            .execute(&mut *conn)
             .await?;
         return Ok(updated.rows_affected() > 0);
     }
-    let mut tx = pool.begin_with("begin immediate").await?;
     let Some(row) = sqlx::query(PENDING_QUOTA)
         .bind(push_id)
         .bind(finish.claim.map(i64::from))
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?
     else {
-        tx.rollback().await?;
         return Ok(false);
     };
     let appkey: String = row.try_get("appkey")?;
@@ -1447,12 +1502,10 @@ async fn finish_push(
     let refund = finish.quota == QuotaAction::Refund && has_slot && !was_refunded;
     let now = now_ms();
 
-    let quota_action = finish.quota;
     let updated = bind_finish(push_id, finish, was_refunded || refund, now)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     if updated.rows_affected() == 0 {
-        tx.rollback().await?;
         return Ok(false);
     }
 
@@ -1461,10 +1514,10 @@ async fn finish_push(
             .bind(&appkey)
             .bind(&kind)
             .bind(window)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     } else if let (QuotaAction::Saturate(unit), Some(kind), Some(limit)) =
-        (quota_action, &kind, limit)
+        (finish.quota, &kind, limit)
     {
         // Umeng called the window of now full, whichever window the slot came from.
         sqlx::query(SATURATE)
@@ -1472,10 +1525,9 @@ async fn finish_push(
             .bind(kind)
             .bind(unit.window_start(now.div_euclid(1000)))
             .bind(limit)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
     }
-    tx.commit().await?;
     Ok(true)
 }
 

@@ -40,6 +40,7 @@ crate::store_cases!(
     forgotten_uploads_are_not_found,
     counts_by_hour_group_status_and_error_code_within_the_allowed_apps,
     concurrent_outcomes_keep_the_counts_exact,
+    a_failing_write_in_a_burst_fails_alone,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -1445,4 +1446,82 @@ async fn concurrent_outcomes_keep_the_counts_exact(ctx: StoreCtx) {
     let (x, y) = (sat(a), sat(b));
     assert!(x.await.unwrap() && y.await.unwrap());
     assert_eq!(used().await, 100);
+}
+
+/// Writes that arrive together share a transaction on both stores; one that fails (here a
+/// duplicate push id) must fail alone: the others are written once each, and nothing of
+/// the failed one (its key, its slot) remains.
+async fn a_failing_write_in_a_burst_fails_alone(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let taken = admitted(store, new_push(Some("first")), Some(groupcast(100))).await;
+    let mut finished = Vec::new();
+    for _ in 0..5 {
+        finished.push(admitted(store, new_push(None), Some(groupcast(100))).await);
+    }
+    assert_eq!(used(store, 100).await, 6);
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let mut admissions = tokio::task::JoinSet::new();
+    for i in 0..34 {
+        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
+        let push = if i == 17 {
+            NewPush {
+                id: taken.clone(),
+                ..new_push(Some("duplicate-id"))
+            }
+        } else {
+            new_push(Some(&format!("burst-{i}")))
+        };
+        admissions.spawn(async move {
+            barrier.wait().await;
+            (i, store.admit(push, Some(groupcast(100))).await)
+        });
+    }
+    let mut finishes = tokio::task::JoinSet::new();
+    for id in &finished {
+        let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
+        finishes.spawn(async move {
+            barrier.wait().await;
+            store.finish(&id, failed()).await
+        });
+    }
+    let barrier_left = Arc::clone(&barrier);
+    tokio::spawn(async move { barrier_left.wait().await });
+
+    let mut admitted_ids = Vec::new();
+    for (i, result) in admissions.join_all().await {
+        match (i, result) {
+            (17, Err(_)) => {}
+            (17, other) => panic!("a duplicate id was admitted: {other:?}"),
+            (_, Ok(Admission::Admitted { push_id, .. })) => admitted_ids.push(push_id),
+            (_, other) => panic!("expected Admitted, got {other:?}"),
+        }
+    }
+    for result in finishes.join_all().await {
+        assert!(matches!(result, Ok(true)), "{result:?}");
+    }
+    assert_eq!(admitted_ids.len(), 33);
+    // 6 before, 33 taken in the burst, 5 given back by the failed outcomes.
+    assert_eq!(used(store, 100).await, 6 + 33 - 5);
+    assert_eq!(list(store, all(100)).await.len(), 6 + 33, "each row once");
+    assert_eq!(
+        ctx.db
+            .query_i64("select count(*) from idempotency_keys where out_biz_no = 'duplicate-id'")
+            .await,
+        0,
+        "the failed admission left no key"
+    );
+    assert_eq!(
+        ctx.db
+            .query_i64("select count(*) from idempotency_keys")
+            .await,
+        34
+    );
+    for id in &finished {
+        assert_eq!(get(store, id).await.status, PushStatus::Failed);
+    }
+    assert_eq!(
+        get(store, &taken).await.out_biz_no.as_deref(),
+        Some("first")
+    );
 }
