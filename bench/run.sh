@@ -4,6 +4,7 @@
 #   bench/run.sh                                  # the main scenario, about 3 minutes
 #   BENCH_SCENARIOS="upstream replicas" bench/run.sh
 #   BENCH_SCENARIOS=all bench/run.sh              # main, async, upstream, parts and replicas
+#   BENCH_SCENARIOS=purge bench/run.sh            # the retention purge of 1M pushes
 #
 # Builds the release binary and the load generator (examples/loadgen.rs), starts the
 # Umeng simulator, then runs the scenarios named in BENCH_SCENARIOS (default "main"):
@@ -34,6 +35,14 @@
 # replicas: BENCH_REPLICAS ("1 2 4") gateway processes on one PostgreSQL database, on ports
 #   BENCH_GW_PORT, +1, +2, ...; the load generator spreads its connections round robin over
 #   them, at each level of BENCH_REPLICA_CLIENTS ("16 64").
+# purge: the retention purge of BENCH_PURGE_ROWS (1,000,000) pushes 100-110 days old on
+#   PostgreSQL (a quarter with an out_biz_no, so with an idempotency key), two ways on the
+#   same schema: `rows`, the pushes in pushes_legacy (the table as it was before
+#   partitions), deleted batch by batch as before; `weeks`, the pushes in their own weekly
+#   partitions, dropped whole. A gateway starts with retention_days = 90 and its first purge
+#   round does the work: seconds from its start to its "old rows purged" line, WAL written,
+#   the size of pushes before and after, gateway and PostgreSQL CPU seconds. Not in `all`
+#   (filling takes minutes).
 #
 # Every run also records the CPU seconds per request of the process under test (the
 # simulator for direct runs, all gateway replicas for gateway runs), of the PostgreSQL
@@ -67,6 +76,7 @@ REPLICAS=${BENCH_REPLICAS:-1 2 4}
 REPLICA_CLIENTS=${BENCH_REPLICA_CLIENTS:-16 64}
 PARTS_AUDIENCE=${BENCH_PARTS_AUDIENCE:-10000}
 PARTS_REPEAT=${BENCH_PARTS_REPEAT:-5}
+PURGE_ROWS=${BENCH_PURGE_ROWS:-1000000}
 DB_POOL=${BENCH_DB_POOL:-16}
 PG_URL=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}
 SIM_PORT=${BENCH_SIM_PORT:-18090}
@@ -98,7 +108,7 @@ PIDS=()
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 has_scenario() {
-    [[ $SCENARIOS == *" $1 "* || $SCENARIOS == *" all "* ]]
+    [[ $SCENARIOS == *" $1 "* || ($1 != purge && $SCENARIOS == *" all "*) ]]
 }
 
 stop_pid() {
@@ -515,6 +525,93 @@ if has_scenario replicas; then
         stop_gateways
     done
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+fi
+
+# Fills database $1 with PURGE_ROWS old pushes: in pushes_legacy ($2 = rows) or in weekly
+# partitions of their own ($2 = weeks).
+fill_old_pushes() { # database url, how
+    local url=$1 how=$2
+    write_config "$WORK/gateway-purge.toml" "$url" "$GW_PORT"
+    "$BIN" --config "$WORK/gateway-purge.toml" migrate >/dev/null
+    if [[ $how == weeks ]]; then
+        psql "$url" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+drop table pushes_legacy;
+do $$
+declare
+    week constant bigint := 604800000;
+    w bigint := umgw_week_start(now() - interval '110 days');
+begin
+    while w <= umgw_week_start(now() - interval '100 days') loop
+        execute format('create table %I partition of pushes for values from (%L) to (%L)',
+            'pushes_w' || to_char(to_timestamp(w / 1000) at time zone 'UTC', 'YYYYMMDD'),
+            umgw_id_bound(w), umgw_id_bound(w + week));
+        w := w + week;
+    end loop;
+end
+$$;
+select umgw_ensure_history_weeks(4);
+SQL
+    fi
+    # The rows of bench/history-insert.sql, spread over 10 days, 100 to 110 days ago.
+    psql "$url" -qX -v ON_ERROR_STOP=1 -v n="$PURGE_ROWS" >/dev/null <<'SQL'
+insert into pushes (id, app, appkey, platform, cast_type, task_class, production_mode, client,
+                    out_biz_no, fingerprint, status, description, request, umeng_request,
+                    umeng_response, msg_id, http_status, latency_ms, created_at, sent_at,
+                    finished_at, updated_at)
+select umgw_id_bound(ms) || '-7000-8000-' || lpad(to_hex(i), 12, '0'), 'bench-unicast',
+       '5f00000000000000000b0001', 'android', 'unicast', false, false, 'bench',
+       case when i % 4 = 0 then 'order-' || i end, md5(i::text) || md5(i::text), 'accepted',
+       'order shipped',
+       '{"app":"bench-unicast","type":"unicast","device_tokens":["AaBbCcDdEeFfGgHhIiJjKkLlMmNnOoPpQqRrSsTtUuVv"],"notification":{"title":"Your order shipped","text":"Order 42 is on its way, it should arrive on Thursday between 9 am and noon","open":{"url":"https://shop.example/orders/42?utm_source=push&utm_medium=app"},"extra":{"order":"42","shipment":"SF1234567890","carrier":"sf-express"}},"policy":{"expire_time":"2026-12-01T01Z"},"out_biz_no":"order-42-shipped","production_mode": true,"description":"order shipped"}'::jsonb,
+       '{"appkey":"5f00000000000000000b0001","timestamp":"1767225600000","type":"unicast","device_tokens":"AaBbCcDdEeFfGgHhIiJjKkLlMmNnOoPpQqRrSsTtUuVv","payload":{"display_type":"notification","body":{"ticker":"Your order shipped","title":"Your order shipped","text":"Order 42 is on its way, it should arrive on Thursday between 9 am and noon","after_open":"go_url","url":"https://shop.example/orders/42?utm_source=push&utm_medium=app"},"extra":{"order":"42","shipment":"SF1234567890","carrier":"sf-express"}},"policy":{"expire_time":"2026-12-01 09h","out_biz_no":"order-42-shipped"},"production_mode":"true","description":"order shipped"}'::jsonb,
+       '{"ret":"SUCCESS","data":{"msg_id":"uu12345678901234567890"}}'::jsonb,
+       'uu' || i, 201, 3, t, t, t, t
+  from (select i, ms, to_timestamp(ms / 1000.0) as t
+          from (select i, (extract(epoch from now() - interval '110 days') * 1000)::bigint
+                          + i * (864000000 / :n) as ms
+                  from generate_series(1, :n) as i) x) y;
+insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id, created_at)
+select appkey, out_biz_no, fingerprint, id, created_at from pushes where out_biz_no is not null;
+checkpoint;
+SQL
+    psql "$url" -qX -c "vacuum analyze" >/dev/null
+}
+
+bench_purge() { # how
+    local how=$1 url="$PG_URL/$PG_DB" size="select sum(pg_total_relation_size(inhrelid))::bigint from pg_inherits where inhparent = 'pushes'::regclass"
+    local pushes keys before_size lsn start end purged after_size wal gw_cpu pg_cpu
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    log "purge ($how): filling $PURGE_ROWS old pushes"
+    fill_old_pushes "$url" "$how"
+    pushes=$(psql "$url" -qtAX -c "select count(*) from pushes")
+    keys=$(psql "$url" -qtAX -c "select count(*) from idempotency_keys")
+    before_size=$(psql "$url" -qtAX -c "$size")
+    lsn=$(psql "$url" -qtAX -c "select pg_current_wal_lsn()")
+    log "purge ($how): starting a gateway; its first purge round removes them"
+    start=$(date +%s.%N)
+    start_gateways "$url" 1
+    local log_file=$WORK/gateway-$PG_DB-$GW_PORT.log
+    for _ in $(seq 1 36000); do
+        grep -q 'old rows purged\|retention purge failed' "$log_file" 2>/dev/null && break
+        sleep 0.1
+    done
+    end=$(date +%s.%N)
+    purged=$(grep -m1 'old rows purged' "$log_file" | sed -n 's/.*"pushes":\([0-9]*\).*/\1/p')
+    gw_cpu=$(cpu_of_pids "${GW_PIDS[@]}" | awk '{ t += $2 } END { printf "%.2f", t }')
+    # shellcheck disable=SC2046
+    pg_cpu=$(cpu_of_pids $(pg_backends "$PG_DB") | awk '{ t += $2 } END { printf "%.2f", t }')
+    wal=$(psql "$url" -qtAX -c "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn')::bigint")
+    after_size=$(psql "$url" -qtAX -c "$size")
+    stop_gateways
+    printf '{"kind":"purge","how":"%s","pushes":%s,"keys":%s,"purged":%s,"secs":%s,"wal_bytes":%s,"size_before":%s,"size_after":%s,"cpu_secs":%s,"pg_cpu_secs":%s}\n' \
+        "$how" "$pushes" "$keys" "${purged:-0}" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
+        "$wal" "$before_size" "${after_size:-0}" "$gw_cpu" "$pg_cpu" | tee -a "$OUT" >&2
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB with (force)" >/dev/null
+}
+
+if has_scenario purge; then
+    bench_purge rows
+    bench_purge weeks
 fi
 
 log "results: $OUT"

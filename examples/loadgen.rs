@@ -568,6 +568,7 @@ fn report(file: &std::path::Path) -> anyhow::Result<()> {
     r.replicas_table();
     r.async_table(&mut checks);
     r.parts_table();
+    r.purge_table();
     r.rss_checks(&mut checks);
     if !checks.is_empty() {
         println!();
@@ -996,6 +997,41 @@ impl<'a> Report<'a> {
                 u(v, "umeng_calls"),
                 u(v, "umeng_calls") as f64 / requests as f64,
                 u(v, "rss_kib") as f64 / 1024.0,
+            );
+        }
+    }
+
+    /// The retention purge of old pushes (the `purge` scenario): rows deleted batch by batch
+    /// against whole weeks dropped.
+    fn purge_table(&self) {
+        let rows: Vec<&Value> = self
+            .lines
+            .iter()
+            .filter(|v| s(v, "kind") == "purge")
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        println!();
+        println!("Retention purge on PostgreSQL: pushes 100-110 days old (retention 90 days), purged by a gateway's first purge round. `rows`: in pushes_legacy, deleted batch by batch; `weeks`: in weekly partitions, dropped whole. Seconds from the gateway's start to its purge report; WAL written meanwhile; the size of pushes and its indexes before and after.");
+        println!();
+        println!("| how | pushes | with out_biz_no | purged | seconds | WAL MiB | size before MiB | size after MiB | gateway CPU s | PG CPU s |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let mib = |v: &Value, k: &str| f(v, k) / 1_048_576.0;
+        for v in rows {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
+                s(v, "how"),
+                u(v, "pushes"),
+                u(v, "keys"),
+                u(v, "purged"),
+                f(v, "secs"),
+                mib(v, "wal_bytes"),
+                mib(v, "size_before"),
+                mib(v, "size_after"),
+                f(v, "cpu_secs"),
+                f(v, "pg_cpu_secs"),
             );
         }
     }

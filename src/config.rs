@@ -31,6 +31,9 @@ pub const CLOCK_SKEW_ALLOWANCE_MS: u128 = 60_000;
 /// Longest a task can live at Umeng: a `start_time` up to 7 days ahead and an
 /// `expire_time` up to 7 days after it, plus the hour the poller waits after expiry.
 pub const TASK_HORIZON_HOURS: u64 = 14 * 24 + 1;
+/// Upper bound of `history.retention_days` (100 years; the purge computes dates from it).
+const MAX_RETENTION_DAYS: u64 = 36_500;
+
 /// Upper bound of `history.upload_reuse_days`: well inside Umeng's two-month file retention.
 pub const MAX_UPLOAD_REUSE_DAYS: u64 = 30;
 /// Upper bound of `history.pending_timeout_secs` (one day).
@@ -977,6 +980,12 @@ fn check_timeouts(settings: &Settings) -> Result<(), ConfigError> {
 
 /// Retention against the horizons of live tasks, and the upload reuse cap.
 fn check_horizons(h: &HistorySettings, p: &PollerSettings) -> Result<(), ConfigError> {
+    if h.retention_days > MAX_RETENTION_DAYS {
+        return Err(ConfigError(format!(
+            "history.retention_days ({}) must be at most {MAX_RETENTION_DAYS} (0 keeps everything)",
+            h.retention_days
+        )));
+    }
     if h.retention_days > 0 {
         let needed_hours = p.max_age_hours.max(TASK_HORIZON_HOURS);
         if u128::from(h.retention_days) * 24 <= u128::from(needed_hours) {
@@ -1571,6 +1580,11 @@ mod tests {
 
     #[test]
     fn retention_covers_live_tasks_and_upload_reuse_is_capped() {
+        let err = resolve_err("[history]\nretention_days = 36501");
+        assert!(
+            err.contains("retention_days (36501) must be at most 36500"),
+            "{err}"
+        );
         let err = resolve_err("[history]\nretention_days = 14");
         assert!(
             err.contains("history.retention_days (14)") && err.contains("337 h"),
