@@ -535,6 +535,7 @@ fill_old_pushes() { # database url, how
     "$BIN" --config "$WORK/gateway-purge.toml" migrate >/dev/null
     if [[ $how == weeks ]]; then
         psql "$url" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+alter table pushes detach partition pushes_legacy;
 drop table pushes_legacy;
 do $$
 declare
@@ -588,9 +589,10 @@ bench_purge() { # how
     before_size=$(psql "$url" -qtAX -c "$size")
     lsn=$(psql "$url" -qtAX -c "select pg_current_wal_lsn()")
     log "purge ($how): starting a gateway; its first purge round removes them"
+    local log_file=$WORK/gateway-$PG_DB-$GW_PORT.log
+    rm -f "$log_file"
     start=$(date +%s.%N)
     start_gateways "$url" 1
-    local log_file=$WORK/gateway-$PG_DB-$GW_PORT.log
     for _ in $(seq 1 36000); do
         grep -q 'old rows purged\|retention purge failed' "$log_file" 2>/dev/null && break
         sleep 0.1
