@@ -26,6 +26,7 @@ RUN mkdir -p src \
 # (sqlx::migrate!), so they are needed here and not at run time. COPY keeps the files'
 # modification times, which can be older than the dummy build: touch them so cargo sees
 # the real sources as changed.
+COPY build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 RUN touch src/main.rs src/lib.rs \

@@ -2,14 +2,15 @@
 -- history row the size of a real one (about 1.5 KB of JSON: the caller's request, the
 -- body sent to Umeng and Umeng's answer) into the gateway's own `pushes` table, indexes
 -- included, in its own transaction (autocommit). pgbench takes a colon followed by a name as a variable, so the JSON has none.
--- The id is a UUIDv7-shaped text of now, as the gateway's: pushes is partitioned by id.
+-- The id is UUIDv7-shaped text of now, like the gateway's: time-ordered, so each insert goes
+-- to the right edge of the primary key as the gateway's do (a random UUID lands anywhere).
 \set n random(1, 1000000000)
 \set r random(0, 281474976710655)
 insert into pushes (id, app, appkey, platform, cast_type, task_class, production_mode, client,
                     out_biz_no, fingerprint, status, description, request, umeng_request,
                     umeng_response, msg_id, http_status, latency_ms, sent_at, finished_at)
 values ((select lpad(to_hex(m >> 16), 8, '0') || '-' || lpad(to_hex(m & 65535), 4, '0')
-                 || '-7000-8000-' || lpad(to_hex(:r), 12, '0')
+                 || '-7000-8000-' || lpad(to_hex(:r::bigint), 12, '0')
             from (select (extract(epoch from clock_timestamp()) * 1000)::bigint as m) as now_ms),
         'bench-unicast', '5f00000000000000000b0001', 'android', 'unicast',
         false, false, 'bench', 'order-' || :client_id || '-' || :n,

@@ -36,13 +36,11 @@
 #   BENCH_GW_PORT, +1, +2, ...; the load generator spreads its connections round robin over
 #   them, at each level of BENCH_REPLICA_CLIENTS ("16 64").
 # purge: the retention purge of BENCH_PURGE_ROWS (1,000,000) pushes 100-110 days old on
-#   PostgreSQL (a quarter with an out_biz_no, so with an idempotency key), two ways on the
-#   same schema: `rows`, the pushes in pushes_legacy (the table as it was before
-#   partitions), deleted batch by batch as before; `weeks`, the pushes in their own weekly
-#   partitions, dropped whole. A gateway starts with retention_days = 90 and its first purge
-#   round does the work: seconds from its start to its "old rows purged" line, WAL written,
-#   the size of pushes before and after, gateway and PostgreSQL CPU seconds. Not in `all`
-#   (filling takes minutes).
+#   PostgreSQL (a quarter with an out_biz_no, so with an idempotency key): a gateway starts
+#   with retention_days = 90 and its first purge round deletes them, batch after batch.
+#   Seconds from its start to its "old rows purged" line, WAL written, the size of pushes
+#   before and after, gateway and PostgreSQL CPU seconds. Not in `all` (filling takes
+#   minutes).
 #
 # Every run also records the CPU seconds per request of the process under test (the
 # simulator for direct runs, all gateway replicas for gateway runs), of the PostgreSQL
@@ -527,39 +525,19 @@ if has_scenario replicas; then
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
 fi
 
-# Fills database $1 with PURGE_ROWS old pushes: in pushes_legacy ($2 = rows) or in weekly
-# partitions of their own ($2 = weeks).
-fill_old_pushes() { # database url, how
-    local url=$1 how=$2
+# Fills database $1 with PURGE_ROWS old pushes.
+fill_old_pushes() { # database url
+    local url=$1
     write_config "$WORK/gateway-purge.toml" "$url" "$GW_PORT"
     "$BIN" --config "$WORK/gateway-purge.toml" migrate >/dev/null
-    if [[ $how == weeks ]]; then
-        psql "$url" -qX -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
-alter table pushes detach partition pushes_legacy;
-drop table pushes_legacy;
-do $$
-declare
-    week constant bigint := 604800000;
-    w bigint := umgw_week_start(now() - interval '110 days');
-begin
-    while w <= umgw_week_start(now() - interval '100 days') loop
-        execute format('create table %I partition of pushes for values from (%L) to (%L)',
-            'pushes_w' || to_char(to_timestamp(w / 1000) at time zone 'UTC', 'YYYYMMDD'),
-            umgw_id_bound(w), umgw_id_bound(w + week));
-        w := w + week;
-    end loop;
-end
-$$;
-select umgw_ensure_history_weeks(4);
-SQL
-    fi
     # The rows of bench/history-insert.sql, spread over 10 days, 100 to 110 days ago.
     psql "$url" -qX -v ON_ERROR_STOP=1 -v n="$PURGE_ROWS" >/dev/null <<'SQL'
 insert into pushes (id, app, appkey, platform, cast_type, task_class, production_mode, client,
                     out_biz_no, fingerprint, status, description, request, umeng_request,
                     umeng_response, msg_id, http_status, latency_ms, created_at, sent_at,
                     finished_at, updated_at)
-select umgw_id_bound(ms) || '-7000-8000-' || lpad(to_hex(i), 12, '0'), 'bench-unicast',
+select lpad(to_hex(ms >> 16), 8, '0') || '-' || lpad(to_hex(ms & 65535), 4, '0') || '-7000-8000-'
+       || lpad(to_hex(i), 12, '0'), 'bench-unicast',
        '5f00000000000000000b0001', 'android', 'unicast', false, false, 'bench',
        case when i % 4 = 0 then 'order-' || i end, md5(i::text) || md5(i::text), 'accepted',
        'order shipped',
@@ -579,11 +557,11 @@ SQL
 }
 
 bench_purge() { # how
-    local how=$1 url="$PG_URL/$PG_DB" size="select sum(pg_total_relation_size(inhrelid))::bigint from pg_inherits where inhparent = 'pushes'::regclass"
+    local how=$1 url="$PG_URL/$PG_DB" size="select pg_total_relation_size('pushes')"
     local pushes keys before_size lsn start end purged after_size wal gw_cpu pg_cpu
     psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
     log "purge ($how): filling $PURGE_ROWS old pushes"
-    fill_old_pushes "$url" "$how"
+    fill_old_pushes "$url"
     pushes=$(psql "$url" -qtAX -c "select count(*) from pushes")
     keys=$(psql "$url" -qtAX -c "select count(*) from idempotency_keys")
     before_size=$(psql "$url" -qtAX -c "$size")
@@ -613,7 +591,6 @@ bench_purge() { # how
 
 if has_scenario purge; then
     bench_purge rows
-    bench_purge weeks
 fi
 
 log "results: $OUT"

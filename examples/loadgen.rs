@@ -1001,8 +1001,7 @@ impl<'a> Report<'a> {
         }
     }
 
-    /// The retention purge of old pushes (the `purge` scenario): rows deleted batch by batch
-    /// against whole weeks dropped.
+    /// The retention purge of old pushes (the `purge` scenario).
     fn purge_table(&self) {
         let rows: Vec<&Value> = self
             .lines
@@ -1013,7 +1012,7 @@ impl<'a> Report<'a> {
             return;
         }
         println!();
-        println!("Retention purge on PostgreSQL: pushes 100-110 days old (retention 90 days), purged by a gateway's first purge round. `rows`: in pushes_legacy, deleted batch by batch; `weeks`: in weekly partitions, dropped whole. Seconds from the gateway's start to its purge report; WAL written meanwhile; the size of pushes and its indexes before and after.");
+        println!("Retention purge on PostgreSQL: pushes 100-110 days old (retention 90 days), deleted batch by batch by a gateway's first purge round. Seconds from the gateway's start to its purge report; WAL written meanwhile; the size of pushes and its indexes before and after (the space comes back to PostgreSQL after vacuum, not to the disk).");
         println!();
         println!("| how | pushes | with out_biz_no | purged | seconds | WAL MiB | size before MiB | size after MiB | gateway CPU s | PG CPU s |");
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");

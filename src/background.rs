@@ -303,9 +303,6 @@ pub async fn purge_round(
         (PurgeTarget::Uploads, Some(days(h.upload_reuse_days))),
     ];
     for (target, older_than) in targets {
-        if target == PurgeTarget::Pushes && !stopping(stop) {
-            report.pushes += gateway.store.rotate_history(older_than).await?;
-        }
         let Some(older_than) = older_than else {
             continue;
         };

@@ -1004,20 +1004,9 @@ pub trait Store: Send + Sync + 'static {
         next_poll_in: Option<Duration>,
     ) -> StoreResult<bool>;
 
-    /// The retention of history by partition, once per purge round, before [`Store::purge`]
-    /// of [`PurgeTarget::Pushes`]: on PostgreSQL, drops each week of pushes whose newest is
-    /// older than `older_than` (`None`: history is kept) and creates the coming weeks;
-    /// returns the pushes dropped. A store without partitions has nothing to do.
-    async fn rotate_history(&self, older_than: Option<Duration>) -> StoreResult<u64> {
-        let _ = older_than;
-        Ok(0)
-    }
-
     /// Delete at most `limit` rows of `target` older than `older_than` (one short statement;
     /// rows another replica is deleting are skipped). Returns how many were deleted; call
-    /// again while it returns `limit`. On PostgreSQL pushes go a week at a time by
-    /// [`Store::rotate_history`]; this deletes only those a week older than `older_than` (a
-    /// push whose `created_at` does not match its id's week, or one in `pushes_legacy`).
+    /// again while it returns `limit`.
     async fn purge(
         &self,
         target: PurgeTarget,

@@ -148,29 +148,14 @@ const RELEASE_TASK_POLL: &str = "update pushes
        next_poll_at = now() + $3::bigint * interval '1 millisecond'
  where id = $1 and poll_locked_until = $2";
 
-/// Rows a week past the retention: [`ROTATE_HISTORY`] drops whole weeks before any of their
-/// rows gets there, so this finds only pushes outside their id's week (and old rows of
-/// `pushes_legacy`, the table as it was before partitioning).
 const PURGE_PUSHES: &str = "with old as materialized (
     select id from pushes
-     where created_at < now() - $1::bigint * interval '1 millisecond' - interval '7 days'
+     where created_at < now() - $1::bigint * interval '1 millisecond'
      order by created_at
      limit $2
      for update skip locked
 )
 delete from pushes p using old where p.id = old.id";
-
-/// Weeks of history whose newest push is older than `$1` ms go (null: none), waiting at most
-/// [`ROTATE_LOCK_WAIT_MS`] for the table's lock; the next [`HISTORY_WEEKS_AHEAD`] weeks are
-/// made.
-const ROTATE_HISTORY: &str =
-    "select umgw_rotate_history(now() - $1::bigint * interval '1 millisecond', $2, $3)";
-/// How long dropping a week waits for a query holding `pushes` (admissions queue behind it).
-const ROTATE_LOCK_WAIT_MS: i32 = 1000;
-/// Weeks of history partitions made ahead of time (ids of a week without one cannot be
-/// stored; made at every start and every purge round).
-const HISTORY_WEEKS_AHEAD: i32 = 4;
-const ENSURE_HISTORY_WEEKS: &str = "select umgw_ensure_history_weeks($1)";
 
 const PURGE_QUOTA_COUNTERS: &str = "with old as materialized (
     select appkey, kind, window_start from quota_counters
@@ -385,14 +370,7 @@ impl Store for PgStore {
         MIGRATOR
             .run(&self.pool)
             .await
-            .map_err(|e| StoreError::Migration(e.to_string()))?;
-        // The coming weeks of history, also when no purge round has run for a while.
-        sqlx::query(ENSURE_HISTORY_WEEKS)
-            .bind(HISTORY_WEEKS_AHEAD)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migration(format!("history partitions: {e}")))?;
-        Ok(())
+            .map_err(|e| StoreError::Migration(e.to_string()))
     }
 
     async fn ready(&self) -> StoreResult<()> {
@@ -614,17 +592,6 @@ impl Store for PgStore {
             .await
             .map_err(map_sqlx)?;
         Ok(done.rows_affected() > 0)
-    }
-
-    async fn rotate_history(&self, older_than: Option<Duration>) -> StoreResult<u64> {
-        let dropped: i64 = sqlx::query_scalar(ROTATE_HISTORY)
-            .bind(older_than.map(millis))
-            .bind(ROTATE_LOCK_WAIT_MS)
-            .bind(HISTORY_WEEKS_AHEAD)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
-        Ok(u64::try_from(dropped).unwrap_or(0))
     }
 
     async fn purge(

@@ -150,16 +150,6 @@ async fn admin_connection(admin_url: &str) -> PgConnection {
 
 /// A migrated PostgreSQL store on a fresh database.
 pub async fn postgres_store() -> (Arc<dyn Store>, PgTestDb) {
-    let db = empty_postgres_db().await;
-    let store = db.connect_again().await;
-    if let Err(e) = store.migrate().await {
-        panic!("postgres migration failed: {e}");
-    }
-    (store, db)
-}
-
-/// A fresh PostgreSQL database with nothing in it (not migrated).
-pub async fn empty_postgres_db() -> PgTestDb {
     let admin_url = pg_admin_url();
     let name = format!("umgw_t_{}", uuid::Uuid::now_v7().simple());
     let mut admin = admin_connection(&admin_url).await;
@@ -174,11 +164,16 @@ pub async fn empty_postgres_db() -> PgTestDb {
         Err(e) => panic!("UMGW_TEST_PG_URL is not a url: {e}"),
     };
     url.set_path(&format!("/{name}"));
-    PgTestDb {
+    let db = PgTestDb {
         admin_url,
         name,
         url: url.to_string(),
+    };
+    let store = db.connect_again().await;
+    if let Err(e) = store.migrate().await {
+        panic!("postgres migration failed: {e}");
     }
+    (store, db)
 }
 
 /// Either test database, for cases written once for both backends.

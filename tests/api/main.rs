@@ -23,6 +23,5 @@ mod store_background;
 mod store_callbacks;
 mod store_contract;
 mod store_delivery;
-mod store_partitions;
 mod store_parts;
 mod umeng_client;
