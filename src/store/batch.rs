@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use super::{StoreError, StoreResult};
 
 /// Most jobs in one batch.
-pub(crate) const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 64;
 /// Jobs waiting for a writer; a caller waits when it is full.
 const QUEUE: usize = 4096;
 
