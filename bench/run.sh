@@ -556,17 +556,17 @@ SQL
     psql "$url" -qX -c "vacuum analyze" >/dev/null
 }
 
-bench_purge() { # how
-    local how=$1 url="$PG_URL/$PG_DB" size="select pg_total_relation_size('pushes')"
+bench_purge() {
+    local url="$PG_URL/$PG_DB" size="select pg_total_relation_size('pushes')"
     local pushes keys before_size lsn start end purged after_size wal gw_cpu pg_cpu
     psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
-    log "purge ($how): filling $PURGE_ROWS old pushes"
+    log "purge: filling $PURGE_ROWS old pushes"
     fill_old_pushes "$url"
     pushes=$(psql "$url" -qtAX -c "select count(*) from pushes")
     keys=$(psql "$url" -qtAX -c "select count(*) from idempotency_keys")
     before_size=$(psql "$url" -qtAX -c "$size")
     lsn=$(psql "$url" -qtAX -c "select pg_current_wal_lsn()")
-    log "purge ($how): starting a gateway; its first purge round removes them"
+    log "purge: starting a gateway; its first purge round removes them"
     local log_file=$WORK/gateway-$PG_DB-$GW_PORT.log
     rm -f "$log_file"
     start=$(date +%s.%N)
@@ -583,14 +583,14 @@ bench_purge() { # how
     wal=$(psql "$url" -qtAX -c "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$lsn')::bigint")
     after_size=$(psql "$url" -qtAX -c "$size")
     stop_gateways
-    printf '{"kind":"purge","how":"%s","pushes":%s,"keys":%s,"purged":%s,"secs":%s,"wal_bytes":%s,"size_before":%s,"size_after":%s,"cpu_secs":%s,"pg_cpu_secs":%s}\n' \
-        "$how" "$pushes" "$keys" "${purged:-0}" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
+    printf '{"kind":"purge","pushes":%s,"keys":%s,"purged":%s,"secs":%s,"wal_bytes":%s,"size_before":%s,"size_after":%s,"cpu_secs":%s,"pg_cpu_secs":%s}\n' \
+        "$pushes" "$keys" "${purged:-0}" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
         "$wal" "$before_size" "${after_size:-0}" "$gw_cpu" "$pg_cpu" | tee -a "$OUT" >&2
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB with (force)" >/dev/null
 }
 
 if has_scenario purge; then
-    bench_purge rows
+    bench_purge
 fi
 
 log "results: $OUT"

@@ -1014,14 +1014,13 @@ impl<'a> Report<'a> {
         println!();
         println!("Retention purge on PostgreSQL: pushes 100-110 days old (retention 90 days), deleted batch by batch by a gateway's first purge round. Seconds from the gateway's start to its purge report; WAL written meanwhile; the size of pushes and its indexes before and after (the space comes back to PostgreSQL after vacuum, not to the disk).");
         println!();
-        println!("| how | pushes | with out_biz_no | purged | seconds | WAL MiB | size before MiB | size after MiB | gateway CPU s | PG CPU s |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| pushes | with out_biz_no | purged | seconds | WAL MiB | size before MiB | size after MiB | gateway CPU s | PG CPU s |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let f = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         let mib = |v: &Value, k: &str| f(v, k) / 1_048_576.0;
         for v in rows {
             println!(
-                "| {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
-                s(v, "how"),
+                "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} |",
                 u(v, "pushes"),
                 u(v, "keys"),
                 u(v, "purged"),

@@ -67,15 +67,15 @@ impl<J: Send + 'static> Batcher<J> {
         Batcher { queue }
     }
 
-    /// Queue a job whose answer comes back through `result`; the job is done even if the
-    /// caller stops waiting.
-    pub(crate) async fn submit<T>(
+    /// Queue the job `make` builds around the sender of its answer, and wait for the answer;
+    /// the job is done even if the caller stops waiting.
+    pub(crate) async fn call<T>(
         &self,
-        job: J,
-        result: oneshot::Receiver<StoreResult<T>>,
+        make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> J,
     ) -> StoreResult<T> {
         let stopped = || StoreError::Unavailable("the database writer has stopped".into());
-        self.queue.send(job).await.map_err(|_| stopped())?;
+        let (done, result) = oneshot::channel();
+        self.queue.send(make(done)).await.map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())?
     }
 }

@@ -63,13 +63,14 @@ impl Writers {
 
     /// Record one outcome with those of concurrent pushes; true when it applied.
     pub(crate) async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
-        let (done, result) = oneshot::channel();
-        let job = FinishJob {
-            push_id: push_id.to_owned(),
-            finish,
-            done,
-        };
-        self.finishes.submit(job, result).await
+        let push_id = push_id.to_owned();
+        self.finishes
+            .call(|done| FinishJob {
+                push_id,
+                finish,
+                done,
+            })
+            .await
     }
 
     /// Admit one push with those of concurrent pushes.
@@ -78,9 +79,9 @@ impl Writers {
         push: NewPush,
         quota: Option<QuotaClaim>,
     ) -> StoreResult<Admission> {
-        let (done, result) = oneshot::channel();
-        let job = AdmitJob { push, quota, done };
-        self.admissions.submit(job, result).await
+        self.admissions
+            .call(|done| AdmitJob { push, quota, done })
+            .await
     }
 }
 
@@ -170,18 +171,8 @@ async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
 /// One row of `umgw_admit_batch`'s answer: its position and what `umgw_admit` said.
 fn admit_answer(row: &sqlx::postgres::PgRow) -> StoreResult<(i32, AdmitRow)> {
     use sqlx::Row;
-    let get = |e: sqlx::Error| map_sqlx(e);
-    Ok((
-        row.try_get("idx").map_err(get)?,
-        AdmitRow {
-            outcome: row.try_get("outcome").map_err(get)?,
-            push_id: row.try_get("push_id").map_err(get)?,
-            reclaimed_from: row.try_get("reclaimed_from").map_err(get)?,
-            used: row.try_get("used").map_err(get)?,
-            window_start: row.try_get("window_start").map_err(get)?,
-            reset_after_secs: row.try_get("reset_after_secs").map_err(get)?,
-        },
-    ))
+    let idx = row.try_get("idx").map_err(map_sqlx)?;
+    Ok((idx, AdmitRow::from_row(row).map_err(map_sqlx)?))
 }
 
 /// One admission as a row of the batch (the arguments of `umgw_admit`).

@@ -916,14 +916,7 @@ pub(super) async fn admit(
         .fetch_one(pool)
         .await
         .map_err(map_sqlx)?;
-    let answer = AdmitRow {
-        outcome: row.try_get("outcome").map_err(map_sqlx)?,
-        push_id: row.try_get("push_id").map_err(map_sqlx)?,
-        reclaimed_from: row.try_get("reclaimed_from").map_err(map_sqlx)?,
-        used: row.try_get("used").map_err(map_sqlx)?,
-        window_start: row.try_get("window_start").map_err(map_sqlx)?,
-        reset_after_secs: row.try_get("reset_after_secs").map_err(map_sqlx)?,
-    };
+    let answer = AdmitRow::from_row(&row).map_err(map_sqlx)?;
     admission_of(pool, answer, &push, quota).await
 }
 
@@ -936,6 +929,20 @@ pub(super) struct AdmitRow {
     pub used: Option<i32>,
     pub window_start: Option<i64>,
     pub reset_after_secs: Option<i64>,
+}
+
+impl AdmitRow {
+    /// The columns of `umgw_admit`'s answer (also in each row of `umgw_admit_batch`'s).
+    pub(super) fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(AdmitRow {
+            outcome: row.try_get("outcome")?,
+            push_id: row.try_get("push_id")?,
+            reclaimed_from: row.try_get("reclaimed_from")?,
+            used: row.try_get("used")?,
+            window_start: row.try_get("window_start")?,
+            reset_after_secs: row.try_get("reset_after_secs")?,
+        })
+    }
 }
 
 /// The [`Admission`] for `umgw_admit`'s answer (reading the owner of a replayed key).

@@ -906,9 +906,8 @@ pub(super) async fn admit_in(
     // A deferred slot (asynchronous delivery) is taken when the push is sent: admission
     // records the bucket only.
     let deferred = quota.filter(|_| push.delivery.as_ref().is_some_and(|d| d.defer_quota));
-    let quota = quota.filter(|_| deferred.is_none());
     let now = now_ms();
-    if push.out_biz_no.is_none() && quota.is_none() {
+    if is_one_statement(push, quota) {
         // Nothing to check or count: the row alone, one statement.
         insert_push(conn, push, deferred, None, now).await?;
         return Ok(Admission::Admitted {
@@ -917,6 +916,7 @@ pub(super) async fn admit_in(
             reclaimed_from: None,
         });
     }
+    let quota = quota.filter(|_| deferred.is_none());
     let window = quota.map(|claim| window_of(claim, now, 0));
 
     let mut reclaimed_from = None;

@@ -63,21 +63,21 @@ impl Writer {
         push: NewPush,
         quota: Option<QuotaClaim>,
     ) -> StoreResult<Admission> {
-        let (done, result) = oneshot::channel();
         self.jobs
-            .submit(Job::Admit { push, quota, done }, result)
+            .call(|done| Job::Admit { push, quota, done })
             .await
     }
 
     /// Record one outcome with those of concurrent pushes; true when it applied.
     pub(crate) async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
-        let (done, result) = oneshot::channel();
-        let job = Job::Finish {
-            push_id: push_id.to_owned(),
-            finish,
-            done,
-        };
-        self.jobs.submit(job, result).await
+        let push_id = push_id.to_owned();
+        self.jobs
+            .call(|done| Job::Finish {
+                push_id,
+                finish,
+                done,
+            })
+            .await
     }
 }
 
