@@ -516,3 +516,27 @@ async fn history_lists_a_retried_push_with_its_attempts_and_next_try(ctx: StoreC
         "the summary counts the record's attempts"
     );
 }
+
+/// The PostgreSQL claim reads the queue through its ordered index whatever the statistics
+/// say (migration 0011): a queue that fills faster than autovacuum analyzes the table made
+/// the planner sort every due row on each claim. `create or replace` of the function drops
+/// the setting, so a migration that replaces it must set it again.
+#[tokio::test]
+async fn postgres_the_claim_never_sorts_the_queue() {
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let sorts_off = ctx
+        .db
+        .query_i64(
+            "select count(*) from pg_proc
+              where proname = 'umgw_claim_deliveries'
+                and 'enable_sort=off' = any(proconfig)",
+        )
+        .await;
+    assert_eq!(
+        sorts_off, 1,
+        "umgw_claim_deliveries lost `set enable_sort = off`"
+    );
+}
