@@ -27,7 +27,10 @@
 #   worker drains the queue to the simulator. Reports 202s per second (and × the main
 #   scenario's synchronous rate, when both ran), the drain (pushes accepted by Umeng per
 #   second from the first 202 until the queue is empty), the queue's peak depth (sampled
-#   every 0.25 s) and the gateway's peak RSS.
+#   every 0.25 s) and the gateway's peak RSS. Then the intake again with the simulator
+#   answering sends after BENCH_UPSTREAM_MS, as Umeng does: the worker's sends then take the
+#   time they take in production instead of competing with the intake for the CPU at full
+#   speed (that run's queue drains afterwards with the latency removed, unmeasured).
 # parts: one request for a large audience, on SQLite and PostgreSQL: a listcast of
 #   BENCH_PARTS_AUDIENCE (10,000) tokens (20 parts of 500) and a customizedcast of as many
 #   aliases, each sent BENCH_PARTS_REPEAT (5) times, synchronously and one at a time: wall
@@ -424,14 +427,32 @@ bench_async() { # backend, database url, what queue_depth reads
     start_gateways "$url" 1
     MEASURED_PIDS=("${GW_PIDS[@]}")
     for c in $CLIENTS; do
+      for up in 0 "$UPSTREAM_MS"; do
         label="$backend-async-c$c"
-        log "asynchronous intake on $backend, $c clients"
+        ((up > 0)) && label="$backend-async-up$up-c$c"
+        log "asynchronous intake on $backend, $c clients, upstream $up ms"
+        if ((up > 0)); then
+            curl -fsS -o /dev/null -X POST "$SIM_URL/_sim/faults" -H 'content-type: application/json' \
+                -d "{\"path\":\"/api/send\",\"kind\":{\"kind\":\"latency\",\"ms\":$up}}"
+        fi
         (while sleep 0.25; do queue_depth "$backend" "$where"; done) >"$WORK/depth-$label" &
         sampler=$!
         PIDS+=("$sampler")
         start=$(date +%s.%N)
         measure "$label" gateway "$db" --mode gateway --target "$GW_URLS" --app bench-unicast \
-            --backend "$backend" --concurrency "$c" --scenario async --respond-async
+            --backend "$backend" --concurrency "$c" --scenario async --respond-async \
+            --upstream-ms "$up"
+        if ((up > 0)); then
+            # The queue left by a slow upstream would take minutes to drain (the worker's
+            # per-app concurrency over the latency); it drains at full speed, unmeasured.
+            curl -fsS -o /dev/null -X DELETE "$SIM_URL/_sim/faults"
+            for _ in $(seq 1 1200); do
+                [[ $(queue_depth "$backend" "$where") == 0 ]] && break
+                sleep 0.25
+            done
+            stop_pid "$sampler"
+            continue
+        fi
         for _ in $(seq 1 1200); do
             depth=$(queue_depth "$backend" "$where")
             [[ $depth == 0 ]] && break
@@ -448,6 +469,7 @@ bench_async() { # backend, database url, what queue_depth reads
         printf '{"kind":"drain","label":"%s","pushes":%s,"drain_secs":%s,"peak_depth":%s,"left":%s}\n' \
             "$label" "$pushes" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
             "${peak:-0}" "${depth:-0}" | tee -a "$OUT" >&2
+      done
     done
     stop_gateways
 }

@@ -57,7 +57,7 @@ pub struct Gateway {
     /// Outcome records being retried because the database was unreachable.
     unrecorded: Arc<AtomicUsize>,
     /// Wakes this replica's delivery worker when an asynchronous push was admitted here.
-    pub delivery_wake: tokio::sync::Notify,
+    pub delivery_wake: delivery::DeliveryWake,
     /// Wakes requests waiting for a parent push to be settled.
     parents_settled: tokio::sync::Notify,
 }
@@ -157,7 +157,7 @@ impl Gateway {
             tasks: TaskTracker::new(),
             breaker,
             unrecorded: Arc::new(AtomicUsize::new(0)),
-            delivery_wake: tokio::sync::Notify::new(),
+            delivery_wake: delivery::DeliveryWake::default(),
             parents_settled: tokio::sync::Notify::new(),
         }
     }
@@ -761,7 +761,7 @@ impl Gateway {
         match self.admit(&app, new, quota).await? {
             Admitted::Go { push_id, quota } => {
                 count(PushOutcome::Queued);
-                self.delivery_wake.notify_one();
+                self.delivery_wake.app(&app_name);
                 tracing::info!(push.id = %push_id, push.status = %status, "push stored for asynchronous delivery");
                 Ok(PushAnswer {
                     status: StatusCode::ACCEPTED,

@@ -4,7 +4,9 @@
 pub mod backoff;
 pub mod breaker;
 pub mod outcome;
+pub mod wake;
 pub mod worker;
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
 pub use outcome::{classify, Verdict};
+pub use wake::DeliveryWake;

@@ -150,13 +150,26 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         };
         if claims.is_empty() {
             gateway.breaker.release(permit);
-            // Nothing due for the apps with a free slot: wait for a new push, or for a
-            // delivery to end (an app that was full may have more waiting).
-            tokio::select! {
-                _ = gateway.delivery_wake.notified() => {}
-                _ = slots.freed.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-                _ = stop.changed() => {}
+            // Nothing due for the apps with a free slot: wait for a new push of one of
+            // them, for a delivery to end (an app that was full may have more waiting), or
+            // for the interval (retries and held pushes fall due by the clock).
+            let until = tokio::time::Instant::now() + idle;
+            loop {
+                tokio::select! {
+                    _ = gateway.delivery_wake.notified() => {
+                        let free = slots.apps(&gateway);
+                        if gateway
+                            .delivery_wake
+                            .take()
+                            .concerns(free.iter().map(|a| a.app.as_str()))
+                        {
+                            break;
+                        }
+                    }
+                    _ = slots.freed.notified() => break,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = stop.changed() => break,
+                }
             }
             continue;
         }

@@ -143,7 +143,7 @@ impl Gateway {
             }
         };
         count(PushOutcome::Queued);
-        self.delivery_wake.notify_one();
+        self.delivery_wake.any();
         if resent.is_empty() {
             tracing::info!(push.id = %push_id, "push with parts stored for delivery");
         } else {
@@ -398,7 +398,7 @@ impl Gateway {
             Ok(0) => {}
             Ok(n) => {
                 tracing::info!(parents = n, "due parents released (or rescheduled)");
-                self.delivery_wake.notify_one();
+                self.delivery_wake.any();
                 self.parents_settled.notify_waiters();
             }
             Err(e) => tracing::warn!(error = %e, "releasing due parents failed"),

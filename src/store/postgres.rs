@@ -25,11 +25,14 @@ use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Session settings for every connection: no statement, lock wait or forgotten
-/// transaction can hold a connection (and the rows it locked) for long.
-const SESSION_OPTIONS: [(&str, &str); 3] = [
+/// transaction can hold a connection (and the rows it locked) for long. No JIT: the
+/// gateway's statements are short, and compiling one costs 100 ms or more whenever the
+/// planner's estimate passes `jit_above_cost` (stale statistics, a wide history filter).
+const SESSION_OPTIONS: [(&str, &str); 4] = [
     ("statement_timeout", "5s"),
     ("lock_timeout", "2s"),
     ("idle_in_transaction_session_timeout", "10s"),
+    ("jit", "off"),
 ];
 /// Connections are recycled so server-side state (and failovers) cannot linger.
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);

@@ -1228,6 +1228,7 @@ async fn postgres_sessions_carry_timeouts() {
         "statement_timeout",
         "lock_timeout",
         "idle_in_transaction_session_timeout",
+        "jit",
     ] {
         let value: Result<String, _> = sqlx::query_scalar(&format!("show {name}"))
             .fetch_one(pg.pool())
@@ -1235,7 +1236,7 @@ async fn postgres_sessions_carry_timeouts() {
         settings.push(value.unwrap_or_default());
     }
 
-    assert_eq!(settings, ["5s", "2s", "10s"]);
+    assert_eq!(settings, ["5s", "2s", "10s", "off"]);
 }
 
 /// Sequential admission latency per backend (run with `--ignored --nocapture`).

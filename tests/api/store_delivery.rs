@@ -25,6 +25,7 @@ crate::store_cases!(
     withdraw_cancels_only_waiting_pushes_and_gives_the_slot_back,
     a_push_past_its_deadline_fails_at_the_claim,
     the_per_app_limit_caps_a_claim,
+    a_claim_takes_the_oldest_due_across_apps_within_each_limit,
     queue_stats_count_each_state,
     held_pushes_are_not_due_before_send_at,
     waiting_for_quota_ends_at_the_deadline,
@@ -383,6 +384,40 @@ async fn the_per_app_limit_caps_a_claim(ctx: StoreCtx) {
     );
 }
 
+/// Each app's queue is read on its own (its index, its limit), and the claim takes what they
+/// give oldest due first, as one scan of every app's queue would.
+async fn a_claim_takes_the_oldest_due_across_apps_within_each_limit(ctx: StoreCtx) {
+    // Arrange: shop and other alternate, oldest first; shop may send one more, other three.
+    let store = &ctx.store;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut p = push(false, delivery(false, false, false));
+        if i % 2 == 1 {
+            p.app = "other".into();
+            p.appkey = "other-key".into();
+        }
+        ids.push(p.id.clone());
+        admit(store, p, None).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut both = apps(1);
+    both.push(DeliveryApp {
+        app: "other".into(),
+        appkey: "other-key".into(),
+        limit: 3,
+    });
+
+    // Act
+    let claimed = store
+        .claim_deliveries(4, Duration::from_secs(60), &both)
+        .await
+        .unwrap();
+
+    // Assert: shop's oldest, then other's three, in due order.
+    let got: Vec<&str> = claimed.iter().map(|c| c.push_id.as_str()).collect();
+    assert_eq!(got, [&ids[0], &ids[1], &ids[3], &ids[5]]);
+}
+
 async fn queue_stats_count_each_state(ctx: StoreCtx) {
     let store = &ctx.store;
     admit(store, push(false, delivery(false, false, false)), None).await;
@@ -517,9 +552,9 @@ async fn history_lists_a_retried_push_with_its_attempts_and_next_try(ctx: StoreC
     );
 }
 
-/// The PostgreSQL claim reads the queue through its ordered index whatever the statistics
-/// say (migration 0011): a queue that fills faster than autovacuum analyzes the table made
-/// the planner sort every due row on each claim. `create or replace` of the function drops
+/// The PostgreSQL claim reads each app's queue through its ordered index whatever the
+/// statistics say (migration 0011): a queue that fills faster than autovacuum analyzes the
+/// table made the planner sort every due row on each claim. `create or replace` of the function drops
 /// the setting, so a migration that replaces it must set it again.
 #[tokio::test]
 async fn postgres_the_claim_never_sorts_the_queue() {
@@ -527,16 +562,16 @@ async fn postgres_the_claim_never_sorts_the_queue() {
         return;
     }
     let ctx = StoreCtx::postgres().await;
-    let sorts_off = ctx
+    let settings = ctx
         .db
         .query_i64(
             "select count(*) from pg_proc
               where proname = 'umgw_claim_deliveries'
-                and 'enable_sort=off' = any(proconfig)",
+                and 'enable_sort=off' = any(proconfig) and 'jit=off' = any(proconfig)",
         )
         .await;
     assert_eq!(
-        sorts_off, 1,
-        "umgw_claim_deliveries lost `set enable_sort = off`"
+        settings, 1,
+        "umgw_claim_deliveries lost `set enable_sort = off` or `set jit = off`"
     );
 }
