@@ -421,8 +421,18 @@ queue_depth() { # backend, database url or file
     fi
 }
 
+# Asynchronous pushes Umeng accepted, in the database at $2 (backend $1).
+accepted_async() { # backend, database url or file
+    local q="select count(*) from pushes where delivery = 'async' and status = 'accepted'"
+    if [[ $1 == postgres ]]; then
+        psql "$2" -tAXq -c "$q"
+    else
+        python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])" "$2" "$q"
+    fi
+}
+
 bench_async() { # backend, database url, what queue_depth reads
-    local backend=$1 url=$2 where=$3 db= c label start end depth peak sampler pushes
+    local backend=$1 url=$2 where=$3 db= c label start end depth peak sampler pushes before
     [[ $backend == postgres ]] && db=$PG_DB
     start_gateways "$url" 1
     MEASURED_PIDS=("${GW_PIDS[@]}")
@@ -435,6 +445,8 @@ bench_async() { # backend, database url, what queue_depth reads
             curl -fsS -o /dev/null -X POST "$SIM_URL/_sim/faults" -H 'content-type: application/json' \
                 -d "{\"path\":\"/api/send\",\"kind\":{\"kind\":\"latency\",\"ms\":$up}}"
         fi
+        # Earlier runs on this database count no more.
+        before=$(accepted_async "$backend" "$where")
         (while sleep 0.25; do queue_depth "$backend" "$where"; done) >"$WORK/depth-$label" &
         sampler=$!
         PIDS+=("$sampler")
@@ -461,11 +473,7 @@ bench_async() { # backend, database url, what queue_depth reads
         end=$(date +%s.%N)
         stop_pid "$sampler"
         peak=$(sort -n "$WORK/depth-$label" | tail -n1)
-        if [[ $backend == postgres ]]; then
-            pushes=$(psql "$where" -tAXq -c "select count(*) from pushes where delivery = 'async' and status = 'accepted'")
-        else
-            pushes=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select count(*) from pushes where delivery = 'async' and status = 'accepted'\").fetchone()[0])" "$where")
-        fi
+        pushes=$(($(accepted_async "$backend" "$where") - before))
         printf '{"kind":"drain","label":"%s","pushes":%s,"drain_secs":%s,"peak_depth":%s,"left":%s}\n' \
             "$label" "$pushes" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
             "${peak:-0}" "${depth:-0}" | tee -a "$OUT" >&2
