@@ -411,24 +411,24 @@ if has_scenario upstream; then
     curl -fsS -o /dev/null -X DELETE "$SIM_URL/_sim/faults"
 fi
 
-# The queue of asynchronous pushes not final yet, in the database at $1 (sqlite or postgres).
-queue_depth() { # backend, database url or file
-    local q="select count(*) from pushes where status in ('awaiting_send', 'pending')"
+# The one number query $3 answers, on the database at $2 (backend $1: sqlite or postgres).
+db_count() { # backend, database url or file, query
     if [[ $1 == postgres ]]; then
-        psql "$2" -tAXq -c "$q" 2>/dev/null || echo -1
+        psql "$2" -tAXq -c "$3"
     else
-        python3 -c "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True, timeout=5); print(c.execute(sys.argv[2]).fetchone()[0])" "$2" "$q" 2>/dev/null || echo -1
+        python3 -c "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True, timeout=5); print(c.execute(sys.argv[2]).fetchone()[0])" "$2" "$3"
     fi
 }
 
-# Asynchronous pushes Umeng accepted, in the database at $2 (backend $1).
+# The queue of asynchronous pushes not final yet (-1 when it cannot be read).
+queue_depth() { # backend, database url or file
+    db_count "$1" "$2" "select count(*) from pushes where status in ('awaiting_send', 'pending')" \
+        2>/dev/null || echo -1
+}
+
+# Asynchronous pushes Umeng accepted.
 accepted_async() { # backend, database url or file
-    local q="select count(*) from pushes where delivery = 'async' and status = 'accepted'"
-    if [[ $1 == postgres ]]; then
-        psql "$2" -tAXq -c "$q"
-    else
-        python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(sys.argv[2]).fetchone()[0])" "$2" "$q"
-    fi
+    db_count "$1" "$2" "select count(*) from pushes where delivery = 'async' and status = 'accepted'"
 }
 
 bench_async() { # backend, database url, what queue_depth reads

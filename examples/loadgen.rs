@@ -615,10 +615,20 @@ impl<'a> Report<'a> {
         self.runs().find(|v| pred(v))
     }
 
-    fn cpu_line(&self, label: &str) -> Option<&'a Value> {
+    /// Every result line of one kind (`parts`, `purge`, ...).
+    fn lines_of(&self, kind: &str) -> Vec<&'a Value> {
+        self.lines.iter().filter(|v| s(v, "kind") == kind).collect()
+    }
+
+    /// The line of `kind` that belongs to the run `label` (its `cpu`, its `drain`).
+    fn line_of(&self, kind: &str, label: &str) -> Option<&'a Value> {
         self.lines
             .iter()
-            .find(|v| s(v, "kind") == "cpu" && s(v, "label") == label)
+            .find(|v| s(v, "kind") == kind && s(v, "label") == label)
+    }
+
+    fn cpu_line(&self, label: &str) -> Option<&'a Value> {
+        self.line_of("cpu", label)
     }
 
     fn cost(&self, run: &Value) -> Cost {
@@ -920,10 +930,7 @@ impl<'a> Report<'a> {
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for v in &runs {
             let label = s(v, "label");
-            let drain = self
-                .lines
-                .iter()
-                .find(|d| s(d, "kind") == "drain" && s(d, "label") == label);
+            let drain = self.line_of("drain", &label);
             let sync = self.find(|o| {
                 s(o, "scenario") == "main"
                     && s(o, "backend") == s(v, "backend")
@@ -971,11 +978,7 @@ impl<'a> Report<'a> {
     /// One request for a large audience (the `parts` scenario): wall time per request,
     /// Umeng calls made, the gateway's peak RSS.
     fn parts_table(&self) {
-        let rows: Vec<&Value> = self
-            .lines
-            .iter()
-            .filter(|v| s(v, "kind") == "parts")
-            .collect();
+        let rows = self.lines_of("parts");
         if rows.is_empty() {
             return;
         }
@@ -1010,11 +1013,7 @@ impl<'a> Report<'a> {
 
     /// The retention purge of old pushes (the `purge` scenario).
     fn purge_table(&self) {
-        let rows: Vec<&Value> = self
-            .lines
-            .iter()
-            .filter(|v| s(v, "kind") == "purge")
-            .collect();
+        let rows = self.lines_of("purge");
         if rows.is_empty() {
             return;
         }

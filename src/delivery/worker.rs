@@ -55,6 +55,13 @@ impl Slots {
         }
     }
 
+    /// Whether `app` has a free slot.
+    fn has_free(&self, app: &str) -> bool {
+        self.per_app
+            .get(app)
+            .is_some_and(|s| s.available_permits() > 0)
+    }
+
     /// The apps that have a free slot, with how many.
     fn apps(&self, gateway: &Gateway) -> Vec<DeliveryApp> {
         let mut apps: Vec<DeliveryApp> = gateway
@@ -157,12 +164,7 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             loop {
                 tokio::select! {
                     _ = gateway.delivery_wake.notified() => {
-                        let free = slots.apps(&gateway);
-                        if gateway
-                            .delivery_wake
-                            .take()
-                            .concerns(free.iter().map(|a| a.app.as_str()))
-                        {
+                        if gateway.delivery_wake.take().concerns(|app| slots.has_free(app)) {
                             break;
                         }
                     }

@@ -42,6 +42,15 @@ fn apps(limit: u32) -> Vec<DeliveryApp> {
     }]
 }
 
+/// A second app, with its own appkey.
+fn other_app(limit: u32) -> DeliveryApp {
+    DeliveryApp {
+        app: "other".into(),
+        appkey: "other-key".into(),
+        limit,
+    }
+}
+
 fn groupcast_quota(limit: u32) -> QuotaClaim {
     QuotaClaim {
         kind: QuotaKind::Groupcast,
@@ -367,13 +376,8 @@ async fn the_per_app_limit_caps_a_claim(ctx: StoreCtx) {
         .await
         .unwrap();
     assert_eq!(two.len(), 2);
-    let other_app = vec![DeliveryApp {
-        app: "other".into(),
-        appkey: "other-key".into(),
-        limit: 10,
-    }];
     let none = store
-        .claim_deliveries(10, Duration::from_secs(60), &other_app)
+        .claim_deliveries(10, Duration::from_secs(60), &[other_app(10)])
         .await
         .unwrap();
     assert!(none.is_empty(), "only the listed apps' pushes are claimed");
@@ -401,11 +405,7 @@ async fn a_claim_takes_the_oldest_due_across_apps_within_each_limit(ctx: StoreCt
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     let mut both = apps(1);
-    both.push(DeliveryApp {
-        app: "other".into(),
-        appkey: "other-key".into(),
-        limit: 3,
-    });
+    both.push(other_app(3));
 
     // Act
     let claimed = store
