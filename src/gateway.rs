@@ -363,7 +363,7 @@ impl Gateway {
         count(verdict.metric);
         let e = match result {
             Ok(ok) => {
-                tracing::info!(push.id = %push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, umeng.latency_ms = attempt.latency.as_millis() as u64, "umeng accepted the push");
+                tracing::info!(push.id = %push_id, umeng.msg_id = ok.msg_id.as_deref(), umeng.task_id = ok.task_id.as_deref(), umeng.latency_ms = attempt.latency.as_millis() as u64, "umeng accepted the push");
                 recorder
                     .finish(Finish {
                         status: verdict.status,
@@ -881,7 +881,7 @@ impl Gateway {
         let e = match result {
             Ok(ok) => {
                 count_final(app_name, &claim, verdict.metric);
-                tracing::info!(push.id = %claim.push_id, umeng.msg_id = ?ok.msg_id, umeng.task_id = ?ok.task_id, attempt = claim.claim, "umeng accepted the push");
+                tracing::info!(push.id = %claim.push_id, umeng.msg_id = ok.msg_id.as_deref(), umeng.task_id = ok.task_id.as_deref(), attempt = claim.claim, "umeng accepted the push");
                 self.finish_claim(
                     &claim,
                     Finish {
