@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::delivery::wake::Woken;
 use crate::gateway::Gateway;
 use crate::metrics;
 use crate::store::{DeliveryApp, PushStatus};
@@ -62,11 +63,12 @@ impl Slots {
             .is_some_and(|s| s.available_permits() > 0)
     }
 
-    /// The apps that have a free slot, with how many.
-    fn apps(&self, gateway: &Gateway) -> Vec<DeliveryApp> {
+    /// The apps that have a free slot, with how many, leaving out the quiet ones.
+    fn apps(&self, gateway: &Gateway, quiet: &Quiet) -> Vec<DeliveryApp> {
         let mut apps: Vec<DeliveryApp> = gateway
             .apps
             .values()
+            .filter(|a| !quiet.contains(&a.app.name))
             .filter_map(|a| {
                 let free = self.per_app.get(&a.app.name)?.available_permits();
                 (free > 0).then(|| DeliveryApp {
@@ -91,11 +93,49 @@ impl Slots {
     }
 }
 
+/// Apps whose last claim found nothing more due, each with when to look again. A quiet
+/// app is left out of claims until then, or until a push of it is admitted here: with one
+/// app at its concurrency limit and another idle, each delivery of the busy app that ended
+/// used to be followed by a claim for the idle one that found nothing.
+#[derive(Debug, Default)]
+struct Quiet(HashMap<String, Instant>);
+
+impl Quiet {
+    fn insert(&mut self, app: &str, until: Instant) {
+        self.0.insert(app.to_owned(), until);
+    }
+
+    fn contains(&self, app: &str) -> bool {
+        self.0.contains_key(app)
+    }
+
+    /// Forget the apps with new pushes, and those whose time to look again has come.
+    fn wake(&mut self, woken: &Woken, now: Instant) {
+        if woken.any {
+            self.0.clear();
+        } else {
+            self.0
+                .retain(|app, until| *until > now && !woken.apps.contains(app));
+        }
+    }
+
+    /// The earliest time to look at a quiet app again, or `otherwise`.
+    fn next_look(&self, otherwise: Instant) -> Instant {
+        self.0
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(otherwise)
+            .min(otherwise)
+    }
+}
+
 async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let settings = gateway.config.settings.delivery.clone();
     let idle = Duration::from_millis(settings.interval_ms);
     let lease = Duration::from_secs(settings.lease_secs);
     let slots = Slots::new(&gateway);
+    let mut quiet = Quiet::default();
     let mut upkeep_at = Instant::now();
     let mut release_at = Instant::now();
     loop {
@@ -122,15 +162,29 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
+        quiet.wake(&gateway.delivery_wake.take(), Instant::now());
         let free = slots.global.available_permits();
-        let apps = slots.apps(&gateway);
+        let apps = slots.apps(&gateway, &quiet);
         if free == 0 || apps.is_empty() {
             gateway.breaker.release(permit);
-            // Every slot (or every app's) is busy: wait until a delivery ends.
-            tokio::select! {
-                _ = slots.freed.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-                _ = stop.changed() => {}
+            // Every slot is busy, or each app with a free slot has nothing due: wait for a
+            // delivery to end, for a new push of an app with a free slot, or for a quiet
+            // app's next look (retries and held pushes fall due by the clock; other
+            // replicas' pushes are not announced here).
+            let until = tokio::time::Instant::from_std(quiet.next_look(Instant::now() + idle));
+            loop {
+                tokio::select! {
+                    _ = gateway.delivery_wake.notified() => {
+                        let woken = gateway.delivery_wake.take();
+                        quiet.wake(&woken, Instant::now());
+                        if woken.concerns(|app| slots.has_free(app)) {
+                            break;
+                        }
+                    }
+                    _ = slots.freed.notified() => break,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = stop.changed() => break,
+                }
             }
             continue;
         }
@@ -155,24 +209,19 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
-        if claims.is_empty() {
-            gateway.breaker.release(permit);
-            // Nothing due for the apps with a free slot: wait for a new push of one of
-            // them, for a delivery to end (an app that was full may have more waiting), or
-            // for the interval (retries and held pushes fall due by the clock).
-            let until = tokio::time::Instant::now() + idle;
-            loop {
-                tokio::select! {
-                    _ = gateway.delivery_wake.notified() => {
-                        if gateway.delivery_wake.take().concerns(|app| slots.has_free(app)) {
-                            break;
-                        }
-                    }
-                    _ = slots.freed.notified() => break,
-                    _ = tokio::time::sleep_until(until) => break,
-                    _ = stop.changed() => break,
+        // A claim that was not cut short by its overall limit took everything due of each
+        // app that got fewer pushes than it had slots for.
+        if claims.len() < limit {
+            let until = Instant::now() + idle;
+            for app in &apps {
+                let got = claims.iter().filter(|c| c.app == app.app).count();
+                if got < usize::try_from(app.limit).unwrap_or(usize::MAX) {
+                    quiet.insert(&app.app, until);
                 }
             }
+        }
+        if claims.is_empty() {
+            gateway.breaker.release(permit);
             continue;
         }
         // The probe permit goes with the first push; the others ask the breaker themselves.
@@ -246,5 +295,49 @@ async fn upkeep(gateway: &Gateway) {
             .min()
             .map_or(0.0, |due| (now - due).as_seconds_f64().max(0.0));
         metrics::queue(app, &depth, oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn woken(any: bool, apps: &[&str]) -> Woken {
+        Woken {
+            any,
+            apps: apps.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_quiet_app_wakes_for_its_own_push_its_time_or_any_push() {
+        let now = Instant::now();
+        let mut quiet = Quiet::default();
+        quiet.insert("idle", now + Duration::from_millis(500));
+        quiet.insert("other", now + Duration::from_millis(200));
+        assert_eq!(
+            quiet.next_look(now + Duration::from_secs(1)),
+            now + Duration::from_millis(200)
+        );
+
+        // A push of another app leaves both quiet; one of "idle" wakes it alone.
+        quiet.wake(&woken(false, &["busy"]), now);
+        assert!(quiet.contains("idle") && quiet.contains("other"));
+        quiet.wake(&woken(false, &["idle"]), now);
+        assert!(!quiet.contains("idle") && quiet.contains("other"));
+
+        // Its time to look again.
+        quiet.wake(&Woken::default(), now + Duration::from_millis(200));
+        assert!(!quiet.contains("other"));
+        assert_eq!(
+            quiet.next_look(now),
+            now,
+            "nothing quiet: the caller's time"
+        );
+
+        quiet.insert("idle", now + Duration::from_secs(5));
+        quiet.insert("other", now + Duration::from_secs(5));
+        quiet.wake(&woken(true, &[]), now);
+        assert!(!quiet.contains("idle") && !quiet.contains("other"));
     }
 }
