@@ -262,6 +262,13 @@ mod tests {
     }
 
     impl Sink {
+        /// Start `buffer`'s writer thread, writing here.
+        fn start(&self, buffer: &LineBuffer, every: Duration) -> JoinHandle<()> {
+            buffer
+                .spawn_writer("test-log", self.clone(), every)
+                .unwrap()
+        }
+
         fn text(&self) -> String {
             String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
         }
@@ -272,9 +279,7 @@ mod tests {
         let buffer = LineBuffer::new(1024, 256);
         let sink = Sink::default();
         // An interval far longer than the test: only the size trigger and the close write.
-        let thread = buffer
-            .spawn_writer("test-log", sink.clone(), Duration::from_secs(3600))
-            .unwrap();
+        let thread = sink.start(&buffer, Duration::from_secs(3600));
         let loggers: Vec<_> = (0..4)
             .map(|t| {
                 let mut b = buffer.clone();
@@ -309,9 +314,7 @@ mod tests {
     fn lines_are_written_within_the_interval_without_a_size_trigger() {
         let buffer = LineBuffer::new(1024, 512);
         let sink = Sink::default();
-        let thread = buffer
-            .spawn_writer("test-log", sink.clone(), Duration::from_millis(10))
-            .unwrap();
+        let thread = sink.start(&buffer, Duration::from_millis(10));
         buffer.clone().write_all(b"one short line\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while sink.text().is_empty() && std::time::Instant::now() < deadline {
@@ -343,9 +346,7 @@ mod tests {
             buffer.lock().waiting.len() <= 64,
             "the buffer kept its bound"
         );
-        let thread = buffer
-            .spawn_writer("test-log", sink.clone(), Duration::from_millis(5))
-            .unwrap();
+        let thread = sink.start(&buffer, Duration::from_millis(5));
         writing.join().unwrap();
         buffer.close();
         thread.join().unwrap();
