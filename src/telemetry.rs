@@ -74,13 +74,10 @@ where
         .with_env_filter(filter)
         .with_writer(writer);
     match settings.format {
-        // The innermost span (the request, with its id) once; the list of every open span
-        // would repeat it on each line.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
             .try_init()
             .is_ok(),
         LogFormat::Text => builder.try_init().is_ok(),
