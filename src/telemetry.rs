@@ -17,8 +17,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// How long a line waits for the writer thread at most (unless the output blocks).
-const WRITE_EVERY: Duration = Duration::from_millis(50);
+/// How long a line waits for the writer thread at most (unless the output blocks). Short,
+/// because the lines still waiting when the process is killed are lost.
+const WRITE_EVERY: Duration = Duration::from_millis(10);
 /// Waiting lines that wake the writer thread before its interval.
 const WRITE_AT_BYTES: usize = 256 * 1024;
 /// Waiting lines at most. When the buffer is full (stderr is slower than the logging), the

@@ -704,10 +704,16 @@ async fn two_replicas_drain_1000() {
     let intake = started.elapsed();
     let after_intake = wait_until_final(&env, Duration::from_secs(300)).await;
     let drained = started.elapsed();
-    let sent_by = [
-        a.log_lines_with("umeng accepted the push"),
-        b.log_lines_with("umeng accepted the push"),
-    ];
+    // The replicas write their log lines from a buffer a few milliseconds behind.
+    let mut sent_by = [0, 0];
+    let logged_by = Instant::now() + Duration::from_secs(5);
+    while sent_by[0] + sent_by[1] < REPLICA_PUSHES && Instant::now() < logged_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sent_by = [
+            a.log_lines_with("umeng accepted the push"),
+            b.log_lines_with("umeng accepted the push"),
+        ];
+    }
     let logs = [a.log.clone(), b.log.clone()];
     drop(a);
     drop(b);
