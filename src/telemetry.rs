@@ -2,10 +2,11 @@
 //! configured level. The server writes its lines from a thread of its own, so a request
 //! task never waits on a write to stderr (a slow pipe or log collector included).
 //!
-//! The lines wait in one shared buffer that the writer thread empties every
-//! [`WRITE_EVERY`], or sooner once [`WRITE_AT_BYTES`] are waiting. Logging a line is a
-//! copy under a lock: no channel message, and no wake-up of the writer thread per line,
-//! which under load cost a thread switch for every second line.
+//! The lines wait in one shared buffer. The first line into an empty buffer wakes the
+//! writer thread, which writes out what gathered [`WRITE_EVERY`] later, or as soon as
+//! [`WRITE_AT_BYTES`] wait. Logging a line is a copy under a lock: no channel message, and
+//! at most one wake-up of the writer thread per interval (a channel woke it for every second
+//! line under load), none while the server is idle.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -148,9 +149,11 @@ impl LineBuffer {
         if state.closed {
             return Some(line);
         }
+        let was_empty = state.waiting.is_empty();
         let was_below = state.waiting.len() < self.write_at;
         state.waiting.extend_from_slice(line);
-        if was_below && state.waiting.len() >= self.write_at {
+        // The writer sleeps while nothing waits, and starts its interval at the first line.
+        if was_empty || (was_below && state.waiting.len() >= self.write_at) {
             self.shared.lines.notify_one();
         }
         None
@@ -184,6 +187,15 @@ impl LineBuffer {
         loop {
             let closed = {
                 let mut state = self.lock();
+                // Asleep while nothing waits (an idle server does not wake this thread)...
+                while state.waiting.is_empty() && !state.closed {
+                    state = self
+                        .shared
+                        .lines
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                // ...then the lines of one interval go out together.
                 if state.waiting.len() < self.write_at && !state.closed {
                     state = self
                         .shared
