@@ -113,10 +113,7 @@ impl LineBuffer {
     fn new(limit: usize, write_at: usize) -> Self {
         LineBuffer {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    waiting: Vec::new(),
-                    closed: false,
-                }),
+                state: Mutex::new(State::default()),
                 lines: Condvar::new(),
                 room: Condvar::new(),
             }),
