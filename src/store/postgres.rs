@@ -186,12 +186,11 @@ const SWEEP: &str = "update pushes
  where status = 'pending' and delivery is null
    and created_at < now() - $1::bigint * interval '1 second'";
 
-const CLAIM_DELIVERIES: &str = "select id, claims, lease_until \
+/// One round trip: the function returns the claimed rows' columns from its own update.
+const CLAIM_DELIVERIES: &str = "select id, claims, lease_until, app, appkey, cast_type, \
+     task_class, production_mode, out_biz_no, outbox, attempts, created_at, deliver_by, \
+     quota_kind, quota_wait, parent_id \
      from umgw_claim_deliveries($1, $2, $3, $4, $5)";
-
-const CLAIMED_PUSHES: &str = "select id, app, appkey, cast_type, task_class, production_mode, \
-     out_biz_no, outbox, attempts, created_at, deliver_by, quota_kind, quota_wait, parent_id \
-     from pushes where id = any($1)";
 
 /// Put a claimed push back to wait: `awaiting_send` after `$3` ms, or `awaiting_quota`
 /// until its bucket's next window (the current one is marked full: Umeng said 2050). A
@@ -640,28 +639,11 @@ impl Store for PgStore {
         // caller is dropped.
         let claimed =
             run_detached(async move { query.fetch_all(&pool).await.map_err(map_sqlx) }).await?;
-        if claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut leases = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(claimed.len());
         for row in &claimed {
             let id: String = row.try_get("id").map_err(map_sqlx)?;
             let claims: i32 = row.try_get("claims").map_err(map_sqlx)?;
             let lease_until: OffsetDateTime = row.try_get("lease_until").map_err(map_sqlx)?;
-            leases.insert(id, (claims, lease_until));
-        }
-        let ids: Vec<String> = leases.keys().cloned().collect();
-        let rows = sqlx::query(CLAIMED_PUSHES)
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id").map_err(map_sqlx)?;
-            let Some((claims, lease_until)) = leases.get(&id).copied() else {
-                continue;
-            };
             let quota_kind: Option<String> = row.try_get("quota_kind").map_err(map_sqlx)?;
             out.push(DeliveryClaim {
                 app: row.try_get("app").map_err(map_sqlx)?,
