@@ -12,6 +12,7 @@
 
 use serde_json::{json, Value};
 use sqlx::postgres::PgPool;
+use sqlx::Postgres;
 use tokio::sync::oneshot;
 
 use super::batch::Batcher;
@@ -23,6 +24,11 @@ use super::{
 
 /// Writers draining each queue: one may wait on a row lock while another writes.
 const WRITERS: usize = 2;
+/// Writers keep their connection between batches only when the pool has at least this
+/// many: the four writers then hold at most half of it.
+const KEEP_FROM: u32 = 4 * WRITERS as u32;
+
+type Lane = super::batch::Lane<Postgres>;
 
 const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
 
@@ -51,13 +57,27 @@ pub(crate) struct Writers {
 
 impl Writers {
     pub(crate) fn start(pool: PgPool) -> Writers {
+        let keep = pool.options().get_max_connections() >= KEEP_FROM;
+        let lane = Lane::new(pool, keep);
         Writers {
-            finishes: Batcher::start(pool.clone(), WRITERS, |pool, batch| async move {
-                write_finishes(&pool, batch).await
-            }),
-            admissions: Batcher::start(pool, WRITERS, |pool, batch| async move {
-                write_admissions(&pool, batch).await
-            }),
+            finishes: Batcher::start(
+                lane.clone(),
+                WRITERS,
+                |mut lane, batch| async move {
+                    write_finishes(&mut lane, batch).await;
+                    lane
+                },
+                Lane::idle,
+            ),
+            admissions: Batcher::start(
+                lane,
+                WRITERS,
+                |mut lane, batch| async move {
+                    write_admissions(&mut lane, batch).await;
+                    lane
+                },
+                Lane::idle,
+            ),
         }
     }
 
@@ -92,7 +112,7 @@ const ADMIT_BATCH: &str = "select idx, outcome, push_id, reclaimed_from, used, w
 /// call (the later waits for the next), and the batch is ordered by appkey and bucket, so
 /// two batches take counter rows in the same order. If the call fails as a whole, each
 /// push is admitted alone, so one bad row cannot fail the others.
-async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
+async fn write_admissions(lane: &mut Lane, mut batch: Vec<AdmitJob>) {
     while !batch.is_empty() {
         let mut now: Vec<AdmitJob> = Vec::with_capacity(batch.len());
         let mut later = Vec::new();
@@ -114,19 +134,25 @@ async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
         });
         if now.len() == 1 {
             let job = now.remove(0);
-            let _ = job.done.send(admit(pool, job.push, job.quota).await);
+            let _ = job.done.send(admit_alone(lane, job.push, job.quota).await);
         } else {
             let rows: Vec<Value> = now.iter().map(|j| admit_row(&j.push, j.quota)).collect();
-            let called = sqlx::query(ADMIT_BATCH)
-                .bind(Value::Array(rows))
-                .fetch_all(pool)
-                .await;
+            let called = match lane.conn().await {
+                Ok(conn) => {
+                    sqlx::query(ADMIT_BATCH)
+                        .bind(Value::Array(rows))
+                        .fetch_all(conn)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            lane.after(called.is_ok());
             match called {
                 // The call failed, so its transaction wrote nothing: each push alone.
                 Err(e) => {
                     tracing::debug!(error = %e, pushes = now.len(), "a batch of admissions failed; admitting each alone");
                     for job in now {
-                        let _ = job.done.send(admit(pool, job.push, job.quota).await);
+                        let _ = job.done.send(admit_alone(lane, job.push, job.quota).await);
                     }
                 }
                 // Committed: every push has its answer (never admitted again).
@@ -151,7 +177,7 @@ async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
                             answers.sort_by_key(|(i, _)| *i);
                             for (job, (_, answer)) in now.into_iter().zip(answers) {
                                 let admission =
-                                    admission_of(pool, answer, &job.push, job.quota).await;
+                                    admission_of(lane.pool(), answer, &job.push, job.quota).await;
                                 let _ = job.done.send(admission);
                             }
                         }
@@ -166,6 +192,21 @@ async fn write_admissions(pool: &PgPool, mut batch: Vec<AdmitJob>) {
         }
         batch = later;
     }
+}
+
+/// One admission in a statement of its own, on the lane's connection.
+async fn admit_alone(
+    lane: &mut Lane,
+    push: NewPush,
+    quota: Option<QuotaClaim>,
+) -> StoreResult<Admission> {
+    let pool = lane.pool().clone();
+    let admitted = match lane.conn().await {
+        Ok(conn) => admit(conn, &pool, push, quota).await,
+        Err(e) => Err(map_sqlx(e)),
+    };
+    lane.after(admitted.is_ok());
+    admitted
 }
 
 /// One row of `umgw_admit_batch`'s answer: its position and what `umgw_admit` said.
@@ -208,8 +249,11 @@ fn admit_row(push: &NewPush, quota: Option<QuotaClaim>) -> Value {
 }
 
 /// Writes one batch of outcomes and answers each job. Two outcomes for the same push never
-/// share a call (the second waits for the next one), so each answer is its own.
-async fn write_finishes(pool: &PgPool, mut batch: Vec<FinishJob>) {
+/// share a call (the second waits for the next one), so each answer is its own. Rows go in
+/// push id order, so two batches lock the pushes they share in the same order. A call that
+/// fails as a whole (a deadlock with the other writer's batch over a quota counter) wrote
+/// nothing: each outcome is then written alone, so one bad row cannot fail the others.
+async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
     while !batch.is_empty() {
         let mut now = Vec::with_capacity(batch.len());
         let mut later = Vec::new();
@@ -220,17 +264,22 @@ async fn write_finishes(pool: &PgPool, mut batch: Vec<FinishJob>) {
                 now.push(job);
             }
         }
-        let rows: Vec<Value> = now.iter().map(|j| row(&j.push_id, &j.finish)).collect();
-        let result = sqlx::query_scalar::<_, String>(FINISH_BATCH)
-            .bind(Value::Array(rows))
-            .fetch_all(pool)
-            .await
-            .map_err(map_sqlx);
-        match result {
+        now.sort_by(|a, b| a.push_id.cmp(&b.push_id));
+        match finish_rows(lane, &now).await {
             Ok(changed) => {
                 for job in now {
                     let applied = changed.contains(&job.push_id);
                     let _ = job.done.send(Ok(applied));
+                }
+            }
+            Err(e) if now.len() > 1 => {
+                tracing::debug!(error = %e, pushes = now.len(), "a batch of outcome records failed; writing each alone");
+                for job in now {
+                    let alone = std::slice::from_ref(&job);
+                    let answer = finish_rows(lane, alone)
+                        .await
+                        .map(|changed| changed.contains(&job.push_id));
+                    let _ = job.done.send(answer);
                 }
             }
             Err(e) => {
@@ -241,6 +290,22 @@ async fn write_finishes(pool: &PgPool, mut batch: Vec<FinishJob>) {
         }
         batch = later;
     }
+}
+
+/// One call of `umgw_finish_batch`: the ids of the pushes whose outcome applied.
+async fn finish_rows(lane: &mut Lane, jobs: &[FinishJob]) -> StoreResult<Vec<String>> {
+    let rows: Vec<Value> = jobs.iter().map(|j| row(&j.push_id, &j.finish)).collect();
+    let result = match lane.conn().await {
+        Ok(conn) => {
+            sqlx::query_scalar::<_, String>(FINISH_BATCH)
+                .bind(Value::Array(rows))
+                .fetch_all(conn)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    lane.after(result.is_ok());
+    result.map_err(map_sqlx)
 }
 
 /// One outcome as a row of the batch.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
@@ -867,8 +867,9 @@ pub(crate) fn missing_migration(migrator: &Migrator, applied: &[i64]) -> StoreRe
     }
 }
 
-/// One admission, alone (`umgw_admit`).
+/// One admission, alone (`umgw_admit`) on `conn`; a replay reads its owner through `pool`.
 pub(super) async fn admit(
+    conn: &mut PgConnection,
     pool: &PgPool,
     push: NewPush,
     quota: Option<QuotaClaim>,
@@ -898,7 +899,7 @@ pub(super) async fn admit(
         .bind(push.send_at)
         .bind(push.delivery.as_ref().map(|d| d.deliver_by))
         .bind(push.delivery.as_ref().is_some_and(|d| d.quota_wait))
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await
         .map_err(map_sqlx)?;
     let answer = AdmitRow::from_row(&row).map_err(map_sqlx)?;

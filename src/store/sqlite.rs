@@ -14,7 +14,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::types::Json;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use time::OffsetDateTime;
 
 use super::postgres::missing_migration;
@@ -879,14 +879,14 @@ impl Store for SqliteStore {
 /// otherwise one `begin immediate` transaction (writers are serialised, so the key check and
 /// the guarded counter cannot race).
 pub(super) async fn admit(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     push: &NewPush,
     quota: Option<QuotaClaim>,
 ) -> Result<Admission, sqlx::Error> {
     if is_one_statement(push, quota) {
-        return admit_in(&mut *pool.acquire().await?, push, quota).await;
+        return admit_in(conn, push, quota).await;
     }
-    let mut tx = pool.begin_with("begin immediate").await?;
+    let mut tx = conn.begin_with("begin immediate").await?;
     let admission = admit_in(&mut tx, push, quota).await?;
     tx.commit().await?;
     Ok(admission)
@@ -1472,14 +1472,14 @@ fn bind_finish<'q>(
 /// An outcome record alone: the guarded update in one statement when no counter is
 /// touched, otherwise one `begin immediate` transaction.
 pub(super) async fn finish_push(
-    pool: &SqlitePool,
+    conn: &mut SqliteConnection,
     push_id: &str,
     finish: &Finish,
 ) -> Result<bool, sqlx::Error> {
     if finish.quota == QuotaAction::Keep {
-        return finish_in(&mut *pool.acquire().await?, push_id, finish).await;
+        return finish_in(conn, push_id, finish).await;
     }
-    let mut tx = pool.begin_with("begin immediate").await?;
+    let mut tx = conn.begin_with("begin immediate").await?;
     let applied = finish_in(&mut tx, push_id, finish).await?;
     tx.commit().await?;
     Ok(applied)

@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use sqlx::sqlite::SqlitePool;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use sqlx::{Connection, Sqlite};
 use tokio::sync::{oneshot, Mutex};
 
 use super::batch::Batcher;
@@ -34,6 +35,22 @@ pub(crate) enum Job {
     },
 }
 
+impl Job {
+    /// Answer the job with an error.
+    fn fail(self, e: StoreError) {
+        match self {
+            Job::Admit { done, .. } => {
+                let _ = done.send(Err(e));
+            }
+            Job::Finish { done, .. } => {
+                let _ = done.send(Err(e));
+            }
+        }
+    }
+}
+
+type Lane = super::batch::Lane<Sqlite>;
+
 /// What a job answered inside the batch's transaction.
 enum Answer {
     Admit(Admission),
@@ -49,11 +66,21 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the writer task; it takes `turn` for each batch, as every other write does.
     pub(crate) fn start(pool: SqlitePool, turn: Arc<Mutex<()>>) -> Writer {
+        // The writer keeps a connection between batches unless it is the pool's only one.
+        let keep = pool.options().get_max_connections() > 1;
         Writer {
-            jobs: Batcher::start((pool, turn), 1, |(pool, turn), batch| async move {
-                let _turn = turn.lock().await;
-                write(&pool, batch).await;
-            }),
+            jobs: Batcher::start(
+                (Lane::new(pool, keep), turn),
+                1,
+                |(mut lane, turn), batch| async move {
+                    {
+                        let _turn = turn.lock().await;
+                        write(&mut lane, batch).await;
+                    }
+                    (lane, turn)
+                },
+                |(lane, _): &mut (Lane, Arc<Mutex<()>>)| lane.idle(),
+            ),
         }
     }
 
@@ -82,9 +109,14 @@ impl Writer {
 }
 
 /// Writes one batch and answers each job.
-async fn write(pool: &SqlitePool, batch: Vec<Job>) {
+async fn write(lane: &mut Lane, batch: Vec<Job>) {
     if batch.len() > 1 {
-        match together(pool, &batch).await {
+        let written = match lane.conn().await {
+            Ok(conn) => together(conn, &batch).await,
+            Err(e) => Err(e),
+        };
+        lane.after(written.is_ok());
+        match written {
             Ok(answers) => {
                 for (job, answer) in batch.into_iter().zip(answers) {
                     match (job, answer) {
@@ -112,7 +144,7 @@ async fn write(pool: &SqlitePool, batch: Vec<Job>) {
         }
     }
     for job in batch {
-        alone(pool, job).await;
+        alone(lane, job).await;
     }
 }
 
@@ -121,8 +153,8 @@ fn mismatched() -> StoreError {
 }
 
 /// Every job of the batch in one transaction; an error rolls all of it back.
-async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Answer>, sqlx::Error> {
-    let mut tx = pool.begin_with("begin immediate").await?;
+async fn together(conn: &mut SqliteConnection, batch: &[Job]) -> Result<Vec<Answer>, sqlx::Error> {
+    let mut tx = conn.begin_with("begin immediate").await?;
     let mut answers = Vec::with_capacity(batch.len());
     for job in batch {
         answers.push(match job {
@@ -137,17 +169,32 @@ async fn together(pool: &SqlitePool, batch: &[Job]) -> Result<Vec<Answer>, sqlx:
 }
 
 /// One job in its own transaction.
-async fn alone(pool: &SqlitePool, job: Job) {
-    match job {
+async fn alone(lane: &mut Lane, job: Job) {
+    let conn = match lane.conn().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            lane.after(false);
+            job.fail(map_sqlx(e));
+            return;
+        }
+    };
+    let ok = match job {
         Job::Admit { push, quota, done } => {
-            let _ = done.send(admit(pool, &push, quota).await.map_err(map_sqlx));
+            let admitted = admit(conn, &push, quota).await.map_err(map_sqlx);
+            let ok = admitted.is_ok();
+            let _ = done.send(admitted);
+            ok
         }
         Job::Finish {
             push_id,
             finish,
             done,
         } => {
-            let _ = done.send(finish_push(pool, &push_id, &finish).await.map_err(map_sqlx));
+            let applied = finish_push(conn, &push_id, &finish).await.map_err(map_sqlx);
+            let ok = applied.is_ok();
+            let _ = done.send(applied);
+            ok
         }
-    }
+    };
+    lane.after(ok);
 }
