@@ -252,7 +252,8 @@ fn admit_row(push: &NewPush, quota: Option<QuotaClaim>) -> Value {
 /// share a call (the second waits for the next one), so each answer is its own. Rows go in
 /// push id order, so two batches lock the pushes they share in the same order. A call that
 /// fails as a whole (a deadlock with the other writer's batch over a quota counter) wrote
-/// nothing: each outcome is then written alone, so one bad row cannot fail the others.
+/// nothing: each outcome is then written alone, so one bad row cannot fail the others
+/// (unless the database is unreachable: then every outcome gets the error).
 async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
     while !batch.is_empty() {
         let mut now = Vec::with_capacity(batch.len());
@@ -272,7 +273,9 @@ async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
                     let _ = job.done.send(Ok(applied));
                 }
             }
-            Err(e) if now.len() > 1 => {
+            // Not while the database is unreachable: each record would wait for a
+            // connection in turn. The callers retry those.
+            Err(e) if now.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
                 tracing::debug!(error = %e, pushes = now.len(), "a batch of outcome records failed; writing each alone");
                 for job in now {
                     let alone = std::slice::from_ref(&job);
