@@ -468,7 +468,10 @@ async fn umeng_down_then_up(backend: Backend, breaker: bool) {
     let up_utc = OffsetDateTime::now_utc();
     proxy.resume().await;
     let down_for = down_at.elapsed();
-    let drained_in = wait_until_final(&env, Duration::from_secs(180)).await;
+    // Without the breaker a push's next attempt may be as far away as the backoff's cap
+    // (`delivery.backoff_cap_ms`, 300 s by default): a push that failed its ninth attempt
+    // as the outage ended may wait up to 256 s. The wait is bounded by the cap, not less.
+    let drained_in = wait_until_final(&env, Duration::from_secs(330)).await;
     drop(gw);
 
     // Assert: every push accepted, each by exactly one upstream receipt.
