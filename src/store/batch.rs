@@ -16,10 +16,10 @@ use super::{StoreError, StoreResult};
 const MAX_BATCH: usize = 64;
 /// Jobs waiting for a writer; a caller waits when it is full.
 const QUEUE: usize = 4096;
-/// A writer idle this long gives back what it keeps between batches. A PostgreSQL
-/// connection idle this long is pinged by the pool before it is used again
-/// (`PING_IF_IDLE`), so a kept one is never used after a longer silence without a ping.
-pub(crate) const KEEP_IDLE: Duration = Duration::from_secs(1);
+/// A writer idle this long gives back what it keeps between batches: the idle time after
+/// which the pool pings a PostgreSQL connection before handing it out, so a kept one is
+/// never used after a longer silence without a ping.
+pub(crate) const KEEP_IDLE: Duration = super::postgres::PING_IF_IDLE;
 
 /// A queue drained in batches by writer tasks (clones share them).
 #[derive(Debug)]

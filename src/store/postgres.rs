@@ -60,7 +60,7 @@ fn split_pool(max_connections: u32) -> (u32, u32) {
 
 /// A pooled connection idle at least this long is pinged before it is handed out; one
 /// that went back to the pool just now is used as it is.
-const PING_IF_IDLE: Duration = Duration::from_secs(1);
+pub(super) const PING_IF_IDLE: Duration = Duration::from_secs(1);
 
 /// The options both pools share. Under load every push took a round trip for the pool's
 /// liveness ping before its statement (sqlx's `test_before_acquire`): a connection that

@@ -39,14 +39,17 @@ impl Job {
     /// Answer the job with an error.
     fn fail(self, e: StoreError) {
         match self {
-            Job::Admit { done, .. } => {
-                let _ = done.send(Err(e));
-            }
-            Job::Finish { done, .. } => {
-                let _ = done.send(Err(e));
-            }
-        }
+            Job::Admit { done, .. } => reply(done, Err(e)),
+            Job::Finish { done, .. } => reply(done, Err(e)),
+        };
     }
+}
+
+/// Send a job its answer; true when the answer is not an error.
+fn reply<T>(done: oneshot::Sender<StoreResult<T>>, answer: StoreResult<T>) -> bool {
+    let ok = answer.is_ok();
+    let _ = done.send(answer);
+    ok
 }
 
 type Lane = super::batch::Lane<Sqlite>;
@@ -172,29 +175,20 @@ async fn together(conn: &mut SqliteConnection, batch: &[Job]) -> Result<Vec<Answ
 async fn alone(lane: &mut Lane, job: Job) {
     let conn = match lane.conn().await {
         Ok(conn) => conn,
-        Err(e) => {
-            lane.after(false);
-            job.fail(map_sqlx(e));
-            return;
-        }
+        Err(e) => return job.fail(map_sqlx(e)),
     };
     let ok = match job {
         Job::Admit { push, quota, done } => {
-            let admitted = admit(conn, &push, quota).await.map_err(map_sqlx);
-            let ok = admitted.is_ok();
-            let _ = done.send(admitted);
-            ok
+            reply(done, admit(conn, &push, quota).await.map_err(map_sqlx))
         }
         Job::Finish {
             push_id,
             finish,
             done,
-        } => {
-            let applied = finish_push(conn, &push_id, &finish).await.map_err(map_sqlx);
-            let ok = applied.is_ok();
-            let _ = done.send(applied);
-            ok
-        }
+        } => reply(
+            done,
+            finish_push(conn, &push_id, &finish).await.map_err(map_sqlx),
+        ),
     };
     lane.after(ok);
 }
