@@ -279,7 +279,7 @@ impl Gateway {
 
         // Every Umeng call made for this push, recorded with its outcome.
         let mut calls = Vec::new();
-        let mut body = prepared.body.to_value();
+        let mut body = std::mem::take(&mut prepared.json);
         let upload = prepared.upload_content.take();
         let sent_at = OffsetDateTime::now_utc();
         let called = self
@@ -702,7 +702,7 @@ impl Gateway {
         quota: Option<QuotaClaim>,
         now: OffsetDateTime,
     ) -> AsyncDelivery {
-        let mut body = prepared.body.to_value();
+        let mut body = prepared.json.clone();
         if prepared.task_class && prepared.out_biz_no.is_none() {
             let policy = body
                 .entry("policy")

@@ -94,6 +94,9 @@ pub struct PreparedPush {
     pub upload_content: Option<String>,
     /// The Umeng body (for `file_lines`, with a placeholder `file_id` until set).
     pub body: SendBody,
+    /// `body` in its JSON form (what was validated and fingerprinted, and is sent), built
+    /// once.
+    pub json: Map<String, Value>,
     /// The request's `send_at`: the gateway holds the push until then.
     pub send_at: Option<OffsetDateTime>,
     /// Umeng's `policy.start_time` (Umeng holds the task until then).
@@ -110,7 +113,10 @@ impl PreparedPush {
 
     /// Sets the `file_id` returned by `/upload` and drops the upload content.
     pub fn set_file_id(&mut self, file_id: impl Into<String>) {
-        self.body.file_id = Some(file_id.into());
+        let file_id = file_id.into();
+        self.json
+            .insert("file_id".into(), Value::String(file_id.clone()));
+        self.body.file_id = Some(file_id);
         self.upload_content = None;
     }
 
@@ -164,7 +170,9 @@ pub fn prepare(
     let Some(body) = body else {
         return Err(out_errors);
     };
-    if let Err(umeng_errors) = umeng::validate(&body, app.platform, app.payload_limit, now) {
+    let mut json = body.to_value();
+    let umeng_errors = umeng::validate::validate_value(&json, app.platform, app.payload_limit, now);
+    if !umeng_errors.is_empty() {
         let ctx = PathContext::of(req);
         for e in umeng_errors {
             let field = ctx.caller_path(&e.field);
@@ -199,7 +207,7 @@ pub fn prepare(
             send_at,
             quota_wait,
         },
-        &body,
+        &mut json,
     );
     Ok(PreparedPush {
         cast_type: req.cast_type,
@@ -211,6 +219,7 @@ pub fn prepare(
         fingerprint,
         upload_content,
         body,
+        json,
         send_at,
         start_time,
         quota_wait,
@@ -406,7 +415,8 @@ fn already_reported(errors: &[FieldError], field: &str) -> bool {
 
 /// The fingerprint of a prepared push: hex SHA-256 of the canonical JSON (keys sorted, no
 /// whitespace) of the app name, `out_biz_no`, the SHA-256 of the `file_lines` upload and
-/// the Umeng body as it will be sent (without `appkey` and `timestamp`).
+/// the Umeng body as it will be sent (without `appkey` and `timestamp`; the JSON form of a
+/// [`SendBody`], lent to the canonical form and given back unchanged).
 ///
 /// Two requests are "the same" when they produce the same Umeng body for the same app and
 /// key: defaults written out or left out (`production_mode`, `ticker`, `open: {"app":
@@ -417,7 +427,7 @@ pub fn fingerprint(
     out_biz_no: Option<&str>,
     upload_sha256: Option<&str>,
     gateway: GatewayFields<'_>,
-    body: &SendBody,
+    body: &mut Map<String, Value>,
 ) -> String {
     let mut m = Map::new();
     if let Some(url) = gateway.callback_url {
@@ -439,9 +449,13 @@ pub fn fingerprint(
         "upload_sha256".into(),
         upload_sha256.map_or(Value::Null, Value::from),
     );
-    m.insert("umeng".into(), Value::Object(body.to_value()));
+    m.insert("umeng".into(), Value::Object(std::mem::take(body)));
+    let mut m = Value::Object(m);
     let mut canonical = String::new();
-    write_canonical(&Value::Object(m), &mut canonical);
+    write_canonical(&m, &mut canonical);
+    if let Some(Value::Object(lent)) = m.get_mut("umeng") {
+        std::mem::swap(body, lent);
+    }
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 

@@ -88,8 +88,10 @@ fn err_fields(v: Value) -> Vec<String> {
     }
 }
 
+/// The body as sent; its JSON form, built once in `prepare`, must be the same.
 fn sent(p: &PreparedPush) -> Value {
-    Value::Object(p.body.to_value())
+    assert_eq!(p.json, p.body.to_value(), "the JSON form is the body's");
+    Value::Object(p.json.clone())
 }
 
 // ---- translation ----
