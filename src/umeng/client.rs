@@ -4,6 +4,7 @@
 //! are split into not sent / rejected / unknown (see [`UmengError`]); none of them carries
 //! the secret, the sign or the signed URL.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -85,7 +86,13 @@ pub struct TaskStatus {
 pub struct UmengClient {
     http: reqwest::Client,
     base_url: String,
+    /// The URL of each path in [`PATHS`], parsed once (a request then only sets its
+    /// query); a base URL that does not parse leaves this empty.
+    endpoints: Arc<[(&'static str, reqwest::Url)]>,
 }
+
+/// Umeng's paths that the client calls.
+const PATHS: [&str; 4] = ["/api/send", "/api/status", "/api/cancel", "/upload"];
 
 struct Call {
     sent: Option<Value>,
@@ -97,7 +104,10 @@ struct Call {
 impl UmengClient {
     /// Builds a client.
     pub fn new(config: ClientConfig) -> Result<Self, UmengError> {
+        // A redirect is not followed: it would take the signed URL (and the body) to
+        // another address. A 3xx is an answer that is not Umeng's (`unknown`).
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .user_agent(concat!("umeng-push-gateway/", env!("CARGO_PKG_VERSION")))
@@ -105,9 +115,18 @@ impl UmengClient {
             .map_err(|e| UmengError::NotSent {
                 reason: format!("cannot build the HTTP client: {}", describe(e)),
             })?;
+        let base_url = config.base_url.trim_end_matches('/').to_owned();
+        let endpoints = PATHS
+            .iter()
+            .filter_map(|path| {
+                let url = reqwest::Url::parse(&format!("{base_url}{path}")).ok()?;
+                Some((*path, url))
+            })
+            .collect();
         Ok(Self {
             http,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            base_url,
+            endpoints,
         })
     }
 
@@ -229,7 +248,7 @@ impl UmengClient {
         let sent = Some(value);
         let url = format!("{}{}", self.base_url, path);
         let signature = sign(&url, &bytes, app.master_secret.expose());
-        let result = self.exchange(&url, &signature, bytes).await;
+        let result = self.exchange(path, &url, &signature, bytes).await;
         let latency = started.elapsed();
         crate::metrics::umeng_call(
             endpoint_label(path),
@@ -262,13 +281,21 @@ impl UmengClient {
 
     async fn exchange(
         &self,
+        path: &str,
         url: &str,
         signature: &str,
         bytes: Vec<u8>,
     ) -> Result<(Value, Value), UmengError> {
-        let response = self
-            .http
-            .post(format!("{url}?sign={signature}"))
+        let query = format!("sign={signature}");
+        let request = match self.endpoints.iter().find(|(p, _)| *p == path) {
+            Some((_, parsed)) => {
+                let mut target = parsed.clone();
+                target.set_query(Some(&query));
+                self.http.post(target)
+            }
+            None => self.http.post(format!("{url}?{query}")),
+        };
+        let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(bytes)
             .send()

@@ -241,6 +241,51 @@ async fn an_http_502_with_html_is_unknown() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_not_followed_and_is_unknown() {
+    // Following it would take the signed URL and the body to the address it names.
+    let followed = Arc::new(Mutex::new(0u32));
+    let hits = followed.clone();
+    let router = Router::new()
+        .route(
+            "/api/send",
+            post(|| async {
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [("location", "/elsewhere")],
+                    "",
+                )
+            }),
+        )
+        .route(
+            "/elsewhere",
+            post(move || async move {
+                *hits.lock().expect("lock") += 1;
+                r#"{"ret":"SUCCESS","data":{"msg_id":"m1"}}"#
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+
+    let attempt = client(&format!("http://{addr}/"), Duration::from_secs(5))
+        .send(&app(), &body())
+        .await;
+
+    let err = attempt.result.expect_err("307");
+    assert!(matches!(err, UmengError::Unknown { .. }), "{err:?}");
+    assert!(err.to_string().contains("307"), "{err}");
+    assert_eq!(
+        *followed.lock().expect("lock"),
+        0,
+        "the redirect was followed"
+    );
+}
+
+#[tokio::test]
 async fn status_cancel_and_upload_use_their_paths() {
     let (base, received) = stub(
         200,
