@@ -403,19 +403,21 @@ impl Store for PgStore {
             .map_err(map_sqlx)
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push.id))]
+    // The store spans are debug: nothing in the store logs at info or above, and each span
+    // costs a formatted field set on every call.
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "postgres", push.id = %push.id))]
     async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
         // Gathered with the admissions of concurrent pushes into one call.
         self.writers.admit(push, quota).await
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "postgres", push.id = %push_id))]
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
         // Gathered with the outcomes of concurrent pushes into one call.
         self.writers.finish(push_id, finish).await
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %push_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "postgres", push.id = %push_id))]
     async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<bool> {
         let replaces: Vec<String> = update
             .status
@@ -743,7 +745,7 @@ impl Store for PgStore {
         super::callbacks::pg_record(&self.pool, claim, log, next).await
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "postgres", push.id = %parent.id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "postgres", push.id = %parent.id))]
     async fn admit_parts(
         &self,
         parent: NewPush,

@@ -424,17 +424,19 @@ impl Store for SqliteStore {
         from_ms(now_ms()).map_err(map_sqlx)
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push.id))]
+    // The store spans are debug: nothing in the store logs at info or above, and each span
+    // costs a formatted field set on every call.
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "sqlite", push.id = %push.id))]
     async fn admit(&self, push: NewPush, quota: Option<QuotaClaim>) -> StoreResult<Admission> {
         self.batches.admit(push, quota).await
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
     async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
         self.batches.finish(push_id, finish).await
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
     async fn update_task(&self, push_id: &str, update: TaskUpdate) -> StoreResult<bool> {
         let replaces: Vec<&str> = update
             .status
@@ -743,7 +745,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    #[tracing::instrument(skip_all, fields(store.backend = "sqlite", push.id = %parent.id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "sqlite", push.id = %parent.id))]
     async fn admit_parts(
         &self,
         parent: NewPush,
