@@ -1280,6 +1280,52 @@ async fn sqlite_in_memory_store_works() {
 }
 
 #[tokio::test]
+async fn a_sqlite_file_checkpoints_its_log_in_the_background() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("wal.db");
+    let url = format!("sqlite://{}", path.display());
+    let options = crate::helpers::test_pool_options();
+    let store = umeng_push_gateway::store::connect(&url, &options)
+        .await
+        .expect("the database opens");
+    store.migrate().await.expect("migrations apply");
+    for i in 0..20 {
+        admitted(&store, new_push(Some(&format!("biz-{i}"))), None).await;
+    }
+
+    // A commit leaves its pages in the log (it checkpoints only when the log is far
+    // behind), so the database file holds every page only once the background checkpointer
+    // has copied them: its length is then the database's page count times its page size.
+    let mut reader = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("a second connection");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut logical, mut physical);
+    loop {
+        let pages: i64 = sqlx::query_scalar("pragma page_count")
+            .fetch_one(&mut reader)
+            .await
+            .expect("page_count");
+        let page_size: i64 = sqlx::query_scalar("pragma page_size")
+            .fetch_one(&mut reader)
+            .await
+            .expect("page_size");
+        logical = u64::try_from(pages * page_size).expect("a size");
+        physical = std::fs::metadata(&path).expect("the database file").len();
+        if logical == physical || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        physical, logical,
+        "the log was not copied into the database file within 10 s"
+    );
+    assert!(logical > 4096, "the database has pages beyond its header");
+}
+
+#[tokio::test]
 async fn ready_fails_before_migrations() {
     let dir = tempfile::tempdir().ok();
     let path = dir
