@@ -114,6 +114,14 @@ begin
 end
 $$;
 
+-- One outcome record of a batch, as the caller sends it (a JSON object per row).
+create type umgw_finish_row as (
+    id text, status text, umeng_request jsonb, umeng_response jsonb, msg_id text,
+    task_id text, file_id text, error_code text, error_msg text, http_status integer,
+    latency_ms bigint, sent_at timestamptz, action text, unit bigint, attempts jsonb,
+    claim integer
+);
+
 create or replace function umgw_finish_batch(p_rows jsonb)
 returns setof text
 language plpgsql
@@ -134,10 +142,7 @@ begin
     -- caller never puts two outcomes of one push into a batch.
     return query
     with v as (
-        select * from jsonb_to_recordset(p_rows) as v(
-            id text, status text, umeng_request jsonb, umeng_response jsonb, msg_id text,
-            task_id text, file_id text, error_code text, error_msg text, http_status integer,
-            latency_ms bigint, sent_at timestamptz, action text, attempts jsonb, claim integer)
+        select * from jsonb_populate_recordset(null::umgw_finish_row, p_rows) as v
          where v.action = 'keep'
     ), u as (
         update pushes p
@@ -161,11 +166,7 @@ begin
 
     -- Refunds and saturations, one at a time: two refunds of one window are two decrements.
     for r in
-        select * from jsonb_to_recordset(p_rows) as v(
-            id text, status text, umeng_request jsonb, umeng_response jsonb, msg_id text,
-            task_id text, file_id text, error_code text, error_msg text, http_status integer,
-            latency_ms bigint, sent_at timestamptz, action text, unit bigint, attempts jsonb,
-            claim integer)
+        select * from jsonb_populate_recordset(null::umgw_finish_row, p_rows) as v
          where v.action is distinct from 'keep'
     loop
         select p.quota_refunded into v_was from pushes p where p.id = r.id;

@@ -69,6 +69,11 @@ async fn stub(status: u16, answer: &str, delay: Duration) -> (String, Arc<Mutex<
         .route("/api/cancel", post(handle))
         .route("/upload", post(handle))
         .with_state(state);
+    (serve(router).await, received)
+}
+
+/// Serves `router` on a free local port; returns its base URL.
+async fn serve(router: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -76,7 +81,7 @@ async fn stub(status: u16, answer: &str, delay: Duration) -> (String, Arc<Mutex<
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;
     });
-    (format!("http://{addr}/"), received)
+    format!("http://{addr}/")
 }
 
 fn client(base_url: &str, timeout: Duration) -> UmengClient {
@@ -263,15 +268,9 @@ async fn a_redirect_is_not_followed_and_is_unknown() {
                 r#"{"ret":"SUCCESS","data":{"msg_id":"m1"}}"#
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
+    let base = serve(router).await;
 
-    let attempt = client(&format!("http://{addr}/"), Duration::from_secs(5))
+    let attempt = client(&base, Duration::from_secs(5))
         .send(&app(), &body())
         .await;
 
