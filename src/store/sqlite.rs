@@ -32,7 +32,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a writer waits for another writer before giving up with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the background checkpointer copies the write-ahead log into the database.
+/// How often, at most, the background checkpointer copies the write-ahead log into the
+/// database (it runs only after writes).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 /// WAL pages after which a commit checkpoints by itself (SQLite's default is 1,000): with a
 /// background checkpointer, only when it has fallen far behind. About 40 MB.
@@ -360,13 +361,19 @@ impl SqliteStore {
                 other => other,
             })?;
         let writer = Arc::default();
+        let wrote = Arc::new(tokio::sync::Notify::new());
         let checkpointer = checkpoint_in_background.then(|| {
             let (alive, gone) = tokio::sync::mpsc::channel(1);
-            tokio::spawn(checkpoint_every(pool.clone(), CHECKPOINT_EVERY, gone));
+            tokio::spawn(checkpoint_after_writes(
+                pool.clone(),
+                Arc::clone(&wrote),
+                CHECKPOINT_EVERY,
+                gone,
+            ));
             alive
         });
         Ok(Self {
-            batches: super::sqlite_batch::Writer::start(pool.clone(), Arc::clone(&writer)),
+            batches: super::sqlite_batch::Writer::start(pool.clone(), Arc::clone(&writer), wrote),
             pool,
             writer,
             _checkpointer: checkpointer,
@@ -379,15 +386,21 @@ impl SqliteStore {
     }
 }
 
-/// Copies the write-ahead log into the database every `every` (a passive checkpoint: it
-/// waits for no reader or writer, and copies what it can) until `store_gone` closes. A
-/// failure is logged and tried again at the next tick.
-async fn checkpoint_every(
+/// Copies the write-ahead log into the database (a passive checkpoint: it waits for no
+/// reader or writer, and copies what it can) at most every `every`, and only after the
+/// writer of admissions and outcomes has written (an idle store is left alone), until
+/// `store_gone` closes. A failure is logged and tried again after the next write.
+async fn checkpoint_after_writes(
     pool: SqlitePool,
+    wrote: Arc<tokio::sync::Notify>,
     every: Duration,
     mut store_gone: tokio::sync::mpsc::Receiver<()>,
 ) {
     loop {
+        tokio::select! {
+            _ = store_gone.recv() => return,
+            () = wrote.notified() => {}
+        }
         tokio::select! {
             _ = store_gone.recv() => return,
             () = tokio::time::sleep(every) => {}

@@ -67,22 +67,28 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task; it takes `turn` for each batch, as every other write does.
-    pub(crate) fn start(pool: SqlitePool, turn: Arc<Mutex<()>>) -> Writer {
+    /// Starts the writer task; it takes `turn` for each batch, as every other write does,
+    /// and signals `wrote` after each.
+    pub(crate) fn start(
+        pool: SqlitePool,
+        turn: Arc<Mutex<()>>,
+        wrote: Arc<tokio::sync::Notify>,
+    ) -> Writer {
         // The writer keeps a connection between batches unless it is the pool's only one.
         let keep = pool.options().get_max_connections() > 1;
         Writer {
             jobs: Batcher::start(
-                (Lane::new(pool, keep), turn),
+                (Lane::new(pool, keep), turn, wrote),
                 1,
-                |(mut lane, turn), batch| async move {
+                |(mut lane, turn, wrote), batch| async move {
                     {
                         let _turn = turn.lock().await;
                         write(&mut lane, batch).await;
                     }
-                    (lane, turn)
+                    wrote.notify_one();
+                    (lane, turn, wrote)
                 },
-                |(lane, _): &mut (Lane, Arc<Mutex<()>>)| lane.idle(),
+                |(lane, _, _): &mut (Lane, Arc<Mutex<()>>, Arc<tokio::sync::Notify>)| lane.idle(),
             ),
         }
     }
