@@ -1217,7 +1217,13 @@ impl Recorder<'_> {
     /// the row `unknown` replaces that guess (unless a retry took the key over meanwhile).
     async fn finish(&self, finish: Finish) {
         let push_id = self.push_id;
-        let e = match self.gateway.store.finish(push_id, finish.clone()).await {
+        let finish = Arc::new(finish);
+        let e = match self
+            .gateway
+            .store
+            .finish(push_id, Arc::clone(&finish))
+            .await
+        {
             Ok(true) => return,
             Ok(false) => return not_recorded(push_id, &finish),
             Err(e) => e,
@@ -1237,7 +1243,7 @@ impl Recorder<'_> {
                         break;
                     }
                     tokio::time::sleep(delay).await;
-                    match store.finish(&push_id, finish.clone()).await {
+                    match store.finish(&push_id, Arc::clone(&finish)).await {
                         Ok(true) => {
                             tracing::info!(push.id = %push_id, "push outcome recorded after a retry");
                             break;

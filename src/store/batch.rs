@@ -3,12 +3,13 @@
 //! at once and a burst shares one transaction. Used by both stores ([`super::pg_batch`],
 //! [`super::sqlite_batch`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Pool};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, MutexGuard};
 
 use super::{StoreError, StoreResult};
 
@@ -16,6 +17,30 @@ use super::{StoreError, StoreResult};
 const MAX_BATCH: usize = 64;
 /// Jobs waiting for a writer; a caller waits when it is full.
 const QUEUE: usize = 4096;
+/// How long a writer with a job waits for another writer's write to end before it writes
+/// too: longer than a batch takes on a healthy database under load (1 to 3 ms here), short
+/// enough that a write stuck on a lock holds up the others only briefly.
+pub(crate) const STANDBY_AFTER: Duration = Duration::from_millis(10);
+
+/// The writer tasks of a [`Batcher`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Crew {
+    /// How many.
+    pub writers: usize,
+    /// How long a writer with a job waits for another's write to end (see
+    /// [`Batcher::start`]).
+    pub standby_after: Duration,
+}
+
+impl Crew {
+    /// One writer (SQLite writes one transaction at a time anyway).
+    pub(crate) fn one() -> Self {
+        Crew {
+            writers: 1,
+            standby_after: STANDBY_AFTER,
+        }
+    }
+}
 /// A writer idle this long gives back what it keeps between batches: the idle time after
 /// which the pool pings a PostgreSQL connection before handing it out, so a kept one is
 /// never used after a longer silence without a ping.
@@ -36,12 +61,20 @@ impl<J> Clone for Batcher<J> {
 }
 
 impl<J: Send + 'static> Batcher<J> {
-    /// Starts `writers` tasks (on the current tokio runtime); each calls `write` with its
+    /// Starts the crew's writer tasks (on the current tokio runtime); each calls `write` with its
     /// own copy of `context` and whatever is waiting, up to [`MAX_BATCH`]. `write` hands the
     /// context back, so a writer keeps what it holds (a connection) from one batch to the
     /// next; after [`KEEP_IDLE`] without a job it calls `idle` on it, to give that back.
     /// The writers end when every clone of the batcher is dropped and the queue is empty.
-    pub(crate) fn start<C, W, F, I>(context: C, writers: usize, write: W, idle: I) -> Self
+    ///
+    /// One writer writes at a time while writes go quickly: a writer that takes a job while
+    /// another one is writing waits for that write to end (up to `crew.standby_after`), and
+    /// what arrives meanwhile shares its batch. A batch then waits no longer than it would
+    /// behind a single writer, and batches are as large as the load makes them (one
+    /// transaction per batch is what each write costs the database). A write that takes
+    /// longer (a row lock another replica holds, a slow disk) does not hold up the rest:
+    /// after `crew.standby_after` the waiting writer goes ahead.
+    pub(crate) fn start<C, W, F, I>(context: C, crew: Crew, write: W, idle: I) -> Self
     where
         C: Clone + Send + 'static,
         W: Fn(C, Vec<J>) -> F + Clone + Send + 'static,
@@ -50,8 +83,11 @@ impl<J: Send + 'static> Batcher<J> {
     {
         let (queue, jobs) = mpsc::channel::<J>(QUEUE);
         let jobs = Arc::new(Mutex::new(jobs));
-        for _ in 0..writers.max(1) {
+        let (writing, _) = watch::channel(0_usize);
+        let writing = Arc::new(writing);
+        for _ in 0..crew.writers.max(1) {
             let jobs = Arc::clone(&jobs);
+            let writing = Arc::clone(&writing);
             let mut context = context.clone();
             let write = write.clone();
             let idle = idle.clone();
@@ -59,16 +95,19 @@ impl<J: Send + 'static> Batcher<J> {
                 loop {
                     // Waiting for the queue's lock counts as idle too: the other writer
                     // may be the one waiting for a job.
-                    let batch = match tokio::time::timeout(KEEP_IDLE, next_batch(&jobs)).await {
-                        Ok(batch) => batch,
+                    let first = match tokio::time::timeout(KEEP_IDLE, first_job(&jobs)).await {
+                        Ok(first) => first,
                         Err(_) => {
                             idle(&mut context);
-                            next_batch(&jobs).await
+                            first_job(&jobs).await
                         }
                     };
-                    let Some(batch) = batch else {
+                    let Some((mut queue, first)) = first else {
                         return;
                     };
+                    let batch = gather(&mut queue, first, &writing, crew.standby_after).await;
+                    drop(queue);
+                    let _writing = Writing::start(&writing);
                     context = write(context, batch).await;
                 }
             });
@@ -93,12 +132,17 @@ impl<J: Send + 'static> Batcher<J> {
 /// trip to PostgreSQL; on SQLite a trip to the connection's thread), so a writer under load
 /// keeps its connection from one batch to the next and gives it back after [`KEEP_IDLE`]
 /// without work (or at once, when `keep` is false: a pool too small to spare it). A
-/// statement that fails gives the connection back too: the pool's ping then finds out
-/// whether it is still alive.
+/// statement that fails gives the connection back too, and so does every other writer of
+/// the crew before its next statement (the database may have restarted under all of them):
+/// the pool's ping then finds out whether each is still alive.
 pub(crate) struct Lane<DB: Database> {
     pool: Pool<DB>,
     conn: Option<PoolConnection<DB>>,
     keep: bool,
+    /// Statements that failed on any lane of the crew (clones share it).
+    failures: Arc<AtomicU64>,
+    /// `failures` when the kept connection was taken from the pool.
+    taken_at: u64,
 }
 
 impl<DB: Database> Clone for Lane<DB> {
@@ -108,6 +152,8 @@ impl<DB: Database> Clone for Lane<DB> {
             pool: self.pool.clone(),
             conn: None,
             keep: self.keep,
+            failures: Arc::clone(&self.failures),
+            taken_at: 0,
         }
     }
 }
@@ -118,6 +164,8 @@ impl<DB: Database> Lane<DB> {
             pool,
             conn: None,
             keep,
+            failures: Arc::new(AtomicU64::new(0)),
+            taken_at: 0,
         }
     }
 
@@ -125,17 +173,26 @@ impl<DB: Database> Lane<DB> {
         &self.pool
     }
 
-    /// The kept connection, or one from the pool.
+    /// The kept connection (unless a statement failed on another lane since it was taken),
+    /// or one from the pool.
     pub(crate) async fn conn(&mut self) -> Result<&mut DB::Connection, sqlx::Error> {
-        let conn = match self.conn.take() {
+        let failures = self.failures.load(Ordering::Relaxed);
+        let kept = self.conn.take().filter(|_| self.taken_at == failures);
+        let conn = match kept {
             Some(conn) => conn,
-            None => self.pool.acquire().await?,
+            None => {
+                self.taken_at = failures;
+                self.pool.acquire().await?
+            }
         };
         Ok(&mut **self.conn.insert(conn))
     }
 
     /// After a statement or transaction: keep the connection if it worked and may be kept.
     pub(crate) fn after(&mut self, ok: bool) {
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
         if !ok || !self.keep {
             self.conn = None;
         }
@@ -147,20 +204,51 @@ impl<DB: Database> Lane<DB> {
     }
 }
 
-/// The next batch: the first job waiting (or the next to come), then whatever else is
-/// waiting, up to [`MAX_BATCH`]; `None` once every sender is gone and the queue is empty.
-/// Cancel-safe: a job is taken only when it is returned.
-async fn next_batch<J>(jobs: &Mutex<mpsc::Receiver<J>>) -> Option<Vec<J>> {
-    let mut jobs = jobs.lock().await;
-    let first = jobs.recv().await?;
+/// The first job waiting (or the next to come), with the queue held; `None` once every
+/// sender is gone and the queue is empty. Cancel-safe: a job is taken only when it is
+/// returned.
+async fn first_job<J>(
+    jobs: &Mutex<mpsc::Receiver<J>>,
+) -> Option<(MutexGuard<'_, mpsc::Receiver<J>>, J)> {
+    let mut queue = jobs.lock().await;
+    let first = queue.recv().await?;
+    Some((queue, first))
+}
+
+/// A batch from its first job: if another writer is writing, wait for it to end (up to
+/// `standby_after`); then take whatever else is waiting, up to [`MAX_BATCH`].
+async fn gather<J>(
+    queue: &mut mpsc::Receiver<J>,
+    first: J,
+    writing: &watch::Sender<usize>,
+    standby_after: Duration,
+) -> Vec<J> {
+    let mut others = writing.subscribe();
+    let _ = tokio::time::timeout(standby_after, others.wait_for(|n| *n == 0)).await;
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
-        match jobs.try_recv() {
+        match queue.try_recv() {
             Ok(job) => batch.push(job),
             Err(_) => break,
         }
     }
-    Some(batch)
+    batch
+}
+
+/// Counts a writer as writing while it lives (a write that panics counts as ended).
+struct Writing<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Writing<'a> {
+    fn start(writing: &'a watch::Sender<usize>) -> Self {
+        writing.send_modify(|n| *n += 1);
+        Writing(writing)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +272,7 @@ mod tests {
         let idle = Arc::clone(&kept.idle);
         let writer = Batcher::start(
             kept,
-            1,
+            Crew::one(),
             |mut kept: Kept, batch: Vec<Job>| async move {
                 kept.batches += 1;
                 for done in batch {
@@ -216,5 +304,107 @@ mod tests {
             1,
             "let go when idle"
         );
+    }
+
+    /// A job and what the test's writer does with it.
+    struct Held {
+        id: u32,
+        /// The writer waits for this before answering the batch that holds the job.
+        gate: Option<oneshot::Receiver<()>>,
+        done: oneshot::Sender<StoreResult<u32>>,
+    }
+
+    /// A crew of two writers that log "start" and "end" of each batch (with its job ids).
+    fn logging_crew(
+        standby_after: Duration,
+    ) -> (Batcher<Held>, Arc<std::sync::Mutex<Vec<String>>>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer_log = Arc::clone(&log);
+        let writer = Batcher::start(
+            writer_log,
+            Crew {
+                writers: 2,
+                standby_after,
+            },
+            |log: Arc<std::sync::Mutex<Vec<String>>>, batch: Vec<Held>| async move {
+                let ids: Vec<u32> = batch.iter().map(|h| h.id).collect();
+                log.lock().unwrap().push(format!("start {ids:?}"));
+                let mut answers = Vec::new();
+                for held in batch {
+                    if let Some(gate) = held.gate {
+                        let _ = gate.await;
+                    }
+                    answers.push(held.done);
+                }
+                log.lock().unwrap().push(format!("end {ids:?}"));
+                for (done, id) in answers.into_iter().zip(ids) {
+                    let _ = done.send(Ok(id));
+                }
+                log
+            },
+            |_: &mut Arc<std::sync::Mutex<Vec<String>>>| {},
+        );
+        (writer, log)
+    }
+
+    /// Queues job `id` (held until `gate` fires, if given); its answer comes on the receiver.
+    async fn queue(
+        writer: &Batcher<Held>,
+        id: u32,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> oneshot::Receiver<StoreResult<u32>> {
+        let (done, answer) = oneshot::channel();
+        writer.queue.send(Held { id, gate, done }).await.unwrap();
+        answer
+    }
+
+    async fn started(log: &std::sync::Mutex<Vec<String>>, entry: &str) {
+        for _ in 0..1000 {
+            if log.lock().unwrap().iter().any(|e| e == entry) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never logged {entry:?}: {:?}", log.lock().unwrap());
+    }
+
+    #[tokio::test]
+    async fn jobs_that_arrive_during_a_write_share_the_next_batch() {
+        let (writer, log) = logging_crew(Duration::from_secs(600));
+        let (open, gate) = oneshot::channel();
+        let first = queue(&writer, 1, Some(gate)).await;
+        started(&log, "start [1]").await;
+        // The other writer takes job 2 and waits for the write in progress; 3 and 4 join it.
+        let rest = [
+            queue(&writer, 2, None).await,
+            queue(&writer, 3, None).await,
+            queue(&writer, 4, None).await,
+        ];
+        open.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        for (answer, id) in rest.into_iter().zip(2..) {
+            assert_eq!(answer.await.unwrap().unwrap(), id);
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["start [1]", "end [1]", "start [2, 3, 4]", "end [2, 3, 4]"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_does_not_end_does_not_hold_up_the_others() {
+        let (writer, log) = logging_crew(Duration::from_millis(10));
+        let (open, gate) = oneshot::channel();
+        let stuck = queue(&writer, 1, Some(gate)).await;
+        started(&log, "start [1]").await;
+        let next = queue(&writer, 2, None).await;
+        assert_eq!(
+            next.await.unwrap().unwrap(),
+            2,
+            "written beside the stuck one"
+        );
+        assert_eq!(*log.lock().unwrap(), ["start [1]", "start [2]", "end [2]"]);
+        open.send(()).unwrap();
+        assert_eq!(stuck.await.unwrap().unwrap(), 1);
     }
 }

@@ -6,6 +6,7 @@
 //! guarded upsert inside the same atomic admission, so the count is exact across replicas.
 //! Nothing here holds a transaction or a pooled connection across an Umeng call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -948,8 +949,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Record how the Umeng call ended, and apply the quota action (see [`Finish`] for when
     /// it applies). Returns false when nothing changed: the push already has a real outcome,
-    /// or the sweeper marked it `unknown` and a retry has since taken its key over.
-    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool>;
+    /// or the sweeper marked it `unknown` and a retry has since taken its key over. Shared,
+    /// so that a caller that retries the record keeps it without copying its bodies.
+    async fn finish(&self, push_id: &str, finish: Arc<Finish>) -> StoreResult<bool>;
 
     /// Store a task status read from Umeng (also used after a cancel), if it is newer than
     /// the stored one. Task states only move forward ([`PushStatus::task_rank`]): a write

@@ -3,6 +3,7 @@
 //! (group commit, [`super::pg_batch`]).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -412,7 +413,7 @@ impl Store for PgStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "postgres", push.id = %push_id))]
-    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+    async fn finish(&self, push_id: &str, finish: Arc<Finish>) -> StoreResult<bool> {
         // Gathered with the outcomes of concurrent pushes into one call.
         self.writers.finish(push_id, finish).await
     }

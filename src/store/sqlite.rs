@@ -492,7 +492,7 @@ impl Store for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(store.backend = "sqlite", push.id = %push_id))]
-    async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+    async fn finish(&self, push_id: &str, finish: Arc<Finish>) -> StoreResult<bool> {
         self.batches.finish(push_id, finish).await
     }
 

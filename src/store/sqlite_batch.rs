@@ -16,12 +16,15 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool};
 use sqlx::{Connection, Sqlite};
 use tokio::sync::{oneshot, Mutex};
 
-use super::batch::Batcher;
+use super::batch::{Batcher, Crew};
 use super::sqlite::{admit, admit_in, finish_in, finish_push};
 use super::{map_sqlx, Admission, Finish, NewPush, QuotaClaim, StoreError, StoreResult};
 
-/// A write waiting for its batch.
+/// A write waiting for its batch. Admissions are the larger kind and the commoner one, so
+/// boxing them would cost an allocation per push to save queue space that only a backlog
+/// fills (a job is in the queue only until a writer is free).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Job {
     Admit {
         push: NewPush,
@@ -30,7 +33,7 @@ pub(crate) enum Job {
     },
     Finish {
         push_id: String,
-        finish: Finish,
+        finish: Arc<Finish>,
         done: oneshot::Sender<StoreResult<bool>>,
     },
 }
@@ -79,7 +82,7 @@ impl Writer {
         Writer {
             jobs: Batcher::start(
                 (Lane::new(pool, keep), turn, wrote),
-                1,
+                Crew::one(),
                 |(mut lane, turn, wrote), batch| async move {
                     {
                         let _turn = turn.lock().await;
@@ -105,7 +108,7 @@ impl Writer {
     }
 
     /// Record one outcome with those of concurrent pushes; true when it applied.
-    pub(crate) async fn finish(&self, push_id: &str, finish: Finish) -> StoreResult<bool> {
+    pub(crate) async fn finish(&self, push_id: &str, finish: Arc<Finish>) -> StoreResult<bool> {
         let push_id = push_id.to_owned();
         self.jobs
             .call(|done| Job::Finish {

@@ -223,7 +223,7 @@ async fn stored_task(env: &TestEnv, task_id: &str, request: Value) -> String {
         attempts: Vec::new(),
         claim: None,
     };
-    assert!(matches!(store.finish(&id, finish).await, Ok(true)));
+    assert!(matches!(store.finish(&id, finish.into()).await, Ok(true)));
     id
 }
 

@@ -89,7 +89,7 @@ async fn admitted(store: &Arc<dyn Store>, p: NewPush, quota: Option<QuotaClaim>)
 async fn accepted_task(store: &Arc<dyn Store>) -> String {
     let id = admitted(store, push("broadcast", true, None), None).await;
     let task_id = format!("task-{id}");
-    match store.finish(&id, accepted(Some(&task_id))).await {
+    match store.finish(&id, accepted(Some(&task_id)).into()).await {
         Ok(true) => id,
         other => panic!("finish failed: {other:?}"),
     }
@@ -199,7 +199,10 @@ async fn only_unfinished_accepted_tasks_are_claimed(ctx: StoreCtx) {
     admitted(store, push("broadcast", true, None), None).await;
     // Accepted unicast-class push: no task to poll.
     let uni = admitted(store, push("unicast", false, None), None).await;
-    assert!(matches!(store.finish(&uni, accepted(None)).await, Ok(true)));
+    assert!(matches!(
+        store.finish(&uni, accepted(None).into()).await,
+        Ok(true)
+    ));
     // Failed task-class push.
     let failed = admitted(store, push("broadcast", true, None), None).await;
     let fail = Finish {
@@ -207,7 +210,7 @@ async fn only_unfinished_accepted_tasks_are_claimed(ctx: StoreCtx) {
         http_status: 502,
         ..accepted(None)
     };
-    assert!(matches!(store.finish(&failed, fail).await, Ok(true)));
+    assert!(matches!(store.finish(&failed, fail.into()).await, Ok(true)));
     // Final task states are never claimed.
     for final_status in [PushStatus::Done, PushStatus::Cancelled, PushStatus::Expired] {
         let id = accepted_task(store).await;

@@ -104,15 +104,18 @@ async fn events_are_written_with_the_state_change_once_per_state(ctx: StoreCtx) 
     );
 
     assert!(store
-        .finish(&id, finish(PushStatus::Accepted))
+        .finish(&id, finish(PushStatus::Accepted).into())
         .await
         .unwrap());
     assert!(store
-        .finish(&silent, finish(PushStatus::Accepted))
+        .finish(&silent, finish(PushStatus::Accepted).into())
         .await
         .unwrap());
     // A second finisher changes nothing, and writes no second event.
-    assert!(!store.finish(&id, finish(PushStatus::Failed)).await.unwrap());
+    assert!(!store
+        .finish(&id, finish(PushStatus::Failed).into())
+        .await
+        .unwrap());
     let claims = claim(store, LONG_LEASE).await;
     assert_eq!(claims.len(), 1, "{claims:?}");
     let c = &claims[0];
@@ -177,7 +180,10 @@ async fn an_expired_lease_lets_another_worker_deliver(ctx: StoreCtx) {
     let a = &ctx.store;
     let b = ctx.db.connect_again().await;
     let id = admitted(a, push(Some(URL))).await;
-    assert!(a.finish(&id, finish(PushStatus::Failed)).await.unwrap());
+    assert!(a
+        .finish(&id, finish(PushStatus::Failed).into())
+        .await
+        .unwrap());
 
     // Worker A claims and "dies" mid-delivery; while its lease runs nobody else gets it.
     let short = Duration::from_millis(400);
@@ -218,7 +224,7 @@ async fn a_failed_attempt_is_kept_and_retried_later(ctx: StoreCtx) {
     let store = &ctx.store;
     let id = admitted(store, push(Some(URL))).await;
     assert!(store
-        .finish(&id, finish(PushStatus::Unknown))
+        .finish(&id, finish(PushStatus::Unknown).into())
         .await
         .unwrap());
     let first = claim(store, LONG_LEASE).await;

@@ -135,7 +135,7 @@ async fn admitted(store: &Arc<dyn Store>, push: NewPush, quota: Option<QuotaClai
 }
 
 async fn finish_ok(store: &Arc<dyn Store>, id: &str, f: Finish) -> bool {
-    match store.finish(id, f).await {
+    match store.finish(id, f.into()).await {
         Ok(changed) => changed,
         Err(e) => panic!("finish failed: {e}"),
     }
@@ -1455,9 +1455,9 @@ async fn concurrent_outcomes_keep_the_counts_exact(ctx: StoreCtx) {
         for _ in 0..copies {
             let store = Arc::clone(store);
             let (id, f) = (id.clone(), f.clone());
-            writes.push(tokio::spawn(
-                async move { store.finish(&id, f).await.unwrap() },
-            ));
+            writes.push(tokio::spawn(async move {
+                store.finish(&id, f.into()).await.unwrap()
+            }));
         }
     }
     let mut applied = 0;
@@ -1484,7 +1484,7 @@ async fn concurrent_outcomes_keep_the_counts_exact(ctx: StoreCtx) {
             store
                 .finish(
                     &id,
-                    finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day)),
+                    finish(PushStatus::Failed, QuotaAction::Saturate(WindowUnit::Day)).into(),
                 )
                 .await
                 .unwrap()
@@ -1529,7 +1529,7 @@ async fn a_failing_write_in_a_burst_fails_alone(ctx: StoreCtx) {
         let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
         finishes.spawn(async move {
             barrier.wait().await;
-            store.finish(&id, failed()).await
+            store.finish(&id, failed().into()).await
         });
     }
     let barrier_left = Arc::clone(&barrier);

@@ -169,7 +169,10 @@ async fn a_claim_leases_a_push_once_and_a_lapsed_unicast_becomes_unknown(ctx: St
         "a unicast is never sent again"
     );
     // The worker's late real answer replaces the guess.
-    assert!(store.finish(&id, accepted(&claims[0])).await.unwrap());
+    assert!(store
+        .finish(&id, accepted(&claims[0]).into())
+        .await
+        .unwrap());
     assert_eq!(status(store, &id).await, PushStatus::Accepted);
 }
 
@@ -183,7 +186,7 @@ async fn a_lapsed_task_class_push_is_due_again_and_the_old_claim_is_fenced(ctx: 
     let second = claim(store, 10, 60_000).await.remove(0);
     assert_eq!(second.claim, 2);
     // The first worker's late writes are refused; the second's apply.
-    assert!(!store.finish(&id, accepted(&first)).await.unwrap());
+    assert!(!store.finish(&id, accepted(&first).into()).await.unwrap());
     let retry = DeliveryRetry {
         status: PushStatus::AwaitingSend,
         delay: Duration::ZERO,
@@ -194,7 +197,7 @@ async fn a_lapsed_task_class_push_is_due_again_and_the_old_claim_is_fenced(ctx: 
         refund: true,
     };
     assert!(!store.retry_delivery(&first, retry).await.unwrap());
-    assert!(store.finish(&id, accepted(&second)).await.unwrap());
+    assert!(store.finish(&id, accepted(&second).into()).await.unwrap());
     assert_eq!(status(store, &id).await, PushStatus::Accepted);
     let r = store.get_push(&id).await.unwrap().unwrap();
     assert!(r.next_attempt_at.is_none(), "a final push is not due");

@@ -217,7 +217,7 @@ async fn the_parent_is_settled_when_its_last_part_ends(ctx: StoreCtx) {
     assert!(store
         .finish(
             &claims[0].push_id,
-            outcome(&claims[0], PushStatus::Accepted)
+            outcome(&claims[0], PushStatus::Accepted).into()
         )
         .await
         .unwrap());
@@ -229,7 +229,7 @@ async fn the_parent_is_settled_when_its_last_part_ends(ctx: StoreCtx) {
     assert!(store
         .finish(
             &claims[1].push_id,
-            outcome(&claims[1], PushStatus::Accepted)
+            outcome(&claims[1], PushStatus::Accepted).into()
         )
         .await
         .unwrap());
@@ -273,11 +273,14 @@ async fn a_repeat_requeues_only_the_parts_that_failed(ctx: StoreCtx) {
         (&claims[1], &claims[0])
     };
     store
-        .finish(&android.push_id, outcome(android, PushStatus::Accepted))
+        .finish(
+            &android.push_id,
+            outcome(android, PushStatus::Accepted).into(),
+        )
         .await
         .unwrap();
     store
-        .finish(&ios.push_id, outcome(ios, PushStatus::Failed))
+        .finish(&ios.push_id, outcome(ios, PushStatus::Failed).into())
         .await
         .unwrap();
     // Settled by the sweep this time (as after a part that ended without its worker).
