@@ -68,12 +68,12 @@ impl<J: Send + 'static> Batcher<J> {
     /// The writers end when every clone of the batcher is dropped and the queue is empty.
     ///
     /// One writer writes at a time while writes go quickly: a writer that takes a job while
-    /// another one is writing waits for that write to end (up to `crew.standby_after`), and
-    /// what arrives meanwhile shares its batch. A batch then waits no longer than it would
-    /// behind a single writer, and batches are as large as the load makes them (one
-    /// transaction per batch is what each write costs the database). A write that takes
-    /// longer (a row lock another replica holds, a slow disk) does not hold up the rest:
-    /// after `crew.standby_after` the waiting writer goes ahead.
+    /// another one is writing gathers what arrives until that write ends, and then writes
+    /// it as one batch. A batch then waits no longer than it would behind a single writer,
+    /// and batches are as large as the load makes them (one transaction per batch is what
+    /// each write costs the database). More than one write is in flight when one batch is
+    /// not enough: when a full batch ([`MAX_BATCH`]) is waiting, or when a write takes
+    /// longer than `crew.standby_after` (a row lock another replica holds, a slow disk).
     pub(crate) fn start<C, W, F, I>(context: C, crew: Crew, write: W, idle: I) -> Self
     where
         C: Clone + Send + 'static,
@@ -215,17 +215,34 @@ async fn first_job<J>(
     Some((queue, first))
 }
 
-/// A batch from its first job: if another writer is writing, wait for it to end (up to
-/// `standby_after`); then take whatever else is waiting, up to [`MAX_BATCH`].
+/// A batch from its first job. If other writers are writing, jobs join it as they arrive
+/// until one of those writes ends, the batch is full ([`MAX_BATCH`]) or `standby_after`
+/// has passed; then whatever else is waiting joins it too, up to [`MAX_BATCH`].
 async fn gather<J>(
     queue: &mut mpsc::Receiver<J>,
     first: J,
     writing: &watch::Sender<usize>,
     standby_after: Duration,
 ) -> Vec<J> {
-    let mut others = writing.subscribe();
-    let _ = tokio::time::timeout(standby_after, others.wait_for(|n| *n == 0)).await;
     let mut batch = vec![first];
+    let mut others = writing.subscribe();
+    let busy = *others.borrow_and_update();
+    if busy > 0 {
+        let ended = others.wait_for(|n| *n < busy);
+        let standby = tokio::time::sleep(standby_after);
+        tokio::pin!(ended, standby);
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                biased;
+                _ = &mut ended => break,
+                _ = &mut standby => break,
+                job = queue.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+            }
+        }
+    }
     while batch.len() < MAX_BATCH {
         match queue.try_recv() {
             Ok(job) => batch.push(job),
@@ -404,6 +421,33 @@ mod tests {
             "written beside the stuck one"
         );
         assert_eq!(*log.lock().unwrap(), ["start [1]", "start [2]", "end [2]"]);
+        open.send(()).unwrap();
+        assert_eq!(stuck.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_does_not_wait_for_a_write_in_progress() {
+        let (writer, log) = logging_crew(Duration::from_secs(600));
+        let (open, gate) = oneshot::channel();
+        let stuck = queue(&writer, 1, Some(gate)).await;
+        started(&log, "start [1]").await;
+        let ids: Vec<u32> = (2..).take(MAX_BATCH).collect();
+        let mut answers = Vec::new();
+        for &id in &ids {
+            answers.push(queue(&writer, id, None).await);
+        }
+        for (answer, &id) in answers.into_iter().zip(&ids) {
+            assert_eq!(answer.await.unwrap().unwrap(), id);
+        }
+        assert_eq!(
+            log.lock().unwrap()[..3],
+            [
+                "start [1]".to_owned(),
+                format!("start {ids:?}"),
+                format!("end {ids:?}")
+            ],
+            "written while the first write was still in progress"
+        );
         open.send(()).unwrap();
         assert_eq!(stuck.await.unwrap().unwrap(), 1);
     }

@@ -41,6 +41,7 @@ crate::store_cases!(
     counts_by_hour_group_status_and_error_code_within_the_allowed_apps,
     concurrent_outcomes_keep_the_counts_exact,
     a_failing_write_in_a_burst_fails_alone,
+    a_failing_admission_beside_outcome_records_fails_alone,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -1571,4 +1572,85 @@ async fn a_failing_write_in_a_burst_fails_alone(ctx: StoreCtx) {
         get(store, &taken).await.out_biz_no.as_deref(),
         Some("first")
     );
+}
+
+/// Admissions and outcome records that keep their slot arrive together: on PostgreSQL they
+/// share a statement, on SQLite a transaction. An admission that fails there (a duplicate
+/// push id) must fail alone: the outcome records and the other admissions, with and
+/// without a quota slot, are written once each.
+async fn a_failing_admission_beside_outcome_records_fails_alone(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let taken = admitted(store, new_push(Some("first")), None).await;
+    let mut sent = Vec::new();
+    for _ in 0..8 {
+        sent.push(admitted(store, new_push(None), Some(groupcast(100))).await);
+    }
+    assert_eq!(used(store, 100).await, 8);
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(32 + 8 + 1));
+    let mut admissions = tokio::task::JoinSet::new();
+    for i in 0..32 {
+        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
+        let push = if i == 11 {
+            NewPush {
+                id: taken.clone(),
+                ..new_push(Some("duplicate-id"))
+            }
+        } else {
+            new_push(Some(&format!("burst-{i}")))
+        };
+        // Every other admission takes a quota slot.
+        let quota = (i % 2 == 0).then(|| groupcast(100));
+        admissions.spawn(async move {
+            barrier.wait().await;
+            (i, store.admit(push, quota).await)
+        });
+    }
+    let mut finishes = tokio::task::JoinSet::new();
+    for id in &sent {
+        let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
+        finishes.spawn(async move {
+            barrier.wait().await;
+            let accepted = finish(PushStatus::Accepted, QuotaAction::Keep);
+            store.finish(&id, accepted.into()).await
+        });
+    }
+    barrier.wait().await;
+
+    let mut admitted_ids = Vec::new();
+    for (i, result) in admissions.join_all().await {
+        match (i, result) {
+            (11, Err(_)) => {}
+            (11, other) => panic!("a duplicate id was admitted: {other:?}"),
+            (_, Ok(Admission::Admitted { push_id, .. })) => admitted_ids.push(push_id),
+            (_, other) => panic!("expected Admitted, got {other:?}"),
+        }
+    }
+    for result in finishes.join_all().await {
+        assert!(matches!(result, Ok(true)), "{result:?}");
+    }
+    assert_eq!(admitted_ids.len(), 31);
+    assert_eq!(
+        used(store, 100).await,
+        8 + 16,
+        "one slot per admission that took one"
+    );
+    assert_eq!(
+        list(store, all(100)).await.len(),
+        1 + 8 + 31,
+        "each row once"
+    );
+    assert_eq!(
+        ctx.db
+            .query_i64("select count(*) from idempotency_keys where out_biz_no = 'duplicate-id'")
+            .await,
+        0,
+        "the failed admission left no key"
+    );
+    for id in &sent {
+        assert_eq!(get(store, id).await.status, PushStatus::Accepted);
+    }
+    for id in &admitted_ids {
+        assert_eq!(get(store, id).await.status, PushStatus::Pending);
+    }
 }
