@@ -1496,6 +1496,66 @@ async fn concurrent_outcomes_keep_the_counts_exact(ctx: StoreCtx) {
     assert_eq!(used().await, 100);
 }
 
+/// Concurrent writes released together: `admissions` new pushes with keys `burst-<i>`,
+/// except that admission `duplicate_of.0` reuses the id of push `duplicate_of.1` (so it
+/// fails), and an outcome record for each push of `outcomes`.
+struct Burst<'a> {
+    admissions: u32,
+    duplicate_of: (u32, &'a str),
+    quota: fn(u32) -> Option<QuotaClaim>,
+    outcomes: &'a [String],
+    outcome: fn() -> Finish,
+}
+
+/// Runs a [`Burst`]; checks that the duplicate alone failed and that every outcome
+/// applied, and returns the ids admitted.
+async fn burst(store: &Arc<dyn Store>, burst: Burst<'_>) -> Vec<String> {
+    let (duplicate, taken) = burst.duplicate_of;
+    let writes = burst.admissions as usize + burst.outcomes.len();
+    let barrier = Arc::new(tokio::sync::Barrier::new(writes + 1));
+    let mut admissions = tokio::task::JoinSet::new();
+    for i in 0..burst.admissions {
+        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
+        let push = if i == duplicate {
+            NewPush {
+                id: taken.to_owned(),
+                ..new_push(Some("duplicate-id"))
+            }
+        } else {
+            new_push(Some(&format!("burst-{i}")))
+        };
+        let quota = (burst.quota)(i);
+        admissions.spawn(async move {
+            barrier.wait().await;
+            (i, store.admit(push, quota).await)
+        });
+    }
+    let mut outcomes = tokio::task::JoinSet::new();
+    for id in burst.outcomes {
+        let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
+        let outcome = (burst.outcome)();
+        outcomes.spawn(async move {
+            barrier.wait().await;
+            store.finish(&id, outcome.into()).await
+        });
+    }
+    barrier.wait().await;
+
+    let mut admitted_ids = Vec::new();
+    for (i, result) in admissions.join_all().await {
+        match result {
+            Err(_) if i == duplicate => {}
+            other if i == duplicate => panic!("a duplicate id was admitted: {other:?}"),
+            Ok(Admission::Admitted { push_id, .. }) => admitted_ids.push(push_id),
+            other => panic!("expected Admitted, got {other:?}"),
+        }
+    }
+    for result in outcomes.join_all().await {
+        assert!(matches!(result, Ok(true)), "{result:?}");
+    }
+    admitted_ids
+}
+
 /// Writes that arrive together share a transaction on both stores; one that fails (here a
 /// duplicate push id) must fail alone: the others are written once each, and nothing of
 /// the failed one (its key, its slot) remains.
@@ -1508,46 +1568,17 @@ async fn a_failing_write_in_a_burst_fails_alone(ctx: StoreCtx) {
     }
     assert_eq!(used(store, 100).await, 6);
 
-    let barrier = Arc::new(tokio::sync::Barrier::new(40));
-    let mut admissions = tokio::task::JoinSet::new();
-    for i in 0..34 {
-        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
-        let push = if i == 17 {
-            NewPush {
-                id: taken.clone(),
-                ..new_push(Some("duplicate-id"))
-            }
-        } else {
-            new_push(Some(&format!("burst-{i}")))
-        };
-        admissions.spawn(async move {
-            barrier.wait().await;
-            (i, store.admit(push, Some(groupcast(100))).await)
-        });
-    }
-    let mut finishes = tokio::task::JoinSet::new();
-    for id in &finished {
-        let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
-        finishes.spawn(async move {
-            barrier.wait().await;
-            store.finish(&id, failed().into()).await
-        });
-    }
-    let barrier_left = Arc::clone(&barrier);
-    tokio::spawn(async move { barrier_left.wait().await });
-
-    let mut admitted_ids = Vec::new();
-    for (i, result) in admissions.join_all().await {
-        match (i, result) {
-            (17, Err(_)) => {}
-            (17, other) => panic!("a duplicate id was admitted: {other:?}"),
-            (_, Ok(Admission::Admitted { push_id, .. })) => admitted_ids.push(push_id),
-            (_, other) => panic!("expected Admitted, got {other:?}"),
-        }
-    }
-    for result in finishes.join_all().await {
-        assert!(matches!(result, Ok(true)), "{result:?}");
-    }
+    let admitted_ids = burst(
+        store,
+        Burst {
+            admissions: 34,
+            duplicate_of: (17, &taken),
+            quota: |_| Some(groupcast(100)),
+            outcomes: &finished,
+            outcome: failed,
+        },
+    )
+    .await;
     assert_eq!(admitted_ids.len(), 33);
     // 6 before, 33 taken in the burst, 5 given back by the failed outcomes.
     assert_eq!(used(store, 100).await, 6 + 33 - 5);
@@ -1587,48 +1618,18 @@ async fn a_failing_admission_beside_outcome_records_fails_alone(ctx: StoreCtx) {
     }
     assert_eq!(used(store, 100).await, 8);
 
-    let barrier = Arc::new(tokio::sync::Barrier::new(32 + 8 + 1));
-    let mut admissions = tokio::task::JoinSet::new();
-    for i in 0..32 {
-        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
-        let push = if i == 11 {
-            NewPush {
-                id: taken.clone(),
-                ..new_push(Some("duplicate-id"))
-            }
-        } else {
-            new_push(Some(&format!("burst-{i}")))
-        };
-        // Every other admission takes a quota slot.
-        let quota = (i % 2 == 0).then(|| groupcast(100));
-        admissions.spawn(async move {
-            barrier.wait().await;
-            (i, store.admit(push, quota).await)
-        });
-    }
-    let mut finishes = tokio::task::JoinSet::new();
-    for id in &sent {
-        let (store, barrier, id) = (Arc::clone(store), Arc::clone(&barrier), id.clone());
-        finishes.spawn(async move {
-            barrier.wait().await;
-            let accepted = finish(PushStatus::Accepted, QuotaAction::Keep);
-            store.finish(&id, accepted.into()).await
-        });
-    }
-    barrier.wait().await;
-
-    let mut admitted_ids = Vec::new();
-    for (i, result) in admissions.join_all().await {
-        match (i, result) {
-            (11, Err(_)) => {}
-            (11, other) => panic!("a duplicate id was admitted: {other:?}"),
-            (_, Ok(Admission::Admitted { push_id, .. })) => admitted_ids.push(push_id),
-            (_, other) => panic!("expected Admitted, got {other:?}"),
-        }
-    }
-    for result in finishes.join_all().await {
-        assert!(matches!(result, Ok(true)), "{result:?}");
-    }
+    let admitted_ids = burst(
+        store,
+        Burst {
+            admissions: 32,
+            duplicate_of: (11, &taken),
+            // Every other admission takes a quota slot.
+            quota: |i| (i % 2 == 0).then(|| groupcast(100)),
+            outcomes: &sent,
+            outcome: || finish(PushStatus::Accepted, QuotaAction::Keep),
+        },
+    )
+    .await;
     assert_eq!(admitted_ids.len(), 31);
     assert_eq!(
         used(store, 100).await,
