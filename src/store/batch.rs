@@ -41,6 +41,7 @@ impl Crew {
         }
     }
 }
+
 /// A writer idle this long gives back what it keeps between batches: the idle time after
 /// which the pool pings a PostgreSQL connection before handing it out, so a kept one is
 /// never used after a longer silence without a ping.
@@ -61,10 +62,11 @@ impl<J> Clone for Batcher<J> {
 }
 
 impl<J: Send + 'static> Batcher<J> {
-    /// Starts the crew's writer tasks (on the current tokio runtime); each calls `write` with its
-    /// own copy of `context` and whatever is waiting, up to [`MAX_BATCH`]. `write` hands the
-    /// context back, so a writer keeps what it holds (a connection) from one batch to the
-    /// next; after [`KEEP_IDLE`] without a job it calls `idle` on it, to give that back.
+    /// Starts the crew's writer tasks (on the current tokio runtime); each calls `write`
+    /// with its own copy of `context` and whatever is waiting, up to [`MAX_BATCH`]. `write`
+    /// hands the context back, so a writer keeps what it holds (a connection) from one
+    /// batch to the next; after [`KEEP_IDLE`] without a job it calls `idle` on it, to give
+    /// that back.
     /// The writers end when every clone of the batcher is dropped and the queue is empty.
     ///
     /// One writer writes at a time while writes go quickly: a writer that takes a job while
