@@ -226,20 +226,11 @@ async fn write_together(lane: &mut Lane, admissions: Vec<AdmitJob>, finishes: Ve
 /// The admissions that may share a call (at most one per key), in appkey and bucket order
 /// so that two batches take counter rows in the same order; and those that must wait.
 fn admissions_now(batch: Vec<AdmitJob>) -> (Vec<AdmitJob>, Vec<AdmitJob>) {
-    let mut now: Vec<AdmitJob> = Vec::with_capacity(batch.len());
-    let mut later = Vec::new();
-    for job in batch {
-        let same_key = |j: &AdmitJob| {
-            j.push.out_biz_no.is_some()
-                && j.push.out_biz_no == job.push.out_biz_no
-                && j.push.appkey == job.push.appkey
-        };
-        if now.iter().any(same_key) {
-            later.push(job);
-        } else {
-            now.push(job);
-        }
-    }
+    let (mut now, later) = first_of_each(batch, |a, b| {
+        a.push.out_biz_no.is_some()
+            && a.push.out_biz_no == b.push.out_biz_no
+            && a.push.appkey == b.push.appkey
+    });
     now.sort_by(|a, b| {
         let key = |j: &AdmitJob| (j.push.appkey.clone(), j.quota.map(|q| q.kind));
         key(a).cmp(&key(b))
@@ -250,16 +241,23 @@ fn admissions_now(batch: Vec<AdmitJob>) -> (Vec<AdmitJob>, Vec<AdmitJob>) {
 /// The outcome records that may share a call (at most one per push), in push id order so
 /// that two batches lock the pushes they share in the same order; and those that must wait.
 fn finishes_now(batch: Vec<FinishJob>) -> (Vec<FinishJob>, Vec<FinishJob>) {
-    let mut now: Vec<FinishJob> = Vec::with_capacity(batch.len());
+    let (mut now, later) = first_of_each(batch, |a, b| a.push_id == b.push_id);
+    now.sort_by(|a, b| a.push_id.cmp(&b.push_id));
+    (now, later)
+}
+
+/// Splits a batch into the first job of each group of `same` jobs, and the others (in
+/// their order).
+fn first_of_each<J>(batch: Vec<J>, same: impl Fn(&J, &J) -> bool) -> (Vec<J>, Vec<J>) {
+    let mut now: Vec<J> = Vec::with_capacity(batch.len());
     let mut later = Vec::new();
     for job in batch {
-        if now.iter().any(|j| j.push_id == job.push_id) {
+        if now.iter().any(|j| same(j, &job)) {
             later.push(job);
         } else {
             now.push(job);
         }
     }
-    now.sort_by(|a, b| a.push_id.cmp(&b.push_id));
     (now, later)
 }
 
