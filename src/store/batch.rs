@@ -387,12 +387,26 @@ mod tests {
         panic!("never logged {entry:?}: {:?}", log.lock().unwrap());
     }
 
-    #[tokio::test]
-    async fn jobs_that_arrive_during_a_write_share_the_next_batch() {
-        let (writer, log) = logging_crew(Duration::from_secs(600));
+    /// A [`logging_crew`] whose first writer is writing job 1 until `open` is sent; the
+    /// receiver is job 1's answer.
+    async fn writing_job_1(
+        standby_after: Duration,
+    ) -> (
+        Batcher<Held>,
+        Arc<std::sync::Mutex<Vec<String>>>,
+        oneshot::Sender<()>,
+        oneshot::Receiver<StoreResult<u32>>,
+    ) {
+        let (writer, log) = logging_crew(standby_after);
         let (open, gate) = oneshot::channel();
         let first = queue(&writer, 1, Some(gate)).await;
         started(&log, "start [1]").await;
+        (writer, log, open, first)
+    }
+
+    #[tokio::test]
+    async fn jobs_that_arrive_during_a_write_share_the_next_batch() {
+        let (writer, log, open, first) = writing_job_1(Duration::from_secs(600)).await;
         // The other writer takes job 2 and waits for the write in progress; 3 and 4 join it.
         let rest = [
             queue(&writer, 2, None).await,
@@ -412,10 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_that_does_not_end_does_not_hold_up_the_others() {
-        let (writer, log) = logging_crew(Duration::from_millis(10));
-        let (open, gate) = oneshot::channel();
-        let stuck = queue(&writer, 1, Some(gate)).await;
-        started(&log, "start [1]").await;
+        let (writer, log, open, stuck) = writing_job_1(Duration::from_millis(10)).await;
         let next = queue(&writer, 2, None).await;
         assert_eq!(
             next.await.unwrap().unwrap(),
@@ -429,10 +440,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_batch_does_not_wait_for_a_write_in_progress() {
-        let (writer, log) = logging_crew(Duration::from_secs(600));
-        let (open, gate) = oneshot::channel();
-        let stuck = queue(&writer, 1, Some(gate)).await;
-        started(&log, "start [1]").await;
+        let (writer, log, open, stuck) = writing_job_1(Duration::from_secs(600)).await;
         let ids: Vec<u32> = (2..).take(MAX_BATCH).collect();
         let mut answers = Vec::new();
         for &id in &ids {
