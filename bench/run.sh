@@ -46,8 +46,9 @@
 #   minutes).
 #
 # Every run also records the CPU seconds per request of the process under test (the
-# simulator for direct runs, all gateway replicas for gateway runs), of the PostgreSQL
-# backends serving the run's database, and the peak RSS during the run (VmHWM, reset
+# simulator for direct runs, all gateway replicas for gateway runs) and of the PostgreSQL
+# backends serving the run's database, over the measured window (warm-up left out), and
+# the peak RSS during the run (VmHWM, reset
 # through /proc/PID/clear_refs before each run; the largest replica's). Prints markdown
 # tables and the issue-13 targets.
 #
@@ -185,13 +186,6 @@ pg_backends() {
     return 0
 }
 
-# CPU seconds between two `cpu_of_pids` snapshots, over the processes of the second
-# (a process that appeared in between counts from zero).
-cpu_delta() {
-    awk 'FILENAME == ARGV[1] { before[$1] = $2; next } { total += $2 - before[$1] }
-         END { printf "%.2f", total }' "$1" "$2"
-}
-
 machine_facts() {
     local cpu pg
     cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -237,28 +231,23 @@ run_load() { # label, then loadgen run arguments
 
 # One measured run: label, the process kind ("gateway" or "simulator"), the database whose
 # backends to count (or ""), then loadgen run arguments. The processes measured are
-# MEASURED_PIDS (set by the caller).
+# MEASURED_PIDS (set by the caller). The load generator counts their CPU seconds (and the
+# database backends') over the measured window, warm-up left out, into its run line; the
+# `cpu` line written here holds the peak RSS.
 measure() {
-    local label=$1 proc=$2 db=$3 pid rss
+    local label=$1 proc=$2 db=$3 pid rss pids
     shift 3
     for pid in "${MEASURED_PIDS[@]}"; do
         echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true # resets VmHWM
     done
-    cpu_of_pids "${MEASURED_PIDS[@]}" >"$WORK/cpu-before"
-    # shellcheck disable=SC2046
-    cpu_of_pids $(pg_backends "$db") >"$WORK/pg-before"
-    run_load "$label" "$@"
-    cpu_of_pids "${MEASURED_PIDS[@]}" >"$WORK/cpu-after"
-    # shellcheck disable=SC2046
-    cpu_of_pids $(pg_backends "$db") >"$WORK/pg-after"
+    pids=$(IFS=,; echo "${MEASURED_PIDS[*]}")
+    run_load "$label" --cpu-pids "$pids" ${db:+--cpu-pg-db "$db"} "$@"
     rss=0
     for pid in "${MEASURED_PIDS[@]}"; do
         rss=$(awk -v m="$rss" '/^VmHWM:/ { print ($2 > m ? $2 : m) }' "/proc/$pid/status")
     done
-    printf '{"kind":"cpu","label":"%s","proc":"%s","procs":%s,"cpu_secs":%s,"pg_cpu_secs":%s,"rss_kib":%s}\n' \
-        "$label" "$proc" "${#MEASURED_PIDS[@]}" "$(cpu_delta "$WORK/cpu-before" "$WORK/cpu-after")" \
-        "$(if [[ -n $db ]]; then cpu_delta "$WORK/pg-before" "$WORK/pg-after"; else echo null; fi)" \
-        "$rss" | tee -a "$OUT" >&2
+    printf '{"kind":"cpu","label":"%s","proc":"%s","procs":%s,"rss_kib":%s}\n' \
+        "$label" "$proc" "${#MEASURED_PIDS[@]}" "$rss" | tee -a "$OUT" >&2
 }
 
 write_config() { # file, database url, port

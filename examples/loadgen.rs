@@ -126,6 +126,14 @@ struct RunArgs {
     /// gateway: send `Prefer: respond-async` (the push is stored and answered 202).
     #[arg(long)]
     respond_async: bool,
+    /// Processes whose CPU seconds over the measured window (warm-up left out) go into the
+    /// result as `cpu_secs`, comma-separated PIDs.
+    #[arg(long, value_delimiter = ',')]
+    cpu_pids: Vec<u32>,
+    /// A PostgreSQL database whose backends' CPU seconds over the measured window go into
+    /// the result as `pg_cpu_secs` (backends found by their process title).
+    #[arg(long)]
+    cpu_pg_db: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -264,15 +272,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pace: (args.rate > 0.0)
             .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate)),
     });
-    let cpu_before = own_cpu_secs();
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
     let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
     let duration = Duration::from_secs_f64(args.duration.max(0.1));
-    let (stats, elapsed) = runtime.block_on(async {
+    let watched = Watched {
+        pids: args.cpu_pids.clone(),
+        pg_db: args.cpu_pg_db.clone(),
+    };
+    let (stats, elapsed, cpu_before) = runtime.block_on(async {
         let start = Instant::now();
         let measure_from = start + warmup;
         let deadline = measure_from + duration;
@@ -281,6 +291,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             let plan = Arc::clone(&plan);
             tasks.push(tokio::spawn(worker(plan, w, measure_from, deadline)));
         }
+        // CPU counts from the end of the warm-up, as requests do.
+        tokio::time::sleep_until(measure_from.into()).await;
+        let cpu_before = watched.snapshot();
         let mut all = Stats::new();
         for t in tasks {
             match t.await {
@@ -292,8 +305,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         let elapsed = Instant::now().saturating_duration_since(measure_from);
-        (all, elapsed)
+        (all, elapsed, cpu_before)
     });
+    let cpu = watched.snapshot().since(&cpu_before);
 
     let hist = stats.hist.expect("histogram");
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
@@ -310,7 +324,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.to_string(), (*v).into()))
         .collect();
-    let cpu = own_cpu_secs() - cpu_before;
     let line = serde_json::json!({
         "kind": "run",
         "label": args.label,
@@ -337,7 +350,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "status": statuses,
         "errors": stats.errors,
         "first_error": stats.first_error,
-        "loadgen_cpu_pct": (cpu / secs * 1000.0).round() / 10.0,
+        "loadgen_cpu_pct": (cpu.own / secs * 1000.0).round() / 10.0,
+        "cpu_secs": (!args.cpu_pids.is_empty()).then_some(round2(cpu.pids)),
+        "pg_cpu_secs": args.cpu_pg_db.is_some().then_some(round2(cpu.pg)),
     });
     println!("{line}");
     Ok(())
@@ -498,11 +513,83 @@ fn build_request(
     }
 }
 
-/// CPU seconds (user + system) this process has used, from `/proc/self/stat`.
-fn own_cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The processes whose CPU a run reports besides its own.
+struct Watched {
+    pids: Vec<u32>,
+    pg_db: Option<String>,
+}
+
+/// CPU seconds used so far: this process, each watched PID, each backend of the watched
+/// PostgreSQL database.
+struct CpuSnapshot {
+    own: f64,
+    pids: BTreeMap<u32, f64>,
+    pg: BTreeMap<u32, f64>,
+}
+
+/// CPU seconds over a window.
+struct CpuUsed {
+    own: f64,
+    pids: f64,
+    pg: f64,
+}
+
+impl Watched {
+    fn snapshot(&self) -> CpuSnapshot {
+        let of = |pids: &mut dyn Iterator<Item = u32>| {
+            pids.filter_map(|pid| Some((pid, cpu_secs(&format!("/proc/{pid}/stat"))?)))
+                .collect()
+        };
+        CpuSnapshot {
+            own: cpu_secs("/proc/self/stat").unwrap_or(0.0),
+            pids: of(&mut self.pids.iter().copied()),
+            pg: match &self.pg_db {
+                Some(db) => of(&mut pg_backends(db).into_iter()),
+                None => BTreeMap::new(),
+            },
+        }
+    }
+}
+
+impl CpuSnapshot {
+    /// What was used since `before`; a process that started in between counts from zero.
+    fn since(&self, before: &CpuSnapshot) -> CpuUsed {
+        let delta = |now: &BTreeMap<u32, f64>, then: &BTreeMap<u32, f64>| {
+            now.iter()
+                .map(|(pid, s)| s - then.get(pid).copied().unwrap_or(0.0))
+                .sum()
+        };
+        CpuUsed {
+            own: self.own - before.own,
+            pids: delta(&self.pids, &before.pids),
+            pg: delta(&self.pg, &before.pg),
+        }
+    }
+}
+
+/// PIDs of the PostgreSQL backends connected to database `db` (process title
+/// `postgres: [CLUSTER:] USER DB HOST(PORT) STATE`).
+fn pg_backends(db: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let title = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let mut words = title.strip_prefix("postgres: ")?.split_whitespace();
+        words.any(|w| w == db).then_some(pid)
+    })
+    .collect()
+}
+
+/// CPU seconds (user + system) of a process, from its `/proc/PID/stat`.
+fn cpu_secs(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -511,7 +598,7 @@ fn own_cpu_secs() -> f64 {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (ticks(14) + ticks(15)) / 100.0
+    Some((ticks(14) + ticks(15)) / 100.0)
 }
 
 /// pgbench per-transaction logs to one result line.
@@ -631,19 +718,28 @@ impl<'a> Report<'a> {
         self.line_of("cpu", label)
     }
 
-    fn cost(&self, run: &Value) -> Cost {
-        let n = u(run, "requests");
-        let line = self.cpu_line(&s(run, "label")).filter(|_| n > 0);
-        let per_req = |k: &str| {
-            line.and_then(|l| l.get(k))
+    /// CPU seconds `key` of a run: its own measurement over the measured window, or (files
+    /// written before the load generator measured it) the `cpu` line's, which also counts
+    /// the warm-up and so overstates the cost per request.
+    fn cpu_secs(&self, run: &Value, key: &str) -> Option<f64> {
+        run.get(key).and_then(Value::as_f64).or_else(|| {
+            self.cpu_line(&s(run, "label"))
+                .and_then(|l| l.get(key))
                 .and_then(Value::as_f64)
-                .map(|c| format!("{:.0}", c * 1e6 / n as f64))
+        })
+    }
+
+    fn cost(&self, run: &Value) -> Cost {
+        let per_req = |k: &str| {
+            self.per_req(run, k)
+                .map(|us| format!("{us:.0}"))
                 .unwrap_or_default()
         };
         Cost {
             cpu_us: per_req("cpu_secs"),
             pg_us: per_req("pg_cpu_secs"),
-            rss_mib: line
+            rss_mib: self
+                .cpu_line(&s(run, "label"))
                 .and_then(|l| l.get("rss_kib"))
                 .and_then(Value::as_u64)
                 .map(|k| format!("{:.1}", k as f64 / 1024.0))
@@ -651,10 +747,14 @@ impl<'a> Report<'a> {
         }
     }
 
-    fn cpu_per_req(&self, run: &Value) -> Option<f64> {
+    /// Microseconds of CPU `key` per request of a run.
+    fn per_req(&self, run: &Value, key: &str) -> Option<f64> {
         let n = u(run, "requests");
-        let line = self.cpu_line(&s(run, "label"))?;
-        (n > 0).then(|| f(line, "cpu_secs") * 1e6 / n as f64)
+        (n > 0).then(|| self.cpu_secs(run, key).map(|c| c * 1e6 / n as f64))?
+    }
+
+    fn cpu_per_req(&self, run: &Value) -> Option<f64> {
+        self.per_req(run, "cpu_secs")
     }
 
     fn main_table(&self, checks: &mut Vec<String>) {
