@@ -19,12 +19,18 @@ use tracing::Instrument;
 use crate::delivery::wake::Woken;
 use crate::gateway::Gateway;
 use crate::metrics;
-use crate::store::{DeliveryApp, PushStatus};
+use crate::store::{DeliveryApp, DeliveryClaim, PushStatus};
 
 /// Most pushes claimed in one statement.
 const MAX_CLAIM: usize = 64;
 /// How often lapsed leases are recovered and the queue gauges refreshed.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often a claim reads an app's whole queue; the claims in between start where the
+/// last push claimed was due ([`Floors`]).
+const WHOLE_QUEUE_EVERY: Duration = Duration::from_secs(5);
+/// How far before the last claimed push's due time the next claim starts: a push admitted
+/// just before it, in a transaction that committed after the claim, is still found.
+const FLOOR_MARGIN: time::Duration = time::Duration::milliseconds(250);
 
 /// Start the worker loop. It ends when `stop` turns true; deliveries in flight are tracked
 /// by the gateway and finish during its drain.
@@ -63,8 +69,15 @@ impl Slots {
             .is_some_and(|s| s.available_permits() > 0)
     }
 
-    /// The apps that have a free slot, with how many, leaving out the quiet ones.
-    fn apps(&self, gateway: &Gateway, quiet: &Quiet) -> Vec<DeliveryApp> {
+    /// The apps that have a free slot, with how many and where to read their queue from,
+    /// leaving out the quiet ones.
+    fn apps(
+        &self,
+        gateway: &Gateway,
+        quiet: &Quiet,
+        floors: &Floors,
+        now: Instant,
+    ) -> Vec<DeliveryApp> {
         let mut apps: Vec<DeliveryApp> = gateway
             .apps
             .values()
@@ -75,6 +88,7 @@ impl Slots {
                     app: a.app.name.clone(),
                     appkey: a.app.appkey.clone(),
                     limit: u32::try_from(free).unwrap_or(u32::MAX),
+                    due_from: floors.due_from(&a.app.name, now),
                 })
             })
             .collect();
@@ -130,12 +144,63 @@ impl Quiet {
     }
 }
 
+/// Where each app's next claim starts reading its queue ([`DeliveryApp::due_from`]): the
+/// due time of the last push claimed for it, less [`FLOOR_MARGIN`]; from the start when a
+/// claim last read the whole queue [`WHOLE_QUEUE_EVERY`] ago or more. The claims take the
+/// oldest due first, so the pushes due earlier were claimed, or are being claimed by
+/// another replica. One due earlier that a claim did not see (committed late, or held by
+/// another transaction at the time) is found by the next whole read.
+#[derive(Debug, Default)]
+struct Floors(HashMap<String, Floor>);
+
+#[derive(Debug)]
+struct Floor {
+    from: Option<OffsetDateTime>,
+    /// When a claim last read the app's whole queue.
+    whole_at: Instant,
+}
+
+impl Floors {
+    fn due_from(&self, app: &str, now: Instant) -> Option<OffsetDateTime> {
+        let floor = self.0.get(app)?;
+        if now.saturating_duration_since(floor.whole_at) >= WHOLE_QUEUE_EVERY {
+            return None;
+        }
+        floor.from
+    }
+
+    /// After a claim for `apps` that returned `claims`. A floor never moves back: a push
+    /// found behind it by a whole read does not make the next claims read the dead entries
+    /// again.
+    fn claimed(&mut self, apps: &[DeliveryApp], claims: &[DeliveryClaim], now: Instant) {
+        for app in apps {
+            let floor = self.0.entry(app.app.clone()).or_insert(Floor {
+                from: None,
+                whole_at: now,
+            });
+            if app.due_from.is_none() {
+                floor.whole_at = now;
+            }
+            let last = claims
+                .iter()
+                .filter(|c| c.app == app.app)
+                .map(|c| c.due_at)
+                .max();
+            if let Some(last) = last {
+                let from = last - FLOOR_MARGIN;
+                floor.from = Some(floor.from.map_or(from, |f| f.max(from)));
+            }
+        }
+    }
+}
+
 async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let settings = gateway.config.settings.delivery.clone();
     let idle = Duration::from_millis(settings.interval_ms);
     let lease = Duration::from_secs(settings.lease_secs);
     let slots = Slots::new(&gateway);
     let mut quiet = Quiet::default();
+    let mut floors = Floors::default();
     let mut upkeep_at = Instant::now();
     let mut release_at = Instant::now();
     loop {
@@ -164,7 +229,7 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
         };
         quiet.wake(&gateway.delivery_wake.take(), Instant::now());
         let free = slots.global.available_permits();
-        let apps = slots.apps(&gateway, &quiet);
+        let apps = slots.apps(&gateway, &quiet, &floors, Instant::now());
         if free == 0 || apps.is_empty() {
             gateway.breaker.release(permit);
             // Every slot is busy, or each app with a free slot has nothing due: wait for a
@@ -209,8 +274,9 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         };
+        floors.claimed(&apps, &claims, Instant::now());
         // A claim that was not cut short by its overall limit took everything due of each
-        // app that got fewer pushes than it had slots for.
+        // app that got fewer pushes than it had slots for (from its floor on).
         if claims.len() < limit {
             let until = Instant::now() + idle;
             for app in &apps {
@@ -307,6 +373,79 @@ mod tests {
             any,
             apps: apps.iter().map(|a| (*a).to_owned()).collect(),
         }
+    }
+
+    fn app(name: &str, due_from: Option<OffsetDateTime>) -> DeliveryApp {
+        DeliveryApp {
+            app: name.into(),
+            appkey: format!("{name}-key"),
+            limit: 4,
+            due_from,
+        }
+    }
+
+    fn claimed(app: &str, due_at: OffsetDateTime) -> DeliveryClaim {
+        DeliveryClaim {
+            push_id: "p".into(),
+            app: app.into(),
+            appkey: format!("{app}-key"),
+            cast_type: "unicast".into(),
+            task_class: false,
+            production_mode: true,
+            out_biz_no: None,
+            outbox: serde_json::Value::Null,
+            attempts: Vec::new(),
+            claim: 1,
+            lease_until: due_at,
+            created_at: due_at,
+            deliver_by: None,
+            quota_kind: None,
+            quota_wait: false,
+            parent_id: None,
+            due_at,
+        }
+    }
+
+    #[test]
+    fn a_claim_starts_where_the_last_claimed_push_was_due_between_whole_reads() {
+        let now = Instant::now();
+        let t = OffsetDateTime::now_utc();
+        let mut floors = Floors::default();
+        assert_eq!(
+            floors.due_from("shop", now),
+            None,
+            "the first claim reads it all"
+        );
+
+        // A whole read that claimed two of shop's pushes and none of other's.
+        let apps = [app("shop", None), app("other", None)];
+        let claims = [
+            claimed("shop", t),
+            claimed("shop", t + time::Duration::seconds(1)),
+        ];
+        floors.claimed(&apps, &claims, now);
+        let shop = t + time::Duration::seconds(1) - FLOOR_MARGIN;
+        assert_eq!(floors.due_from("shop", now), Some(shop));
+        assert_eq!(
+            floors.due_from("other", now),
+            None,
+            "nothing claimed: no floor"
+        );
+
+        // A push found behind the floor does not move it back.
+        floors.claimed(&[app("shop", Some(shop))], &[claimed("shop", t)], now);
+        assert_eq!(floors.due_from("shop", now), Some(shop));
+
+        // Floored claims do not count as whole reads: the whole queue is read again in time.
+        let later = now + WHOLE_QUEUE_EVERY;
+        floors.claimed(
+            &[app("shop", Some(shop))],
+            &[],
+            now + Duration::from_secs(1),
+        );
+        assert_eq!(floors.due_from("shop", later), None);
+        floors.claimed(&[app("shop", None)], &[], later);
+        assert_eq!(floors.due_from("shop", later), Some(shop));
     }
 
     #[test]

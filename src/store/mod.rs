@@ -308,6 +308,12 @@ pub struct DeliveryApp {
     pub app: String,
     pub appkey: String,
     pub limit: u32,
+    /// Read the app's queue from pushes due at or after this time, not from its start:
+    /// the claims before took the pushes due earlier. On PostgreSQL the entries of pushes
+    /// claimed since the last vacuum stay in the queue's index, where each claim starts
+    /// reading; this skips them. A push due earlier that was committed late, or that
+    /// another transaction held, waits for a claim with `None`.
+    pub due_from: Option<OffsetDateTime>,
 }
 
 /// An asynchronous push claimed by [`Store::claim_deliveries`]: it is `pending`, and this
@@ -337,6 +343,8 @@ pub struct DeliveryClaim {
     /// A part of a fanned-out or split push: its parent, settled once every part has its
     /// outcome.
     pub parent_id: Option<String>,
+    /// When the push was due (its `next_attempt_at` before the claim).
+    pub due_at: OffsetDateTime,
 }
 
 /// When a claimed push that was not sent (or may be sent again) is due next.
@@ -1037,7 +1045,8 @@ pub trait Store: Send + Sync + 'static {
     /// Claim up to `limit` due asynchronous pushes of `apps` (at most each app's `limit`),
     /// oldest due first, leasing each for `lease`: it becomes `pending` and concurrent
     /// callers (other replicas) never get it while its lease runs. Due: a waiting state
-    /// ([`PushStatus::WAITING`]) and `next_attempt_at` passed. On the way:
+    /// ([`PushStatus::WAITING`]) and `next_attempt_at` passed (and not before the app's
+    /// [`DeliveryApp::due_from`]). On the way:
     /// - a push past its `deliver_by` fails (`delivery_expired`, or `quota_wait_expired`
     ///   while waiting for quota; a slot it held is given back) and is not returned;
     /// - a push that needs a quota slot takes one in the window of now, first come first

@@ -190,8 +190,8 @@ const SWEEP: &str = "update pushes
 /// One round trip: the function returns the claimed rows' columns from its own update.
 const CLAIM_DELIVERIES: &str = "select id, claims, lease_until, app, appkey, cast_type, \
      task_class, production_mode, out_biz_no, outbox, attempts, created_at, deliver_by, \
-     quota_kind, quota_wait, parent_id \
-     from umgw_claim_deliveries($1, $2, $3, $4, $5)";
+     quota_kind, quota_wait, parent_id, due_at \
+     from umgw_claim_deliveries($1, $2, $3, $4, $5, $6)";
 
 /// Put a claimed push back to wait: `awaiting_send` after `$3` ms, or `awaiting_quota`
 /// until its bucket's next window (the current one is marked full: Umeng said 2050). A
@@ -631,12 +631,14 @@ impl Store for PgStore {
             .iter()
             .map(|a| i32::try_from(a.limit).unwrap_or(i32::MAX))
             .collect();
+        let due_from: Vec<Option<OffsetDateTime>> = apps.iter().map(|a| a.due_from).collect();
         let query = sqlx::query(CLAIM_DELIVERIES)
             .bind(i32::try_from(limit).unwrap_or(i32::MAX))
             .bind(millis(lease))
             .bind(names)
             .bind(appkeys)
-            .bind(limits);
+            .bind(limits)
+            .bind(due_from);
         let pool = self.pool.clone();
         // The claim locks rows and takes quota slots: it runs to completion even if the
         // caller is dropped.
@@ -668,6 +670,7 @@ impl Store for PgStore {
                 quota_kind: quota_kind.as_deref().and_then(QuotaKind::parse),
                 quota_wait: row.try_get("quota_wait").map_err(map_sqlx)?,
                 parent_id: row.try_get("parent_id").map_err(map_sqlx)?,
+                due_at: row.try_get("due_at").map_err(map_sqlx)?,
                 push_id: id,
             });
         }

@@ -197,7 +197,7 @@ const DUE_DELIVERIES: &str = "select id, app, status, appkey, quota_kind, quota_
   from pushes indexed by pushes_app_due_idx
  where app = ?1 and appkey = ?2
    and status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
-   and next_attempt_at <= ?3
+   and next_attempt_at <= ?3 and next_attempt_at >= ?5
  order by next_attempt_at, created_at, id
  limit ?4";
 
@@ -236,7 +236,7 @@ const CLAIM_DELIVERY: &str = "update pushes
  where id = ?1
 returning id, app, appkey, cast_type, task_class, production_mode, out_biz_no, outbox,
           attempts, created_at, deliver_by, quota_kind, quota_wait, deliver_claims,
-          deliver_lease_until, parent_id";
+          deliver_lease_until, parent_id, next_attempt_at";
 
 const RETRY_DELIVERY: &str = "update pushes
    set status = ?2, next_attempt_at = ?3, error_code = ?4, error_msg = ?5, umeng_response = ?6,
@@ -1198,6 +1198,7 @@ async fn claim_deliveries(
             .bind(&a.appkey)
             .bind(now)
             .bind(i64::from(a.limit.min(limit).max(1)) * 4)
+            .bind(a.due_from.map_or(i64::MIN, to_ms))
             .fetch_all(&mut *tx)
             .await?;
         for row in rows {
@@ -1327,6 +1328,7 @@ fn delivery_claim(row: &SqliteRow) -> Result<DeliveryClaim, sqlx::Error> {
         quota_kind: kind.as_deref().and_then(QuotaKind::parse),
         quota_wait: row.try_get("quota_wait")?,
         parent_id: row.try_get("parent_id")?,
+        due_at: from_ms(row.try_get("next_attempt_at")?)?,
     })
 }
 

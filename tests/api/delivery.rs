@@ -29,6 +29,7 @@ on_both_backends!(
     async_pushes_wait_while_the_breaker_is_open,
     an_async_filecast_uploads_its_lines_then_sends_and_forgets_them,
     an_app_at_its_concurrency_limit_does_not_stall_the_worker,
+    a_push_due_before_the_last_claimed_one_is_still_sent,
 );
 
 /// Test settings with a fast delivery worker.
@@ -261,6 +262,42 @@ async fn send_at_holds_the_push_and_cancel_withdraws_it(backend: Backend) {
     assert_eq!(again.status(), 200);
     assert!(env.sim.requests().iter().all(|r| r.path != "/api/cancel"));
     assert_eq!(env.sends().len(), 1);
+    app.stop().await;
+}
+
+/// The worker's claims read each app's queue from where the last push it claimed was due,
+/// and the whole queue every few seconds: a push due before that, which those claims do
+/// not see (committed late, or held by another transaction when they ran), is still sent.
+async fn a_push_due_before_the_last_claimed_one_is_still_sent(backend: Backend) {
+    let env = TestEnv::new(backend).await;
+    let app = env.spawn_app_with(fast(&env)).await;
+    // A push held for an hour, then one sent at once: the worker claims the second.
+    let mut held = push_body(ANDROID_APP, "unicast");
+    held["send_at"] = json!(rfc3339(
+        OffsetDateTime::now_utc() + time::Duration::hours(1)
+    ));
+    let r = app.post_push(&held).await;
+    assert_eq!(r.status(), 202);
+    let held: Value = r.json().await.unwrap();
+    let held = held["id"].as_str().unwrap().to_owned();
+    let now = accepted_202(&app, &push_body(ANDROID_APP, "unicast")).await;
+    app.wait_for_status(now["id"].as_str().unwrap(), &["accepted"], 10)
+        .await;
+
+    // The held push falls due an hour ago: before the push just claimed.
+    let an_hour_ago = match backend {
+        Backend::Sqlite => "(cast(strftime('%s', 'now') as integer) - 3600) * 1000",
+        Backend::Postgres => "now() - interval '1 hour'",
+    };
+    env.db
+        .execute(&format!(
+            "update pushes set next_attempt_at = {an_hour_ago} where id = '{held}'"
+        ))
+        .await;
+
+    let done = app.wait_for_status(&held, &["accepted"], 15).await;
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done}");
+    assert_eq!(env.sends().len(), 2);
     app.stop().await;
 }
 

@@ -30,6 +30,7 @@ crate::store_cases!(
     held_pushes_are_not_due_before_send_at,
     waiting_for_quota_ends_at_the_deadline,
     history_lists_a_retried_push_with_its_attempts_and_next_try,
+    a_claim_from_a_due_time_leaves_earlier_pushes_to_a_whole_read,
 );
 
 const APPKEY: &str = "appkey-d";
@@ -39,6 +40,7 @@ fn apps(limit: u32) -> Vec<DeliveryApp> {
         app: "shop".into(),
         appkey: APPKEY.into(),
         limit,
+        due_from: None,
     }]
 }
 
@@ -48,6 +50,7 @@ fn other_app(limit: u32) -> DeliveryApp {
         app: "other".into(),
         appkey: "other-key".into(),
         limit,
+        due_from: None,
     }
 }
 
@@ -421,6 +424,48 @@ async fn a_claim_takes_the_oldest_due_across_apps_within_each_limit(ctx: StoreCt
     assert_eq!(got, [&ids[0], &ids[1], &ids[3], &ids[5]]);
 }
 
+/// A claim given `due_from` reads the app's queue from that due time: a push due earlier
+/// (here, one the claims before did not see) waits for a claim that reads the whole queue.
+/// Each claimed push carries its due time, from which the worker sets the next floor.
+async fn a_claim_from_a_due_time_leaves_earlier_pushes_to_a_whole_read(ctx: StoreCtx) {
+    // Arrange: three pushes due one after another.
+    let store = &ctx.store;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(admit(store, push(false, delivery(false, false, false)), None).await);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let first = claim(store, 1, 60_000).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].push_id, ids[0]);
+    let due = store
+        .get_push(&ids[1])
+        .await
+        .unwrap()
+        .unwrap()
+        .next_attempt_at;
+    assert!(
+        first[0].due_at <= due.expect("due"),
+        "due_at is the claimed push's due time"
+    );
+
+    // Act: a claim from just after the second push's due time.
+    let mut from = apps(10);
+    from[0].due_from = Some(due.unwrap() + time::Duration::milliseconds(1));
+    let floored = store
+        .claim_deliveries(10, Duration::from_secs(60), &from)
+        .await
+        .unwrap();
+    let whole = claim(store, 10, 60_000).await;
+
+    // Assert: the third push only; the second waited for the whole read.
+    let got: Vec<&str> = floored.iter().map(|c| c.push_id.as_str()).collect();
+    assert_eq!(got, [&ids[2]]);
+    assert!(floored[0].due_at > due.unwrap());
+    let got: Vec<&str> = whole.iter().map(|c| c.push_id.as_str()).collect();
+    assert_eq!(got, [&ids[1]]);
+}
+
 async fn queue_stats_count_each_state(ctx: StoreCtx) {
     let store = &ctx.store;
     admit(store, push(false, delivery(false, false, false)), None).await;
@@ -565,6 +610,11 @@ async fn postgres_the_claim_never_sorts_the_queue() {
         return;
     }
     let ctx = StoreCtx::postgres().await;
+    // Every version: the previous one stays for replicas during a rolling upgrade.
+    let versions = ctx
+        .db
+        .query_i64("select count(*) from pg_proc where proname = 'umgw_claim_deliveries'")
+        .await;
     let settings = ctx
         .db
         .query_i64(
@@ -573,8 +623,10 @@ async fn postgres_the_claim_never_sorts_the_queue() {
                 and 'enable_sort=off' = any(proconfig) and 'jit=off' = any(proconfig)",
         )
         .await;
+    assert!(versions >= 1);
     assert_eq!(
-        settings, 1,
-        "umgw_claim_deliveries lost `set enable_sort = off` or `set jit = off`"
+        settings, versions,
+        "a version of umgw_claim_deliveries lost `set enable_sort = off` or `set jit = off`"
     );
 }
+

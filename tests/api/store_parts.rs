@@ -105,6 +105,7 @@ fn apps() -> Vec<DeliveryApp> {
             app: (*app).into(),
             appkey: (*appkey).into(),
             limit: 10,
+            due_from: None,
         })
         .collect()
 }
