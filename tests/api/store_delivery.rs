@@ -630,3 +630,51 @@ async fn postgres_the_claim_never_sorts_the_queue() {
     );
 }
 
+/// Two replicas claiming at the same moment (migration 0015): an older push of a bucket
+/// that another claim holds, before it has taken its slot, keeps its place; the newer push
+/// is not given the window's last slot ahead of it.
+#[tokio::test]
+async fn postgres_a_claim_does_not_overtake_an_older_push_another_claim_holds() {
+    use sqlx::{Connection, PgConnection};
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let store = &ctx.store;
+    let older = admit(
+        store,
+        push(true, delivery(false, true, true)),
+        Some(groupcast_quota(1)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let newer = admit(
+        store,
+        push(true, delivery(false, true, true)),
+        Some(groupcast_quota(1)),
+    )
+    .await;
+
+    // The other replica's claim has locked the older push and not yet taken its slot.
+    let mut other = PgConnection::connect(ctx.db.url()).await.expect("connect");
+    let mut held = other.begin().await.expect("begin");
+    sqlx::query("select id from pushes where id = $1 for update")
+        .bind(&older)
+        .fetch_one(&mut *held)
+        .await
+        .expect("lock the older push");
+    assert!(
+        claim(store, 10, 60_000).await.is_empty(),
+        "the newer push does not take the slot the older one is about to take"
+    );
+    assert_eq!(status(store, &newer).await, PushStatus::AwaitingSend);
+    assert_eq!(used(store, 1).await, 0);
+
+    // That claim ends without the push (say its replica died): the order holds.
+    held.rollback().await.expect("rollback");
+    let claims = claim(store, 10, 60_000).await;
+    let claimed: Vec<&str> = claims.iter().map(|c| c.push_id.as_str()).collect();
+    assert_eq!(claimed, [older.as_str()]);
+    assert_eq!(used(store, 1).await, 1);
+    assert_eq!(status(store, &newer).await, PushStatus::AwaitingQuota);
+}
