@@ -409,10 +409,34 @@ db_count() { # backend, database url or file, query
     fi
 }
 
-# The queue of asynchronous pushes not final yet (-1 when it cannot be read).
+# The queue of asynchronous pushes not final yet.
+QUEUE_DEPTH_SQL="select count(*) from pushes where status in ('awaiting_send', 'pending')"
+
+# The queue's depth now (-1 when it cannot be read).
 queue_depth() { # backend, database url or file
-    db_count "$1" "$2" "select count(*) from pushes where status in ('awaiting_send', 'pending')" \
-        2>/dev/null || echo -1
+    db_count "$1" "$2" "$QUEUE_DEPTH_SQL" 2>/dev/null || echo -1
+}
+
+# Prints the queue depth every 0.25 s on one connection until killed (run it in the
+# background). A psql or python3 started for each sample cost the gateway a fifth of its
+# asynchronous intake.
+queue_depth_sampler() { # backend, database url or file
+    if [[ $1 == postgres ]]; then
+        # exec: the caller's $! is psql itself; the loop ends on its next write after psql.
+        exec psql "$2" -tAXq 2>/dev/null < <(while sleep 0.25; do echo "$QUEUE_DEPTH_SQL;"; done)
+    else
+        exec python3 -c "
+import sqlite3, sys, time
+c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True, timeout=5)
+while True:
+    time.sleep(0.25)
+    try:
+        # fetchall ends the statement: an open one would hold back the checkpoint
+        print(c.execute(sys.argv[2]).fetchall()[0][0], flush=True)
+    except sqlite3.Error:
+        print(-1, flush=True)
+" "$2" "$QUEUE_DEPTH_SQL"
+    fi
 }
 
 # Asynchronous pushes Umeng accepted.
@@ -436,7 +460,7 @@ bench_async() { # backend, database url, what queue_depth reads
         fi
         # Earlier runs on this database count no more.
         before=$(accepted_async "$backend" "$where")
-        (while sleep 0.25; do queue_depth "$backend" "$where"; done) >"$WORK/depth-$label" &
+        queue_depth_sampler "$backend" "$where" >"$WORK/depth-$label" &
         sampler=$!
         PIDS+=("$sampler")
         start=$(date +%s.%N)
