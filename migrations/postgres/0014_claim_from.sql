@@ -14,6 +14,25 @@
 -- The function of 0012 stays for replicas of the previous version during a rolling
 -- upgrade. The new one keeps `enable_sort = off` and `jit = off` (the store tests check
 -- every version) and also returns each claimed push's due time (`due_at`).
+--
+-- First come, first served across replicas, for pushes that take a quota slot when sent.
+-- A claim reads the queue with `for update skip locked`. When two replicas claim at the
+-- same moment, one may skip an older push of a bucket that the other has locked but not
+-- yet given a slot, and give the slot to a newer push of the same bucket; the older one
+-- then finds the window full and waits for the next one. The claim now counts the older
+-- due pushes of the bucket that still need a slot, and those it can lock in key share
+-- mode (which a claim's `for update` blocks); when another claim holds one of them, the
+-- newer push is left as it is for a later claim. The partial index keeps that count to
+-- the few quota pushes waiting to be sent.
+--
+-- The key share locks last until the claim commits. A push this claim counted without
+-- claiming it (past the rows it read, or before its floor) is then skipped by another
+-- replica's `for update skip locked` read, though not counted as held by that replica's
+-- own check, which can take a key share lock beside this one: in that narrow case a newer
+-- push can still go first.
+
+create index pushes_quota_send_idx on pushes (appkey, quota_kind, created_at, id)
+    where status in ('awaiting_send', 'awaiting_send_at') and quota_kind is not null;
 
 create function umgw_claim_deliveries(
     p_limit      integer,
@@ -44,6 +63,8 @@ declare
     v_used     integer;
     v_head     timestamptz;
     v_wait     timestamptz;
+    v_older    integer;
+    v_free     integer;
 begin
     for r in
         select d.*
@@ -95,6 +116,27 @@ begin
         if r.quota_kind is not null and (r.quota_window is null or r.quota_refunded) then
             v_window := (floor((v_epoch + 28800) / r.quota_unit) * r.quota_unit - 28800)::bigint;
             v_wait := least(to_timestamp(v_window + r.quota_unit), coalesce(r.deliver_by, 'infinity'));
+            -- An older push of the bucket, due, that another claim holds (a lock this
+            -- claim's key share cannot take) is about to take a slot: this one does not
+            -- overtake it, and stays as it is for a later claim.
+            with older as (
+                select q.id
+                  from pushes q
+                 where q.status in ('awaiting_send', 'awaiting_send_at')
+                   and q.quota_kind is not null
+                   and q.appkey = r.appkey and q.quota_kind = r.quota_kind
+                   and (q.created_at, q.id) < (r.created_at, r.id)
+                   and q.next_attempt_at <= now()
+                   and (q.quota_window is null or q.quota_refunded)
+            ), free as (
+                select p.id
+                  from pushes p
+                 where p.id in (select id from older)
+                   for key share of p skip locked
+            )
+            select (select count(*) from older), (select count(*) from free)
+              into v_older, v_free;
+            continue when v_free < v_older;
             -- First come, first served: behind an older push waiting for this bucket.
             select min(q.next_attempt_at) into v_head
               from pushes q

@@ -630,7 +630,7 @@ async fn postgres_the_claim_never_sorts_the_queue() {
     );
 }
 
-/// Two replicas claiming at the same moment (migration 0015): an older push of a bucket
+/// Two replicas claiming at the same moment (migration 0014): an older push of a bucket
 /// that another claim holds, before it has taken its slot, keeps its place; the newer push
 /// is not given the window's last slot ahead of it.
 #[tokio::test]
