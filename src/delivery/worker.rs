@@ -186,10 +186,7 @@ impl Floors {
                 .filter(|c| c.app == app.app)
                 .map(|c| c.due_at)
                 .max();
-            if let Some(last) = last {
-                let from = last - FLOOR_MARGIN;
-                floor.from = Some(floor.from.map_or(from, |f| f.max(from)));
-            }
+            floor.from = floor.from.max(last.map(|t| t - FLOOR_MARGIN));
         }
     }
 }
