@@ -139,6 +139,24 @@ pub struct DatabaseSettings {
     pub acquire_timeout_ms: u64,
     /// Run migrations at start (otherwise use the `migrate` subcommand).
     pub migrate_on_start: bool,
+    /// Whether a commit of outcome records alone waits for PostgreSQL's WAL flush.
+    pub outcome_commit: OutcomeCommit,
+}
+
+/// How PostgreSQL commits a statement that records outcomes and nothing else
+/// (`database.outcome_commit`). Admissions, claims and every other write always wait for
+/// the WAL flush. SQLite ignores it: its commits are durable against the gateway's crash,
+/// not the machine's (`synchronous = NORMAL`), whatever they write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutcomeCommit {
+    /// Every commit waits for its WAL flush.
+    #[default]
+    Durable,
+    /// Outcome-only commits do not wait (`synchronous_commit = off` for those transactions
+    /// only): a crash of PostgreSQL itself may lose the outcomes of its last moments, whose
+    /// pushes are then treated as if their replica had died mid-send.
+    Relaxed,
 }
 
 impl Default for DatabaseSettings {
@@ -148,6 +166,7 @@ impl Default for DatabaseSettings {
             max_connections: 16,
             acquire_timeout_ms: 3000,
             migrate_on_start: true,
+            outcome_commit: OutcomeCommit::Durable,
         }
     }
 }
@@ -1202,6 +1221,26 @@ mod tests {
         scopes = ["send", "read"]
         apps = ["shop-android"]
     "#;
+
+    #[test]
+    fn outcome_commit_is_durable_unless_asked_and_rejects_other_words() {
+        assert_eq!(
+            Settings::default().database.outcome_commit,
+            OutcomeCommit::Durable
+        );
+        let relaxed = settings("[database]\noutcome_commit = \"relaxed\"\n");
+        assert_eq!(relaxed.database.outcome_commit, OutcomeCommit::Relaxed);
+        let err = Figment::new()
+            .merge(Toml::string("[database]\noutcome_commit = \"sometimes\"\n"))
+            .extract::<Settings>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sometimes"), "{err}");
+        assert!(
+            err.contains("durable") && err.contains("relaxed"),
+            "names the choices: {err}"
+        );
+    }
 
     #[test]
     fn no_apps_means_demo_mode() {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{App, Client, Config, Scope};
+use crate::config::{App, Client, Config, OutcomeCommit, Scope};
 use crate::gateway::Gateway;
 use crate::secret::Secret;
 use crate::simulator::{SimApp, SimPlatform, SimulatorConfig, SimulatorHandle};
@@ -164,11 +164,15 @@ pub fn shutdown_grace(config: &Config) -> Duration {
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let db = &config.settings.database;
+    if db.outcome_commit == OutcomeCommit::Relaxed && db.url.expose().starts_with("sqlite:") {
+        tracing::warn!("database.outcome_commit = \"relaxed\" applies to PostgreSQL only; SQLite commits every write alike (synchronous = NORMAL)");
+    }
     crate::store::connect(
         db.url.expose(),
         &PoolOptions {
             max_connections: db.max_connections,
             acquire_timeout: Duration::from_millis(db.acquire_timeout_ms),
+            outcome_commit: db.outcome_commit,
         },
     )
     .await

@@ -1195,6 +1195,8 @@ impl PoolStatus {
 pub struct PoolOptions {
     pub max_connections: u32,
     pub acquire_timeout: std::time::Duration,
+    /// PostgreSQL: how a statement that records outcomes and nothing else commits.
+    pub outcome_commit: crate::config::OutcomeCommit,
 }
 
 impl Default for PoolOptions {
@@ -1202,6 +1204,7 @@ impl Default for PoolOptions {
         Self {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(3),
+            outcome_commit: crate::config::OutcomeCommit::Durable,
         }
     }
 }

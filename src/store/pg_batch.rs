@@ -27,6 +27,7 @@ use super::postgres::{admission_of, admit, AdmitRow};
 use super::{
     map_sqlx, Admission, Attempt, Finish, NewPush, QuotaAction, QuotaClaim, StoreError, StoreResult,
 };
+use crate::config::OutcomeCommit;
 
 /// Writers draining the queue. One writes at a time while writes go quickly (the batches
 /// are then as large as the load makes them); the others stand by for a write that waits
@@ -39,6 +40,11 @@ const KEEP_FROM: u32 = 2 * WRITERS as u32;
 type Lane = super::batch::Lane<Postgres>;
 
 const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
+
+/// [`FINISH_BATCH`] in a transaction that commits without waiting for its WAL flush
+/// (migration 0015; `database.outcome_commit = "relaxed"`). Only for a statement that records
+/// outcomes and nothing else: [`ADMIT_AND_FINISH`] always waits, as it admits.
+const FINISH_BATCH_RELAXED: &str = "select id from umgw_finish_batch_relaxed($1) as id";
 
 const ADMIT_BATCH: &str = "select idx, outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs from umgw_admit_batch($1)";
@@ -84,8 +90,12 @@ pub(crate) struct Writers {
 }
 
 impl Writers {
-    pub(crate) fn start(pool: PgPool) -> Writers {
+    pub(crate) fn start(pool: PgPool, outcome_commit: OutcomeCommit) -> Writers {
         let keep = pool.options().get_max_connections() >= KEEP_FROM;
+        let finish_sql = match outcome_commit {
+            OutcomeCommit::Durable => FINISH_BATCH,
+            OutcomeCommit::Relaxed => FINISH_BATCH_RELAXED,
+        };
         Writers {
             jobs: Batcher::start(
                 Lane::new(pool, keep),
@@ -93,8 +103,8 @@ impl Writers {
                     writers: WRITERS,
                     standby_after: STANDBY_AFTER,
                 },
-                |mut lane, batch| async move {
-                    write(&mut lane, batch).await;
+                move |mut lane, batch| async move {
+                    write(&mut lane, batch, finish_sql).await;
                     lane
                 },
                 Lane::idle,
@@ -132,7 +142,8 @@ impl Writers {
 /// their slot share one call; a refund or saturation moves a quota counter, which the
 /// admissions take too, so those go in a call of their own (two batches would otherwise
 /// take counters in two orders). A key or a push met twice waits for the next call.
-async fn write(lane: &mut Lane, batch: Vec<Job>) {
+/// Outcome records written on their own use `finish_sql`.
+async fn write(lane: &mut Lane, batch: Vec<Job>, finish_sql: &'static str) {
     let mut admissions = Vec::new();
     let mut finishes = Vec::new();
     for job in batch {
@@ -149,18 +160,23 @@ async fn write(lane: &mut Lane, batch: Vec<Job>) {
             .iter()
             .all(|j| matches!(j.finish.quota, QuotaAction::Keep));
     if together {
-        write_together(lane, admit_now, finish_now).await;
+        write_together(lane, admit_now, finish_now, finish_sql).await;
     } else {
         write_admissions(lane, admit_now).await;
-        write_finishes(lane, finish_now).await;
+        write_finishes(lane, finish_now, finish_sql).await;
     }
     write_admissions(lane, admit_later).await;
-    write_finishes(lane, finish_later).await;
+    write_finishes(lane, finish_later, finish_sql).await;
 }
 
 /// Admissions and outcome records in one call. If it fails, nothing of it was written:
-/// each kind is written again on its own.
-async fn write_together(lane: &mut Lane, admissions: Vec<AdmitJob>, finishes: Vec<FinishJob>) {
+/// each kind is written again on its own (the outcome records with `finish_sql`).
+async fn write_together(
+    lane: &mut Lane,
+    admissions: Vec<AdmitJob>,
+    finishes: Vec<FinishJob>,
+    finish_sql: &'static str,
+) {
     let admit_rows: Vec<AdmitRowIn> = admissions
         .iter()
         .map(|j| admit_row(&j.push, j.quota))
@@ -187,7 +203,7 @@ async fn write_together(lane: &mut Lane, admissions: Vec<AdmitJob>, finishes: Ve
         Err(e) => {
             tracing::debug!(error = %e, admissions = admissions.len(), outcomes = finishes.len(), "a batch of admissions and outcome records failed; writing each kind alone");
             write_admissions(lane, admissions).await;
-            write_finishes(lane, finishes).await;
+            write_finishes(lane, finishes, finish_sql).await;
             return;
         }
     };
@@ -416,11 +432,12 @@ fn admit_row(push: &NewPush, quota: Option<QuotaClaim>) -> AdmitRowIn<'_> {
 /// push id order, so two batches lock the pushes they share in the same order. A call that
 /// fails as a whole (a deadlock with the other writer's batch over a quota counter) wrote
 /// nothing: each outcome is then written alone, so one bad row cannot fail the others
-/// (unless the database is unreachable: then every outcome gets the error).
-async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
+/// (unless the database is unreachable: then every outcome gets the error). `sql` is
+/// [`FINISH_BATCH`] or [`FINISH_BATCH_RELAXED`].
+async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>, sql: &'static str) {
     while !batch.is_empty() {
         let (now, later) = finishes_now(batch);
-        match finish_rows(lane, &now).await {
+        match finish_rows(lane, &now, sql).await {
             Ok(changed) => {
                 for job in now {
                     let applied = changed.contains(&job.push_id);
@@ -433,7 +450,7 @@ async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
                 tracing::debug!(error = %e, pushes = now.len(), "a batch of outcome records failed; writing each alone");
                 for job in now {
                     let alone = std::slice::from_ref(&job);
-                    let answer = finish_rows(lane, alone)
+                    let answer = finish_rows(lane, alone, sql)
                         .await
                         .map(|changed| changed.contains(&job.push_id));
                     let _ = job.done.send(answer);
@@ -449,12 +466,17 @@ async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>) {
     }
 }
 
-/// One call of `umgw_finish_batch`: the ids of the pushes whose outcome applied.
-async fn finish_rows(lane: &mut Lane, jobs: &[FinishJob]) -> StoreResult<Vec<String>> {
+/// One call of `umgw_finish_batch` (through `sql`): the ids of the pushes whose outcome
+/// applied.
+async fn finish_rows(
+    lane: &mut Lane,
+    jobs: &[FinishJob],
+    sql: &'static str,
+) -> StoreResult<Vec<String>> {
     let rows: Vec<FinishRowIn> = jobs.iter().map(|j| row(&j.push_id, &j.finish)).collect();
     let result = match lane.conn().await {
         Ok(conn) => {
-            sqlx::query_scalar::<_, String>(FINISH_BATCH)
+            sqlx::query_scalar::<_, String>(sql)
                 .bind(Json(&rows))
                 .fetch_all(conn)
                 .await

@@ -340,7 +340,7 @@ impl PgStore {
                 )),
                 other => other,
             })?;
-        let writers = super::pg_batch::Writers::start(pool.clone());
+        let writers = super::pg_batch::Writers::start(pool.clone(), options.outcome_commit);
         Ok(Self {
             pool,
             read_pool,

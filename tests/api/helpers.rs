@@ -18,6 +18,7 @@ pub fn test_pool_options() -> PoolOptions {
     PoolOptions {
         max_connections: 8,
         acquire_timeout: Duration::from_secs(10),
+        ..PoolOptions::default()
     }
 }
 
@@ -298,4 +299,190 @@ macro_rules! store_cases {
             )*
         }
     };
+}
+
+/// A PostgreSQL server of its own (`initdb` in a temporary directory, reached over a Unix
+/// socket there; no TCP port), for tests that crash the server. Stopped and removed on
+/// drop. Runs the server as `postgres` when the tests run as root (PostgreSQL refuses root).
+pub struct PrivateCluster {
+    dir: TempDir,
+    bin: std::path::PathBuf,
+    as_postgres: bool,
+}
+
+impl PrivateCluster {
+    /// `initdb`, then start with `settings` (`name=value`, passed as `-c`).
+    pub fn start(settings: &[&str]) -> PrivateCluster {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let as_postgres = running_as_root();
+        let cluster = PrivateCluster {
+            dir,
+            bin,
+            as_postgres,
+        };
+        std::fs::create_dir(cluster.dir.path().join("sock")).expect("socket directory");
+        if as_postgres {
+            cluster.run("chown", &["-R", "postgres", &cluster.path_str("")], false);
+        }
+        let data = cluster.path_str("data");
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+            true,
+        );
+        let mut options = format!(
+            "-c listen_addresses='' -c unix_socket_directories='{}' -c port=5432 -c fsync=on",
+            cluster.path_str("sock")
+        );
+        for s in settings {
+            options.push_str(" -c ");
+            options.push_str(s);
+        }
+        let log = cluster.path_str("server.log");
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-w", "-t", "60", "-o", &options, "start",
+            ],
+            true,
+        );
+        cluster
+    }
+
+    /// The URL of database `postgres` on this server.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/postgres?host={}&port=5432",
+            self.path_str("sock")
+        )
+    }
+
+    /// The PID of the server process of `backend_type` (as in `pg_stat_activity`).
+    pub async fn pid_of(&self, backend_type: &str) -> i32 {
+        let mut conn = PgConnection::connect(&self.url())
+            .await
+            .expect("the private server answers");
+        sqlx::query_scalar("select pid from pg_stat_activity where backend_type = $1")
+            .bind(backend_type)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("no {backend_type} process: {e}"))
+    }
+
+    /// Waits until the server accepts connections again (after a crash it restarts itself).
+    pub async fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = PgConnection::connect(&self.url()).await {
+                if sqlx::query("select 1").execute(&mut c).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private server did not come back:\n{}",
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn path_str(&self, sub: &str) -> String {
+        self.dir.path().join(sub).display().to_string()
+    }
+
+    /// Runs `program` (from PostgreSQL's bin directory when `pg`), as `postgres` when the
+    /// tests run as root; panics with its output when it fails.
+    fn run(&self, program: &str, args: &[&str], pg: bool) {
+        let program = if pg {
+            self.bin.join(program).display().to_string()
+        } else {
+            program.to_owned()
+        };
+        let mut command = if pg && self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &program]);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let out = command
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let data = self.path_str("data");
+        let program = self.bin.join("pg_ctl").display().to_string();
+        let mut command = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", &program]);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let _ = command
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// PostgreSQL's server programs: `UMGW_TEST_PG_BIN`, else the newest
+/// `/usr/lib/postgresql/*/bin` (Debian), else the directory of `pg_ctl` on the PATH.
+fn pg_bin_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("UMGW_TEST_PG_BIN") {
+        return dir.into();
+    }
+    let mut debian: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    debian.sort();
+    if let Some(dir) = debian.pop() {
+        return dir;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .find(|p| p.join("pg_ctl").exists() && p.join("initdb").exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL's server programs (initdb, pg_ctl) were not found: set \
+                 UMGW_TEST_PG_BIN, or UMGW_SKIP_POSTGRES=1 to skip the PostgreSQL tests"
+            )
+        })
+}
+
+/// True when this process runs as root (uid 0).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }

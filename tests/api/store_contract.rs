@@ -980,6 +980,7 @@ async fn cancelled_admissions_leave_no_open_transaction(ctx: StoreCtx) {
     let options = PoolOptions {
         max_connections: 1,
         acquire_timeout: Duration::from_secs(10),
+        ..PoolOptions::default()
     };
     let store = ctx.db.connect_with(&options).await;
 
@@ -1654,4 +1655,229 @@ async fn a_failing_admission_beside_outcome_records_fails_alone(ctx: StoreCtx) {
     for id in &admitted_ids {
         assert_eq!(get(store, id).await.status, PushStatus::Pending);
     }
+}
+
+/// `database.outcome_commit = "relaxed"` (migration 0015): the relaxed outcome function sets
+/// `synchronous_commit = off` for its own transaction only; the next transaction on the same
+/// connection waits for its flush again.
+#[tokio::test]
+async fn postgres_a_relaxed_outcome_commit_is_local_to_its_transaction() {
+    use sqlx::{Connection, PgConnection};
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let mut conn = PgConnection::connect(ctx.db.url()).await.unwrap();
+    let setting = "select current_setting('synchronous_commit')";
+
+    let mut tx = conn.begin().await.unwrap();
+    let applied: Vec<String> =
+        sqlx::query_scalar("select id from umgw_finish_batch_relaxed('[]'::jsonb) as id")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert!(applied.is_empty());
+    let inside: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let after: String = sqlx::query_scalar(setting)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+
+    assert_eq!(inside, "off", "the outcome's own transaction does not wait");
+    assert_eq!(after, "on", "the connection's next transaction waits again");
+}
+
+/// A store with relaxed outcome commits records outcome-only batches through the relaxed
+/// function and keeps every effect of an outcome (its status, its refund); a default store
+/// never calls it. Calls are counted by PostgreSQL (`track_functions`).
+#[tokio::test]
+async fn postgres_relaxed_outcome_commits_record_outcomes_through_the_relaxed_function() {
+    use umeng_push_gateway::config::OutcomeCommit;
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let crate::helpers::TestDb::Postgres(pg) = &ctx.db else {
+        unreachable!()
+    };
+    // Sessions opened from now on count their function calls.
+    ctx.db
+        .execute(&format!(
+            "alter database {} set track_functions = 'pl'",
+            pg.name()
+        ))
+        .await;
+    let calls = |name: &'static str| {
+        let db = &ctx.db;
+        async move {
+            db.query_i64(&format!(
+                "select coalesce(sum(calls), 0)::bigint from pg_stat_user_functions \
+                  where funcname = '{name}'"
+            ))
+            .await
+        }
+    };
+    // A backend reports its counts within about a second of going idle.
+    let wait_for_calls = |name: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = calls(name).await;
+            if n > 0 || tokio::time::Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+
+    // Arrange, act: a default store records an outcome.
+    let durable = ctx.db.connect_again().await;
+    let id = admitted(&durable, new_push(None), Some(groupcast(5))).await;
+    assert!(
+        finish_ok(
+            &durable,
+            &id,
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        )
+        .await
+    );
+
+    // Assert: the durable function only.
+    assert!(wait_for_calls("umgw_finish_batch").await > 0);
+    assert_eq!(calls("umgw_finish_batch_relaxed").await, 0);
+
+    // Arrange, act: a relaxed store records an acceptance and a refund.
+    let relaxed = ctx
+        .db
+        .connect_with(&PoolOptions {
+            outcome_commit: OutcomeCommit::Relaxed,
+            ..crate::helpers::test_pool_options()
+        })
+        .await;
+    let kept = admitted(&relaxed, new_push(None), Some(groupcast(5))).await;
+    let refunded = admitted(&relaxed, new_push(None), Some(groupcast(5))).await;
+    assert_eq!(used(&relaxed, 5).await, 3);
+    assert!(
+        finish_ok(
+            &relaxed,
+            &kept,
+            finish(PushStatus::Accepted, QuotaAction::Keep)
+        )
+        .await
+    );
+    assert!(finish_ok(&relaxed, &refunded, failed()).await);
+    assert!(
+        !finish_ok(&relaxed, &refunded, failed()).await,
+        "a second outcome for a final push changes nothing"
+    );
+
+    // Assert: each outcome applied as with durable commits, through the relaxed function.
+    let kept = get(&relaxed, &kept).await;
+    assert_eq!(kept.status, PushStatus::Accepted);
+    assert_eq!(kept.task_id.as_deref(), Some("t-1"));
+    let refunded = get(&relaxed, &refunded).await;
+    assert_eq!(refunded.status, PushStatus::Failed);
+    assert!(refunded.quota_refunded);
+    assert_eq!(
+        used(&relaxed, 5).await,
+        2,
+        "the refund gave its slot back once"
+    );
+    assert!(wait_for_calls("umgw_finish_batch_relaxed").await > 0);
+}
+
+/// What `database.outcome_commit` trades, on a PostgreSQL server of the test's own that
+/// crashes: its WAL writer is stopped (so nothing but a commit that waits flushes the WAL),
+/// an outcome is recorded, then the WAL writer is killed, which makes the server drop its
+/// shared memory and recover from the WAL on disk.
+///
+/// - A durable outcome survives.
+/// - A relaxed one is lost, but its push is not: the admission waited for its flush. The
+///   push is `pending` again, the sweeper marks it `unknown`, and the real outcome,
+///   recorded once more, replaces that guess (as when a replica dies mid-send).
+/// - A relaxed outcome followed by any commit that waits (here an admission) survives, as
+///   that commit flushes the WAL up to itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_crash_loses_only_relaxed_outcomes_that_no_later_commit_flushed() {
+    use umeng_push_gateway::config::OutcomeCommit;
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let server = crate::helpers::PrivateCluster::start(&["autovacuum=off", "wal_writer_delay=10s"]);
+    let options = |outcome_commit| PoolOptions {
+        outcome_commit,
+        ..crate::helpers::test_pool_options()
+    };
+    let open = |outcome_commit| {
+        let url = server.url();
+        async move {
+            match umeng_push_gateway::store::connect(&url, &options(outcome_commit)).await {
+                Ok(s) => s,
+                Err(e) => panic!("cannot open the private server: {e}"),
+            }
+        }
+    };
+    open(OutcomeCommit::Durable).await.migrate().await.unwrap();
+    let accepted = || finish(PushStatus::Accepted, QuotaAction::Keep);
+
+    // Records the outcome of `id` with the WAL writer stopped, runs `then`, and crashes
+    // the server.
+    let crash_after = |store: Arc<dyn Store>, id: String, then: Option<NewPush>| {
+        let server = &server;
+        async move {
+            let walwriter = server.pid_of("walwriter").await;
+            signal(walwriter, "STOP");
+            assert!(finish_ok(&store, &id, accepted()).await);
+            let then = match then {
+                Some(push) => Some(admitted(&store, push, None).await),
+                None => None,
+            };
+            signal(walwriter, "KILL");
+            drop(store);
+            server.wait_ready().await;
+            then
+        }
+    };
+
+    // A durable outcome survives.
+    let durable = open(OutcomeCommit::Durable).await;
+    let id = admitted(&durable, new_push(None), Some(groupcast(5))).await;
+    crash_after(durable, id.clone(), None).await;
+    let store = open(OutcomeCommit::Durable).await;
+    assert_eq!(get(&store, &id).await.status, PushStatus::Accepted);
+
+    // A relaxed outcome alone is lost; its push is pending again.
+    let relaxed = open(OutcomeCommit::Relaxed).await;
+    let lost = admitted(&relaxed, new_push(None), Some(groupcast(5))).await;
+    crash_after(relaxed, lost.clone(), None).await;
+    let store = open(OutcomeCommit::Relaxed).await;
+    let r = get(&store, &lost).await;
+    assert_eq!(r.status, PushStatus::Pending, "the outcome was not flushed");
+    assert_eq!(r.task_id, None);
+    assert_eq!(used(&store, 5).await, 2, "both admissions kept their slot");
+    // The sweeper's guess, then the real outcome when it is recorded again.
+    assert_eq!(store.sweep_stale_pending(0).await.ok(), Some(1));
+    assert_eq!(get(&store, &lost).await.status, PushStatus::Unknown);
+    assert!(finish_ok(&store, &lost, accepted()).await);
+    assert_eq!(get(&store, &lost).await.status, PushStatus::Accepted);
+
+    // A relaxed outcome followed by an admission survives with it.
+    let id = admitted(&store, new_push(None), Some(groupcast(5))).await;
+    let next = crash_after(store, id.clone(), Some(new_push(None))).await;
+    let store = open(OutcomeCommit::Relaxed).await;
+    assert_eq!(get(&store, &id).await.status, PushStatus::Accepted);
+    let next = next.expect("admitted after the outcome");
+    assert_eq!(get(&store, &next).await.status, PushStatus::Pending);
+}
+
+/// Sends `kill -<name>` to a process.
+fn signal(pid: i32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid}");
 }
