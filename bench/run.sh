@@ -14,7 +14,10 @@
 #   2. gateway + SQLite and 3. gateway + PostgreSQL (a fresh database, dropped afterwards):
 #      the same unicast as POST /v1/pushes (test mode, so no quota), without and with a
 #      unique out_biz_no per request, the gateway forwarding to the same simulator;
-#   4. pgbench: one INSERT of a ~1.5 KB history row per transaction, same clients;
+#   4. gateway + PostgreSQL with `database.outcome_commit = "relaxed"` (a fresh database):
+#      the same unicast without out_biz_no; outcome records commit without waiting for the
+#      WAL flush, admissions still wait;
+#   5. pgbench: one INSERT of a ~1.5 KB history row per transaction, same clients;
 #   and the quota path: unicast pushes of one app alone, then during a flood of production
 #   groupcasts of another app (quota 5/minute: almost all 429).
 # upstream: a realistic Umeng. The simulator answers every /api/send after
@@ -101,6 +104,7 @@ TOKEN_SHA=$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)
 export LOADGEN_TOKEN=$TOKEN
 
 PG_DB=umgw_bench_$$
+OUTCOME_COMMIT=durable # the gateways started from here on (the main scenario sets "relaxed" for one)
 PGB_DB=umgw_pgbench_$$
 SIM_PID=
 GW_PIDS=()
@@ -258,6 +262,7 @@ listen = "127.0.0.1:$3"
 [database]
 url = "$2"
 max_connections = $DB_POOL
+outcome_commit = "$OUTCOME_COMMIT"
 
 [umeng]
 base_url = "$SIM_URL"
@@ -356,6 +361,21 @@ if has_scenario main; then
 
     psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
     bench_gateway postgres "$PG_URL/$PG_DB"
+    psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
+
+    # Outcome records that do not wait for their WAL flush (admissions still do).
+    psql "$PG_URL/postgres" -qX -c "create database $PG_DB" >/dev/null
+    OUTCOME_COMMIT=relaxed
+    log "starting the gateway on postgres, relaxed outcome commits"
+    start_gateways "$PG_URL/$PG_DB" 1
+    OUTCOME_COMMIT=durable
+    MEASURED_PIDS=("${GW_PIDS[@]}")
+    for c in $CLIENTS; do
+        log "gateway + postgres, relaxed outcome commits, $c clients"
+        measure "postgres-relaxed-c$c-bizno" gateway "$PG_DB" --mode gateway \
+            --target "$GW_URLS" --app bench-unicast --backend postgres-relaxed --concurrency "$c"
+    done
+    stop_gateways
     psql "$PG_URL/postgres" -qX -c "drop database $PG_DB" >/dev/null
 
     # The floor: one durable INSERT of a history row like the gateway's per transaction.
