@@ -42,6 +42,7 @@ crate::store_cases!(
     concurrent_outcomes_keep_the_counts_exact,
     a_failing_write_in_a_burst_fails_alone,
     a_failing_admission_beside_outcome_records_fails_alone,
+    plain_admissions_and_kept_outcomes_released_together_answer_each,
 );
 
 const APPKEY: &str = "appkey-1";
@@ -1880,4 +1881,122 @@ fn signal(pid: i32, name: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Admissions with nothing to check or count, and outcome records that keep their slot,
+/// released together so that they share batches (PostgreSQL writes each kind in one
+/// statement): every job still gets its own answer. Two outcomes for one push apply once,
+/// an outcome for a final push or one fenced by a claim it does not hold applies not at
+/// all, and a duplicate push id fails alone.
+async fn plain_admissions_and_kept_outcomes_released_together_answer_each(ctx: StoreCtx) {
+    let store = &ctx.store;
+    // Arrange: pushes waiting for their outcome, and one already final.
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(admitted(store, unicast(None), None).await);
+    }
+    let closed = admitted(store, unicast(None), None).await;
+    assert!(finish_ok(store, &closed, failed()).await);
+    let accepted = || finish(PushStatus::Accepted, QuotaAction::Keep);
+    let fenced = Finish {
+        claim: Some(7),
+        ..accepted()
+    };
+    let mut outcomes = vec![
+        (open[0].clone(), accepted()),
+        (open[0].clone(), accepted()),
+        (closed.clone(), accepted()),
+        (open[5].clone(), fenced),
+    ];
+    outcomes.extend(open[1..5].iter().map(|id| (id.clone(), accepted())));
+
+    // Act: 12 admissions and 8 outcome records at once, then 6 admissions of which one
+    // reuses an id.
+    let (admitted_first, answers) = together(store, 12, None, outcomes).await;
+    let (admitted_second, _) = together(store, 6, Some(&open[2]), Vec::new()).await;
+
+    // Assert
+    assert_eq!(admitted_first.len(), 12);
+    assert_eq!(admitted_second.len(), 5, "the duplicate alone failed");
+    let applied = |id: &str| {
+        answers
+            .iter()
+            .filter(|(i, a)| i == id && matches!(a, Ok(true)))
+            .count()
+    };
+    assert!(answers.iter().all(|(_, a)| a.is_ok()), "{answers:?}");
+    assert_eq!(
+        applied(&open[0]),
+        1,
+        "two outcomes for one push: one applies"
+    );
+    assert_eq!(applied(&closed), 0, "a final push keeps its outcome");
+    assert_eq!(applied(&open[5]), 0, "fenced by a claim it does not hold");
+    for id in &open[..5] {
+        let r = get(store, id).await;
+        assert_eq!(r.status, PushStatus::Accepted);
+        assert_eq!(r.task_id.as_deref(), Some("t-1"));
+        assert_eq!(r.attempts.len(), 1);
+    }
+    assert_eq!(get(store, &open[5]).await.status, PushStatus::Pending);
+    let closed = get(store, &closed).await;
+    assert_eq!(closed.status, PushStatus::Failed);
+    assert_eq!(closed.error_code.as_deref(), Some("2003"));
+    for id in admitted_first.iter().chain(&admitted_second) {
+        let r = get(store, id).await;
+        assert_eq!(r.status, PushStatus::Pending);
+        assert_eq!(r.cast_type, "unicast");
+        assert_eq!(r.request["type"], "groupcast", "the request as given");
+    }
+    assert_eq!(
+        list(store, all(100)).await.len(),
+        7 + 12 + 5,
+        "each row once"
+    );
+}
+
+/// `admissions` plain unicast admissions (the one at index 3 reusing `duplicate`'s id,
+/// when given) and the `outcomes`, released at once; the ids admitted, and each outcome's
+/// push and answer.
+async fn together(
+    store: &Arc<dyn Store>,
+    admissions: usize,
+    duplicate: Option<&str>,
+    outcomes: Vec<(String, Finish)>,
+) -> (Vec<String>, Vec<(String, Result<bool, String>)>) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(admissions + outcomes.len() + 1));
+    let mut admits = tokio::task::JoinSet::new();
+    for i in 0..admissions {
+        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
+        let push = match duplicate {
+            Some(id) if i == 3 => NewPush {
+                id: id.to_owned(),
+                ..unicast(None)
+            },
+            _ => unicast(None),
+        };
+        admits.spawn(async move {
+            barrier.wait().await;
+            store.admit(push, None).await
+        });
+    }
+    let mut finishes = tokio::task::JoinSet::new();
+    for (id, outcome) in outcomes {
+        let (store, barrier) = (Arc::clone(store), Arc::clone(&barrier));
+        finishes.spawn(async move {
+            barrier.wait().await;
+            let answer = store.finish(&id, outcome.into()).await;
+            (id, answer.map_err(|e| e.to_string()))
+        });
+    }
+    barrier.wait().await;
+    let mut ids = Vec::new();
+    for result in admits.join_all().await {
+        match result {
+            Ok(Admission::Admitted { push_id, .. }) => ids.push(push_id),
+            Err(_) if duplicate.is_some() => {}
+            other => panic!("expected Admitted, got {other:?}"),
+        }
+    }
+    (ids, finishes.join_all().await)
 }
