@@ -402,22 +402,27 @@ impl PrivateCluster {
         self.dir.path().join(sub).display().to_string()
     }
 
-    /// Runs `program` (from PostgreSQL's bin directory when `pg`), as `postgres` when the
-    /// tests run as root; panics with its output when it fails.
-    fn run(&self, program: &str, args: &[&str], pg: bool) {
+    /// A command for `program` (from PostgreSQL's bin directory when `pg`), run as
+    /// `postgres` when the tests run as root.
+    fn command(&self, program: &str, pg: bool) -> std::process::Command {
         let program = if pg {
             self.bin.join(program).display().to_string()
         } else {
             program.to_owned()
         };
-        let mut command = if pg && self.as_postgres {
+        if pg && self.as_postgres {
             let mut c = std::process::Command::new("runuser");
             c.args(["-u", "postgres", "--", &program]);
             c
         } else {
-            std::process::Command::new(&program)
-        };
-        let out = command
+            std::process::Command::new(program)
+        }
+    }
+
+    /// Runs [`Self::command`]; panics with its output when it fails.
+    fn run(&self, program: &str, args: &[&str], pg: bool) {
+        let out = self
+            .command(program, pg)
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
@@ -433,15 +438,8 @@ impl PrivateCluster {
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
         let data = self.path_str("data");
-        let program = self.bin.join("pg_ctl").display().to_string();
-        let mut command = if self.as_postgres {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--", &program]);
-            c
-        } else {
-            std::process::Command::new(&program)
-        };
-        let _ = command
+        let _ = self
+            .command("pg_ctl", true)
             .args(["-D", &data, "-m", "immediate", "stop"])
             .output();
     }
