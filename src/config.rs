@@ -141,7 +141,14 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// Whether a commit of outcome records alone waits for PostgreSQL's WAL flush.
     pub outcome_commit: OutcomeCommit,
+    /// How long a replica answers 429 for a quota window the database called full before
+    /// it asks the database again (0: ask every time). See [`crate::quota::FullWindows`].
+    pub quota_full_recheck_ms: u64,
 }
+
+/// The longest `database.quota_full_recheck_ms`: a slot given back on another replica
+/// is seen at most this late.
+pub const MAX_QUOTA_FULL_RECHECK_MS: u64 = 60_000;
 
 /// How PostgreSQL commits a statement that records outcomes and nothing else
 /// (`database.outcome_commit`). Admissions, claims and every other write always wait for
@@ -167,6 +174,7 @@ impl Default for DatabaseSettings {
             acquire_timeout_ms: 3000,
             migrate_on_start: true,
             outcome_commit: OutcomeCommit::Durable,
+            quota_full_recheck_ms: 1000,
         }
     }
 }
@@ -811,6 +819,12 @@ impl Config {
                 return Err(ConfigError(format!("{name} must be at least 1")));
             }
         }
+        if settings.database.quota_full_recheck_ms > MAX_QUOTA_FULL_RECHECK_MS {
+            return Err(ConfigError(format!(
+                "database.quota_full_recheck_ms must be at most {MAX_QUOTA_FULL_RECHECK_MS} \
+                 (a slot given back on another replica is seen that late); 0 turns it off"
+            )));
+        }
         let p = &settings.poller;
         if p.backoff_secs.is_empty() || p.backoff_secs.contains(&0) {
             return Err(ConfigError(
@@ -1239,6 +1253,18 @@ mod tests {
         assert!(
             err.contains("durable") && err.contains("relaxed"),
             "names the choices: {err}"
+        );
+    }
+
+    #[test]
+    fn quota_full_recheck_defaults_to_a_second_may_be_off_and_is_bounded() {
+        assert_eq!(Settings::default().database.quota_full_recheck_ms, 1000);
+        let off = Config::resolve(settings("[database]\nquota_full_recheck_ms = 0\n")).unwrap();
+        assert_eq!(off.settings.database.quota_full_recheck_ms, 0);
+        let err = resolve_err("[database]\nquota_full_recheck_ms = 60001\n");
+        assert!(
+            err.contains("database.quota_full_recheck_ms must be at most 60000"),
+            "{err}"
         );
     }
 

@@ -29,7 +29,7 @@ use crate::delivery::{self, Breaker, BreakerConfig};
 use crate::error::{ApiError, UmengDetail};
 use crate::metrics::{self, PushOutcome};
 use crate::push::{AppProfile, PreparedPush, PushRequest};
-use crate::quota::{QuotaKind, QuotaState};
+use crate::quota::{FullWindows, QuotaKind, QuotaState};
 use crate::store::{
     Admission, AsyncDelivery, Attempt, DeliveryClaim, DeliveryMode, DeliveryRetry, Finish, NewPush,
     PushRecord, PushStatus, QuotaAction, QuotaClaim, Store,
@@ -60,6 +60,8 @@ pub struct Gateway {
     pub delivery_wake: delivery::DeliveryWake,
     /// Wakes requests waiting for a parent push to be settled.
     parents_settled: tokio::sync::Notify,
+    /// Quota windows the database called full, answered 429 without asking it again.
+    pub full_windows: FullWindows,
 }
 
 /// What the caller gets after a push was admitted (or replayed).
@@ -149,6 +151,9 @@ impl Gateway {
             failures: config.settings.umeng.breaker_failures,
             cooldown: Duration::from_secs(config.settings.umeng.breaker_cooldown_secs),
         });
+        let full_windows = FullWindows::new(Duration::from_millis(
+            config.settings.database.quota_full_recheck_ms,
+        ));
         Gateway {
             config,
             store,
@@ -159,6 +164,7 @@ impl Gateway {
             unrecorded: Arc::new(AtomicUsize::new(0)),
             delivery_wake: delivery::DeliveryWake::default(),
             parents_settled: tokio::sync::Notify::new(),
+            full_windows,
         }
     }
 
@@ -275,6 +281,7 @@ impl Gateway {
             gateway: self,
             push_id: &push_id,
             admitted_at,
+            slot: (&app.app.appkey, prepared.counted_quota()),
         };
 
         // Every Umeng call made for this push, recorded with its outcome.
@@ -421,6 +428,7 @@ impl Gateway {
                     let mut full = now;
                     full.used = full.used.max(full.limit);
                     metrics::quota_remaining(app_name, &full);
+                    self.full_windows.learn(&app.app.appkey, &now);
                     *retry_after = now.reset_after_secs.max(1);
                     *quota = Some(now);
                 }
@@ -442,6 +450,14 @@ impl Gateway {
     ) -> Result<Admitted, ApiError> {
         let out_biz_no = new.out_biz_no.clone();
         let app_name = app.app.name.as_str();
+        // A push that would take its slot now, for a window known full, is refused here.
+        let takes_slot_now = !new.delivery.as_ref().is_some_and(|d| d.defer_quota);
+        if let Some(claim) = quota.filter(|_| takes_slot_now) {
+            if let Some(full) = self.known_full(app, claim, out_biz_no.as_deref()).await {
+                metrics::quota_full_window_answer(app_name, claim.kind.as_str());
+                return Ok(rate_limited(app, full));
+            }
+        }
         let admission = self.store.admit(new, quota).await.map_err(|e| match e {
             crate::store::StoreError::Unavailable(m) => {
                 ApiError::Unavailable(format!("cannot record the push, nothing was sent: {m}"))
@@ -459,22 +475,14 @@ impl Gateway {
                 }
                 if let Some(q) = &quota {
                     metrics::quota_remaining(app_name, q);
+                    self.full_windows.learn(&app.app.appkey, q);
                 }
                 Admitted::Go { push_id, quota }
             }
             Admission::RateLimited { quota } => {
-                metrics::quota_rejection(app_name, &quota.kind.to_string(), false);
                 metrics::quota_remaining(app_name, &quota);
-                Admitted::Answer(
-                    PushOutcome::RateLimited,
-                    Err(ApiError::RateLimited {
-                        retry_after: quota.reset_after_secs.max(1),
-                        quota: Some(quota),
-                        app: app.app.name.clone(),
-                        from_umeng: false,
-                        push_id: None,
-                    }),
-                )
+                self.full_windows.learn(&app.app.appkey, &quota);
+                rate_limited(app, quota)
             }
             Admission::Replay { push } => Admitted::Answer(PushOutcome::Replayed, replay(&push)),
             Admission::InFlight { push_id } => Admitted::Answer(
@@ -492,6 +500,41 @@ impl Gateway {
                 }),
             ),
         })
+    }
+
+    /// The state of the window `claim` would take a slot of, if this replica knows it is
+    /// full ([`FullWindows`]). A push with an `out_biz_no` that names a push already is
+    /// left to the database, which answers it as a replay, 409 or 422 whatever the quota.
+    async fn known_full(
+        &self,
+        app: &AppRuntime,
+        claim: QuotaClaim,
+        out_biz_no: Option<&str>,
+    ) -> Option<QuotaState> {
+        let appkey = &app.app.appkey;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let full = self
+            .full_windows
+            .full_now(appkey, claim.kind, claim.limit, now)?;
+        match out_biz_no {
+            None => Some(full),
+            Some(key) => match self.store.key_taken(appkey, key).await {
+                Ok(false) => Some(full),
+                Ok(true) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "idempotency key lookup failed; admitting as usual");
+                    None
+                }
+            },
+        }
+    }
+
+    /// This replica gave a slot of `kind`'s current window back: the window is no longer
+    /// known full.
+    pub fn slot_returned(&self, appkey: &str, kind: Option<QuotaKind>) {
+        if let Some(kind) = kind {
+            self.full_windows.forget(appkey, kind);
+        }
     }
 
     /// Upload a token/alias file, reusing an earlier upload of identical content.
@@ -1005,7 +1048,12 @@ impl Gateway {
     }
 
     async fn retry_claim(&self, claim: &DeliveryClaim, retry: DeliveryRetry) {
-        match self.store.retry_delivery(claim, retry).await {
+        let refund = retry.refund;
+        let recorded = self.store.retry_delivery(claim, retry).await;
+        if refund {
+            self.slot_returned(&claim.appkey, claim.quota_kind);
+        }
+        match recorded {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(push.id = %claim.push_id, "the push's delivery claim was taken over (its lease ran out); this attempt's record was dropped")
@@ -1025,6 +1073,7 @@ impl Gateway {
             gateway: self,
             push_id: &claim.push_id,
             admitted_at: tokio::time::Instant::now(),
+            slot: (&claim.appkey, claim.quota_kind),
         };
         recorder.finish(finish).await;
         if let Some(parent) = &claim.parent_id {
@@ -1074,6 +1123,21 @@ fn quota_action(effect: QuotaEffect, kind: Option<QuotaKind>, app: &AppRuntime) 
         (QuotaEffect::Saturate, Some(kind)) => QuotaAction::Saturate(app.app.quotas[&kind].window),
         (QuotaEffect::Saturate, None) => QuotaAction::Keep,
     }
+}
+
+/// A 429 for a full window, counted as the gateway's own refusal.
+fn rate_limited(app: &AppRuntime, quota: QuotaState) -> Admitted {
+    metrics::quota_rejection(&app.app.name, quota.kind.as_str(), false);
+    Admitted::Answer(
+        PushOutcome::RateLimited,
+        Err(ApiError::RateLimited {
+            retry_after: quota.reset_after_secs.max(1),
+            quota: Some(quota),
+            app: app.app.name.clone(),
+            from_umeng: false,
+            push_id: None,
+        }),
+    )
 }
 
 /// Counts a claimed push's final outcome in `pushes_total`.
@@ -1207,6 +1271,8 @@ struct Recorder<'a> {
     gateway: &'a Gateway,
     push_id: &'a str,
     admitted_at: tokio::time::Instant,
+    /// The appkey and the bucket the push counts in, if any: a refund reopens its window.
+    slot: (&'a str, Option<QuotaKind>),
 }
 
 impl Recorder<'_> {
@@ -1215,7 +1281,17 @@ impl Recorder<'_> {
     /// keeps being retried in the background (backing off to 5 s) until
     /// [`Recorder::deadline`] after admission. A record that lands after the sweeper marked
     /// the row `unknown` replaces that guess (unless a retry took the key over meanwhile).
+    /// A slot given back reopens its window in this replica's memory once recorded (or
+    /// handed to the background retries).
     async fn finish(&self, finish: Finish) {
+        let refund = finish.quota == QuotaAction::Refund;
+        self.record(finish).await;
+        if refund {
+            self.gateway.slot_returned(self.slot.0, self.slot.1);
+        }
+    }
+
+    async fn record(&self, finish: Finish) {
         let push_id = self.push_id;
         let finish = Arc::new(finish);
         let e = match self

@@ -30,6 +30,9 @@ pub const IDEMPOTENT_REPLAYS: &str = "idempotent_replays_total";
 /// Pushes refused because a quota window was full: `app`, `kind`, `source` (`local` or
 /// `umeng` for Umeng's 2050).
 pub const QUOTA_REJECTIONS: &str = "quota_rejections_total";
+/// Of the `local` quota rejections, those answered from this replica's memory of a full
+/// window without asking the database: `app`, `kind`.
+pub const QUOTA_FULL_WINDOW_ANSWERS: &str = "quota_full_window_answers_total";
 /// Database pool connections at scrape time: `state` (`idle`, `in_use`).
 pub const DB_POOL_CONNECTIONS: &str = "db_pool_connections";
 /// Gauge: the Umeng circuit breaker (0 closed, 1 half-open, 2 open).
@@ -123,6 +126,10 @@ fn describe() {
     describe_counter!(
         QUOTA_REJECTIONS,
         "Pushes refused for a full quota window, by app, kind and source"
+    );
+    describe_counter!(
+        QUOTA_FULL_WINDOW_ANSWERS,
+        "Local quota rejections answered from this replica's memory of a full window, by app and kind"
     );
     describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state");
     describe_counter!(
@@ -237,6 +244,8 @@ pub fn preregister<'a>(apps: impl IntoIterator<Item = (&'a str, Vec<String>)>) {
                 ::metrics::counter!(QUOTA_REJECTIONS, "app" => app.to_owned(), "kind" => kind.clone(), "source" => source)
                     .increment(0);
             }
+            ::metrics::counter!(QUOTA_FULL_WINDOW_ANSWERS, "app" => app.to_owned(), "kind" => kind.clone())
+                .increment(0);
         }
     }
     for endpoint in UMENG_ENDPOINTS {
@@ -317,6 +326,13 @@ pub fn push(app: &str, cast_type: &str, outcome: PushOutcome) {
 pub fn quota_rejection(app: &str, kind: &str, from_umeng: bool) {
     let source = if from_umeng { "umeng" } else { "local" };
     ::metrics::counter!(QUOTA_REJECTIONS, "app" => app.to_owned(), "kind" => kind.to_owned(), "source" => source)
+        .increment(1);
+}
+
+/// Count a 429 answered from the memory of a full window (also counted by
+/// [`quota_rejection`]).
+pub fn quota_full_window_answer(app: &str, kind: &str) {
+    ::metrics::counter!(QUOTA_FULL_WINDOW_ANSWERS, "app" => app.to_owned(), "kind" => kind.to_owned())
         .increment(1);
 }
 

@@ -812,6 +812,8 @@ async fn withdraw_if_waiting(
     }
     if gateway.store.withdraw(&push.id).await? {
         tracing::info!(push.id = %push.id, client = %caller.name(), "push withdrawn before it was sent");
+        // A slot it held (if any) went back with it.
+        gateway.slot_returned(&push.appkey, push.quota_kind);
     }
     visible_push(gateway, caller, &push.id).await
 }

@@ -1129,6 +1129,10 @@ pub trait Store: Send + Sync + 'static {
         limit: QuotaLimit,
     ) -> StoreResult<QuotaState>;
 
+    /// Whether the idempotency key `out_biz_no` of `appkey` names a push (whatever its
+    /// state). A read: it takes nothing.
+    async fn key_taken(&self, appkey: &str, out_biz_no: &str) -> StoreResult<bool>;
+
     /// A file_id uploaded earlier for the same appkey and content (hex SHA-256), if it
     /// was uploaded less than `max_age_secs` ago.
     async fn find_upload(

@@ -29,6 +29,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// transaction can hold a connection (and the rows it locked) for long. No JIT: the
 /// gateway's statements are short, and compiling one costs 100 ms or more whenever the
 /// planner's estimate passes `jit_above_cost` (stale statistics, a wide history filter).
+const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = $1 and out_biz_no = $2";
+
 const SESSION_OPTIONS: [(&str, &str); 4] = [
     ("statement_timeout", "5s"),
     ("lock_timeout", "2s"),
@@ -808,6 +810,16 @@ impl Store for PgStore {
             window_start: row.try_get("window_start").map_err(map_sqlx)?,
             reset_after_secs: row.try_get("reset_after_secs").map_err(map_sqlx)?,
         })
+    }
+
+    async fn key_taken(&self, appkey: &str, out_biz_no: &str) -> StoreResult<bool> {
+        let taken: Option<i32> = sqlx::query_scalar(KEY_TAKEN)
+            .bind(appkey)
+            .bind(out_biz_no)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(taken.is_some())
     }
 
     async fn find_upload(

@@ -31,6 +31,8 @@ use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a writer waits for another writer before giving up with SQLITE_BUSY.
+const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = ?1 and out_biz_no = ?2";
+
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often, at most, the background checkpointer copies the write-ahead log into the
 /// database (it runs only after writes).
@@ -886,6 +888,16 @@ impl Store for SqliteStore {
             .map_err(map_sqlx)?;
         state.used = used.and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
         Ok(state)
+    }
+
+    async fn key_taken(&self, appkey: &str, out_biz_no: &str) -> StoreResult<bool> {
+        let taken: Option<i32> = sqlx::query_scalar(KEY_TAKEN)
+            .bind(appkey)
+            .bind(out_biz_no)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(taken.is_some())
     }
 
     async fn find_upload(

@@ -17,6 +17,7 @@ mod parts;
 mod process;
 mod proxy;
 mod push_examples;
+mod quota_memory;
 mod reliability;
 mod simulator;
 mod store_background;

@@ -26,13 +26,13 @@ on_both_backends!(
 
 /// One sample line of the Prometheus text format.
 #[derive(Debug)]
-struct Sample {
+pub(crate) struct Sample {
     name: String,
     labels: BTreeMap<String, String>,
     value: f64,
 }
 
-fn parse_samples(text: &str) -> Vec<Sample> {
+pub(crate) fn parse_samples(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -68,7 +68,7 @@ fn parse_samples(text: &str) -> Vec<Sample> {
 }
 
 /// The value of the series `name` whose labels include all of `labels` (0 when absent).
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
@@ -81,7 +81,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-async fn scrape(app: &TestApp) -> (String, Vec<Sample>) {
+pub(crate) async fn scrape(app: &TestApp) -> (String, Vec<Sample>) {
     let r = app
         .http
         .get(format!("{}/metrics", app.base))
@@ -98,7 +98,7 @@ async fn scrape(app: &TestApp) -> (String, Vec<Sample>) {
 
 /// Test settings whose two apps carry names no other test uses: the recorder is shared by
 /// every gateway in this process, and the `app` label keeps this test's series apart.
-fn settings_with_own_apps(env: &TestEnv, android: &str, ios: &str) -> Settings {
+pub(crate) fn settings_with_own_apps(env: &TestEnv, android: &str, ios: &str) -> Settings {
     let mut s = env.settings();
     s.apps[0].name = android.into();
     s.apps[1].name = ios.into();

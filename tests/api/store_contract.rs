@@ -506,9 +506,20 @@ async fn rate_limited_key_is_free_afterwards(ctx: StoreCtx) {
         "{limited:?}"
     );
 
+    // The admitted key names a push; the rejected one names none, for this appkey only.
+    let taken = |appkey: &'static str, key: &'static str| store.key_taken(appkey, key);
+    assert!(taken(APPKEY, "biz-1").await.unwrap());
+    assert!(!taken(APPKEY, "biz-2").await.unwrap());
+    assert!(!taken("appkey-2", "biz-1").await.unwrap());
+
     // A slot comes back; the rejected key was never claimed.
     assert!(finish_ok(store, &first, failed()).await);
+    assert!(
+        taken(APPKEY, "biz-1").await.unwrap(),
+        "a failed push still names its key"
+    );
     let again = admit(store, new_push(Some("biz-2")), Some(groupcast(1))).await;
+    assert!(taken(APPKEY, "biz-2").await.unwrap());
 
     assert!(
         matches!(
