@@ -71,9 +71,14 @@ const INSERT_PUSH: &str = "insert into pushes (id, app, appkey, platform, cast_t
 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?17, ?11, ?12, ?13, ?14, ?15, ?16, ?16, ?18, ?19,
     ?20, ?21, ?22, ?23, ?24)";
 
-const INSERT_KEY: &str = "insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id,
-    created_at)
-values (?1, ?2, ?3, ?4, ?5)";
+/// The key for the push, unless it names a push already (then nothing is written).
+const INSERT_FREE_KEY: &str = "insert into idempotency_keys (appkey, out_biz_no, fingerprint,
+    push_id, created_at)
+values (?1, ?2, ?3, ?4, ?5)
+on conflict (appkey, out_biz_no) do nothing";
+
+/// Undoes a row just inserted in the same transaction.
+const DELETE_PUSH: &str = "delete from pushes where id = ?1";
 
 const RECLAIM_KEY: &str = "update idempotency_keys
    set push_id = ?3, fingerprint = ?4, created_at = ?5
@@ -995,6 +1000,22 @@ pub(super) async fn admit_in(
         });
     }
     let quota = quota.filter(|_| deferred.is_none());
+    if let (Some(key), None) = (&push.out_biz_no, quota) {
+        // Nothing to count: the row, and the key if no push holds it yet (the common
+        // case, two statements). A key held already undoes the row and is looked at below.
+        insert_push(conn, push, deferred, None, now).await?;
+        if claim_free_key(conn, push, key, now).await? {
+            return Ok(Admission::Admitted {
+                push_id: push.id.clone(),
+                quota: None,
+                reclaimed_from: None,
+            });
+        }
+        sqlx::query(DELETE_PUSH)
+            .bind(&push.id)
+            .execute(&mut *conn)
+            .await?;
+    }
     let window = quota.map(|claim| window_of(claim, now, 0));
 
     let mut reclaimed_from = None;
@@ -1132,14 +1153,10 @@ async fn admit_rows(
                 }
             }
             None => {
-                sqlx::query(INSERT_KEY)
-                    .bind(&push.appkey)
-                    .bind(key)
-                    .bind(&push.fingerprint)
-                    .bind(&push.id)
-                    .bind(now)
-                    .execute(&mut *conn)
-                    .await?;
+                // Checked free above, and writers are serialised.
+                if !claim_free_key(conn, push, key, now).await? {
+                    return Err(decode_err(format!("key {key} was claimed meanwhile")));
+                }
             }
         }
     }
@@ -1148,6 +1165,24 @@ async fn admit_rows(
         quota: state,
         reclaimed_from,
     })
+}
+
+/// Claim `key` for `push` (its row written already); false if a push holds it.
+async fn claim_free_key(
+    conn: &mut SqliteConnection,
+    push: &NewPush,
+    key: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let claimed = sqlx::query(INSERT_FREE_KEY)
+        .bind(&push.appkey)
+        .bind(key)
+        .bind(&push.fingerprint)
+        .bind(&push.id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    Ok(claimed.rows_affected() == 1)
 }
 
 /// The start (epoch seconds) of the Beijing-time window of `unit` seconds containing

@@ -23,6 +23,7 @@ crate::store_cases!(
     concurrent_admissions_across_two_stores_respect_the_limit,
     concurrent_admissions_of_one_key_admit_one,
     repeat_after_accepted_replays_and_mismatch_is_reported,
+    a_held_key_without_a_slot_is_answered_and_leaves_no_row,
     failed_push_key_is_reclaimed_once,
     unknown_task_class_reclaims_but_unknown_unicast_replays,
     refund_returns_the_slot_once_to_the_original_window,
@@ -639,6 +640,43 @@ async fn repeat_after_accepted_replays_and_mismatch_is_reported(ctx: StoreCtx) {
         admit(store, other, None).await,
         Admission::Admitted { .. }
     ));
+}
+
+/// Keyed pushes that count in no bucket: a key no push holds is claimed with the row, and
+/// a held one is answered as it is (in flight, mismatch, replay) with nothing written.
+async fn a_held_key_without_a_slot_is_answered_and_leaves_no_row(ctx: StoreCtx) {
+    let store = &ctx.store;
+    let id = admitted(store, unicast(Some("u-1")), None).await;
+
+    let in_flight = admit(store, unicast(Some("u-1")), None).await;
+    let changed = NewPush {
+        fingerprint: "fp-2".into(),
+        ..unicast(Some("u-1"))
+    };
+    let mismatch = admit(store, changed, None).await;
+    assert!(finish_ok(store, &id, finish(PushStatus::Accepted, QuotaAction::Keep)).await);
+    let replay = admit(store, unicast(Some("u-1")), None).await;
+
+    assert!(
+        matches!(&in_flight, Admission::InFlight { push_id } if *push_id == id),
+        "{in_flight:?}"
+    );
+    assert!(
+        matches!(&mismatch, Admission::Mismatch { push_id } if *push_id == id),
+        "{mismatch:?}"
+    );
+    assert!(
+        matches!(&replay, Admission::Replay { push } if push.id == id),
+        "{replay:?}"
+    );
+    assert_eq!(
+        list(store, all(50)).await,
+        vec![id.clone()],
+        "no row but the first"
+    );
+    assert!(store.key_taken(APPKEY, "u-1").await.unwrap());
+    let record = store.get_push(&id).await.unwrap().expect("the first push");
+    assert_eq!(record.status, PushStatus::Accepted);
 }
 
 async fn failed_push_key_is_reclaimed_once(ctx: StoreCtx) {
