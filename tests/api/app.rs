@@ -9,7 +9,9 @@ use umeng_push_gateway::config::{
     AppGroupSettings, AppSettings, ClientSettings, Config, QuotaSettings, Scope, Settings,
 };
 use umeng_push_gateway::secret::Secret;
-use umeng_push_gateway::simulator::{self, SimApp, SimPlatform, SimulatorConfig, SimulatorHandle};
+use umeng_push_gateway::simulator::{
+    self, Fault, FaultKind, SimApp, SimPlatform, SimulatorConfig, SimulatorHandle,
+};
 use umeng_push_gateway::startup::Application;
 use umeng_push_gateway::umeng::Platform;
 
@@ -231,6 +233,19 @@ pub fn init_test_log() {
             level: "debug".into(),
             ..Default::default()
         });
+    }
+}
+
+/// A fault for the simulator: the Android app's next send is answered FAIL `code`.
+pub fn android_send_fails_once(code: &str, message: Option<&str>) -> Fault {
+    Fault {
+        appkey: Some(ANDROID_KEY.into()),
+        path: Some("/api/send".into()),
+        kind: FaultKind::ErrorCode {
+            code: code.into(),
+            message: message.map(Into::into),
+        },
+        times: Some(1),
     }
 }
 

@@ -275,15 +275,8 @@ fn production_groupcast(key: &str) -> Value {
 async fn umeng_fail_gives_502_and_releases_the_slot(backend: Backend) {
     let env = TestEnv::new(backend).await;
     let app = env.spawn_app().await;
-    env.sim.add_fault(Fault {
-        appkey: Some(ANDROID_KEY.into()),
-        path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode {
-            code: "2022".into(),
-            message: Some("payload too long".into()),
-        },
-        times: Some(1),
-    });
+    env.sim
+        .add_fault(android_send_fails_once("2022", Some("payload too long")));
     let r = app.post_push(&production_groupcast("fail-1")).await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();

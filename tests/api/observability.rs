@@ -217,15 +217,7 @@ async fn metrics_count_pushes_by_outcome(backend: Backend) {
     let r = app.post_push(&groupcast("m-1")).await;
     assert_eq!(r.headers()["idempotent-replayed"], "true");
     assert_eq!(app.post_push(&groupcast("m-2")).await.status(), 429);
-    env.sim.add_fault(Fault {
-        appkey: Some(ANDROID_KEY.into()),
-        path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode {
-            code: "2022".into(),
-            message: None,
-        },
-        times: Some(1),
-    });
+    env.sim.add_fault(android_send_fails_once("2022", None));
     let mut unicast = push_body(ANDROID_APP, "unicast");
     unicast["app"] = json!(android);
     assert_eq!(app.post_push(&unicast).await.status(), 502);
@@ -374,15 +366,8 @@ async fn logs_carry_the_request_id_and_no_secret_sign_or_token(backend: Backend)
     // Arrange: the real binary, JSON logs at debug, one Umeng FAIL queued.
     let env = TestEnv::new(backend).await;
     let gw = GatewayProcess::start(&config_toml(&env)).await;
-    env.sim.add_fault(Fault {
-        appkey: Some(ANDROID_KEY.into()),
-        path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode {
-            code: "2022".into(),
-            message: Some("payload too long".into()),
-        },
-        times: Some(1),
-    });
+    env.sim
+        .add_fault(android_send_fails_once("2022", Some("payload too long")));
     let http = reqwest::Client::new();
     let aliases = ["alias-user-0123456789abcdef", "alias-user-fedcba9876543210"];
 

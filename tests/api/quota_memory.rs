@@ -10,7 +10,6 @@ use reqwest::Response;
 use serde_json::{json, Value};
 use umeng_push_gateway::config::Settings;
 use umeng_push_gateway::quota::{QuotaLimit, WindowUnit};
-use umeng_push_gateway::simulator::{Fault, FaultKind};
 
 use crate::app::*;
 use crate::observability::{scrape, settings_with_own_apps, value};
@@ -194,22 +193,10 @@ async fn with_the_memory_off_every_admission_asks_the_database(backend: Backend)
     );
 }
 
-/// Umeng refusing the next send for good (2022): its slot goes back.
-fn refusal() -> Fault {
-    Fault {
-        appkey: Some(ANDROID_KEY.into()),
-        path: Some("/api/send".into()),
-        kind: FaultKind::ErrorCode {
-            code: "2022".into(),
-            message: None,
-        },
-        times: Some(1),
-    }
-}
-
 async fn a_slot_umeng_gives_back_reopens_the_window_at_once(backend: Backend) {
     // Arrange: each failing push takes the window's one slot (so this replica knows it
-    // full), then Umeng refuses it for good (2022) and the slot goes back.
+    // full), then Umeng refuses it for good (2022: a FAIL that is not 2050) and the slot
+    // goes back.
     let env = TestEnv::new(backend).await;
     let app = own_name("qu");
     let mut settings = env.fast_delivery(one_slot(&env, &app, 60_000));
@@ -217,7 +204,7 @@ async fn a_slot_umeng_gives_back_reopens_the_window_at_once(backend: Backend) {
     let gw = env.spawn_app_with(settings).await;
 
     // Synchronous: the failed send's record gives the slot back, and the memory with it.
-    env.sim.add_fault(refusal());
+    env.sim.add_fault(android_send_fails_once("2022", None));
     assert_eq!(
         gw.post_push(&groupcast(&app, Some("s-1"))).await.status(),
         502
@@ -233,7 +220,7 @@ async fn a_slot_umeng_gives_back_reopens_the_window_at_once(backend: Backend) {
     let mut settings = env.fast_delivery(one_slot(&env, &other, 60_000));
     settings.delivery.enabled = true;
     let gw2 = env.spawn_app_with(settings).await;
-    env.sim.add_fault(refusal());
+    env.sim.add_fault(android_send_fails_once("2022", None));
     let r = gw2.post_push_async(&groupcast(&other, Some("a-1"))).await;
     assert_eq!(r.status(), 202);
     let id = r.json::<Value>().await.unwrap()["id"]
