@@ -29,8 +29,6 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// transaction can hold a connection (and the rows it locked) for long. No JIT: the
 /// gateway's statements are short, and compiling one costs 100 ms or more whenever the
 /// planner's estimate passes `jit_above_cost` (stale statistics, a wide history filter).
-const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = $1 and out_biz_no = $2";
-
 const SESSION_OPTIONS: [(&str, &str); 4] = [
     ("statement_timeout", "5s"),
     ("lock_timeout", "2s"),
@@ -273,6 +271,9 @@ const QUEUE_STATS: &str = "select app, status, count(*) as n,
  where status in ('awaiting_send', 'awaiting_send_at', 'awaiting_quota')
     or (status = 'pending' and delivery is not null and parts is null)
  group by app, status";
+
+/// Whether a key names a push ([`Store::key_taken`]).
+const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = $1 and out_biz_no = $2";
 
 const QUOTA_STATE: &str = "with c as (
     select extract(epoch from now())::float8 as e

@@ -31,8 +31,6 @@ use crate::quota::{QuotaKind, QuotaLimit, QuotaState};
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a writer waits for another writer before giving up with SQLITE_BUSY.
-const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = ?1 and out_biz_no = ?2";
-
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often, at most, the background checkpointer copies the write-ahead log into the
 /// database (it runs only after writes).
@@ -63,6 +61,9 @@ const SUMMARY_COLUMNS: &str = "id, app, platform, cast_type, task_class, product
 const KEY_OWNER: &str = "select k.fingerprint, k.push_id, p.status, p.delivery
   from idempotency_keys k join pushes p on p.id = k.push_id
  where k.appkey = ?1 and k.out_biz_no = ?2";
+
+/// Whether a key names a push ([`Store::key_taken`]).
+const KEY_TAKEN: &str = "select 1 from idempotency_keys where appkey = ?1 and out_biz_no = ?2";
 
 const INSERT_PUSH: &str = "insert into pushes (id, app, appkey, platform, cast_type, task_class,
     production_mode, client, out_biz_no, fingerprint, status, description, request,

@@ -199,9 +199,7 @@ async fn a_slot_umeng_gives_back_reopens_the_window_at_once(backend: Backend) {
     // goes back.
     let env = TestEnv::new(backend).await;
     let app = own_name("qu");
-    let mut settings = env.fast_delivery(one_slot(&env, &app, 60_000));
-    settings.delivery.enabled = true;
-    let gw = env.spawn_app_with(settings).await;
+    let gw = env.spawn_app_with(one_slot(&env, &app, 60_000)).await;
 
     // Synchronous: the failed send's record gives the slot back, and the memory with it.
     env.sim.add_fault(android_send_fails_once("2022", None));
@@ -214,7 +212,8 @@ async fn a_slot_umeng_gives_back_reopens_the_window_at_once(backend: Backend) {
     assert_full(gw.post_push(&groupcast(&app, None)).await).await;
     assert_eq!(rejections(&gw, &app).await, (1.0, 1.0));
 
-    // Asynchronous (a database and an app of its own): the push fails in the worker.
+    // Asynchronous (a database and an app of its own, and a delivery worker): the push
+    // fails in the worker.
     let env = TestEnv::new(backend).await;
     let other = own_name("qu2");
     let mut settings = env.fast_delivery(one_slot(&env, &other, 60_000));
