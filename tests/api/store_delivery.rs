@@ -24,6 +24,7 @@ crate::store_cases!(
     a_retry_gives_the_slot_back_and_the_next_claim_takes_one,
     withdraw_cancels_only_waiting_pushes_and_gives_the_slot_back,
     a_push_past_its_deadline_fails_at_the_claim,
+    pushes_a_claim_cannot_take_do_not_keep_it_from_the_next,
     the_per_app_limit_caps_a_claim,
     a_claim_takes_the_oldest_due_across_apps_within_each_limit,
     queue_stats_count_each_state,
@@ -370,6 +371,64 @@ async fn a_push_past_its_deadline_fails_at_the_claim(ctx: StoreCtx) {
         (PushStatus::Failed, Some("delivery_expired"))
     );
     assert_eq!(used(store, 5).await, 0, "its slot goes back");
+}
+
+/// A claim for one free slot whose first push is past its deadline, with more such
+/// pushes and a full quota window behind it, still reaches a push it can send (on
+/// PostgreSQL, in a second pass that starts where the first stopped), and fails on its way
+/// every expired push it read.
+async fn pushes_a_claim_cannot_take_do_not_keep_it_from_the_next(ctx: StoreCtx) {
+    // Arrange: two expired pushes, one that finds its window full, then one without a quota.
+    let store = &ctx.store;
+    let mut expired = Vec::new();
+    for _ in 0..2 {
+        let mut d = delivery(false, false, false);
+        d.deliver_by = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+        expired.push(admit(store, push(false, d), None).await);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let taker = admit(
+        store,
+        push(true, delivery(false, false, true)),
+        Some(groupcast_quota(1)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let full = admit(
+        store,
+        push(true, delivery(false, false, true)),
+        Some(groupcast_quota(1)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let fresh = admit(store, push(false, delivery(false, false, false)), None).await;
+    let one_slot = apps(1);
+    let one = |limit| store.claim_deliveries(limit, Duration::from_secs(60), &one_slot);
+    let ids = |claims: Vec<DeliveryClaim>| -> Vec<String> {
+        claims.into_iter().map(|c| c.push_id).collect()
+    };
+
+    // Act: a claim of one takes the groupcast that finds its slot; the next, the unicast.
+    let first = ids(one(1).await.expect("claim"));
+    let second = ids(one(1).await.expect("claim"));
+
+    // Assert
+    assert_eq!(first, [taker]);
+    assert_eq!(second, [fresh], "the full window's push is not taken");
+    for id in &expired {
+        let r = store.get_push(id).await.unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.error_code.as_deref()),
+            (PushStatus::Failed, Some("delivery_expired"))
+        );
+    }
+    let r = store.get_push(&full).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_code.as_deref()),
+        (PushStatus::Failed, Some("quota_exhausted")),
+        "a push that may not wait fails when its window is full"
+    );
+    assert_eq!(used(store, 1).await, 1);
 }
 
 async fn the_per_app_limit_caps_a_claim(ctx: StoreCtx) {
