@@ -309,7 +309,31 @@ pub struct PgStore {
     read_pool: PgPool,
     /// Admissions and outcome records, written in batches (group commit).
     writers: super::pg_batch::Writers,
+    /// The delivery worker's claims, one at a time ([`ClaimLane`]).
+    claims: Arc<tokio::sync::Mutex<ClaimLane>>,
 }
+
+/// The connection of the delivery worker's claims. sqlx pings every connection given back
+/// to its pool, a round trip per claim, so a claim that took pushes keeps its connection
+/// for the next one. A claim that found nothing gives it back (the worker may be idle
+/// now), and so does a failed one; a connection kept unused for [`PING_IF_IDLE`] goes back
+/// before its next claim, so that the pool's ping checks it as it checks any idle one.
+struct ClaimLane {
+    lane: super::batch::Lane<Postgres>,
+    last_used: std::time::Instant,
+}
+
+impl std::fmt::Debug for ClaimLane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimLane")
+            .field("last_used", &self.last_used)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Claims keep a connection only when the pool has at least this many: with the writers'
+/// (`pg_batch::KEEP_FROM`), the kept connections are then at most half of the pool.
+const KEEP_CLAIMS_FROM: u32 = 8;
 
 impl PgStore {
     /// Connect to `url` (`postgres://` or `postgresql://`). Fails fast when the server
@@ -344,10 +368,16 @@ impl PgStore {
                 other => other,
             })?;
         let writers = super::pg_batch::Writers::start(pool.clone(), options.outcome_commit);
+        let keep_claims = pool.options().get_max_connections() >= KEEP_CLAIMS_FROM;
+        let claims = Arc::new(tokio::sync::Mutex::new(ClaimLane {
+            lane: super::batch::Lane::new(pool.clone(), keep_claims),
+            last_used: std::time::Instant::now(),
+        }));
         Ok(Self {
             pool,
             read_pool,
             writers,
+            claims,
         })
     }
 
@@ -642,11 +672,26 @@ impl Store for PgStore {
             .bind(appkeys)
             .bind(limits)
             .bind(due_from);
-        let pool = self.pool.clone();
+        let claims = Arc::clone(&self.claims);
         // The claim locks rows and takes quota slots: it runs to completion even if the
         // caller is dropped.
-        let claimed =
-            run_detached(async move { query.fetch_all(&pool).await.map_err(map_sqlx) }).await?;
+        let claimed = run_detached(async move {
+            let mut claims = claims.lock().await;
+            if claims.last_used.elapsed() >= PING_IF_IDLE {
+                claims.lane.idle();
+            }
+            let result = match claims.lane.conn().await {
+                Ok(conn) => query.fetch_all(conn).await,
+                Err(e) => Err(e),
+            };
+            claims.lane.after(result.is_ok());
+            if result.as_ref().is_ok_and(Vec::is_empty) {
+                claims.lane.idle();
+            }
+            claims.last_used = std::time::Instant::now();
+            result.map_err(map_sqlx)
+        })
+        .await?;
         let mut out = Vec::with_capacity(claimed.len());
         for row in &claimed {
             let id: String = row.try_get("id").map_err(map_sqlx)?;

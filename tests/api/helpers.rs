@@ -87,6 +87,20 @@ impl PgTestDb {
         &self.name
     }
 
+    /// The server ends every session on this database, as a restart or a failover does;
+    /// pools find out at their next statement.
+    pub async fn drop_sessions(&self) {
+        let mut admin = admin_connection(&pg_admin_url()).await;
+        sqlx::query(
+            "select pg_terminate_backend(pid) from pg_stat_activity
+              where datname = $1 and pid <> pg_backend_pid()",
+        )
+        .bind(&self.name)
+        .execute(&mut admin)
+        .await
+        .expect("terminate sessions");
+    }
+
     /// A second, independent store (its own pool) on the same database: another replica.
     pub async fn connect_again(&self) -> Arc<dyn Store> {
         self.connect_with(&test_pool_options()).await

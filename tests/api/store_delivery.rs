@@ -431,6 +431,49 @@ async fn pushes_a_claim_cannot_take_do_not_keep_it_from_the_next(ctx: StoreCtx) 
     assert_eq!(used(store, 1).await, 1);
 }
 
+/// The delivery claim keeps its PostgreSQL connection from one claim that took pushes to
+/// the next. When the server ends that session (a restart, a failover), one claim may fail;
+/// the next runs on a fresh connection and takes what is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_claim_after_its_session_ended_reconnects() {
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let crate::helpers::TestDb::Postgres(db) = &ctx.db else {
+        unreachable!()
+    };
+    let store = &ctx.store;
+    let first = admit(store, push(false, delivery(false, false, false)), None).await;
+    let second = admit(store, push(false, delivery(false, false, false)), None).await;
+    let took: Vec<String> = claim(store, 1, 60_000)
+        .await
+        .into_iter()
+        .map(|c| c.push_id)
+        .collect();
+    assert_eq!(took, [first]);
+
+    db.drop_sessions().await;
+    let mut failed = 0;
+    let claimed = loop {
+        match store
+            .claim_deliveries(1, Duration::from_secs(60), &apps(10))
+            .await
+        {
+            Ok(claimed) => break claimed,
+            Err(_) if failed == 0 => failed += 1,
+            Err(e) => panic!("a second claim failed too: {e}"),
+        }
+    };
+
+    let took: Vec<String> = claimed.into_iter().map(|c| c.push_id).collect();
+    assert_eq!(
+        took,
+        [second],
+        "the push due is taken once the claim reconnects"
+    );
+}
+
 async fn the_per_app_limit_caps_a_claim(ctx: StoreCtx) {
     let store = &ctx.store;
     for _ in 0..5 {
