@@ -30,7 +30,8 @@
 #   worker drains the queue to the simulator. Reports 202s per second (and × the main
 #   scenario's synchronous rate, when both ran), the drain (pushes accepted by Umeng per
 #   second from the first 202 until the queue is empty), the queue's peak depth (sampled
-#   every 0.25 s) and the gateway's peak RSS. Then the intake again with the simulator
+#   every 0.25 s), pushes per claim of the worker (from `delivery_claims_total`; over the intake
+#   and the drain, or the intake alone with a slow upstream) and the gateway's peak RSS. Then the intake again with the simulator
 #   answering sends after BENCH_UPSTREAM_MS, as Umeng does: the worker's sends then take the
 #   time they take in production instead of competing with the intake for the CPU at full
 #   speed (that run's queue drains afterwards with the latency removed, unmeasured).
@@ -464,8 +465,27 @@ accepted_async() { # backend, database url or file
     db_count "$1" "$2" "select count(*) from pushes where delivery = 'async' and status = 'accepted'"
 }
 
+# The claims of the first gateway's delivery worker that took pushes, so far (empty when
+# the build has no such counter).
+claims_took() {
+    # awk reads to the end: leaving early would fail curl's write (and the pipeline).
+    { curl -fsS "http://127.0.0.1:$GW_PORT/metrics" 2>/dev/null || true; } \
+        | awk '/^delivery_claims_total\{result="took"\}/ && !n { n = $2 } END { print n }'
+}
+
+# Records the claims that took pushes since $3 (a claims_took reading) beside the pushes
+# Umeng accepted meanwhile ($2); nothing for a build without the counter.
+claims_line() { # label, pushes, claims before
+    local claims
+    claims=$(claims_took)
+    [[ $claims =~ ^[0-9]+$ && $3 =~ ^[0-9]+$ ]] || return 0
+    printf '{"kind":"claims","label":"%s","pushes":%s,"claims":%s}\n' \
+        "$1" "$2" "$((claims - $3))" | tee -a "$OUT" >&2
+}
+
 bench_async() { # backend, database url, what queue_depth reads
     local backend=$1 url=$2 where=$3 db= c label start end depth peak sampler pushes before
+    local claims_before claims
     [[ $backend == postgres ]] && db=$PG_DB
     start_gateways "$url" 1
     MEASURED_PIDS=("${GW_PIDS[@]}")
@@ -480,6 +500,7 @@ bench_async() { # backend, database url, what queue_depth reads
         fi
         # Earlier runs on this database count no more.
         before=$(accepted_async "$backend" "$where")
+        claims_before=$(claims_took)
         queue_depth_sampler "$backend" "$where" >"$WORK/depth-$label" &
         sampler=$!
         PIDS+=("$sampler")
@@ -488,6 +509,9 @@ bench_async() { # backend, database url, what queue_depth reads
             --backend "$backend" --concurrency "$c" --scenario async --respond-async \
             --upstream-ms "$up"
         if ((up > 0)); then
+            # Pushes per claim while Umeng is slow: the sends and claims of the intake only.
+            claims_line "$label" "$(($(accepted_async "$backend" "$where") - before))" \
+                "$claims_before"
             # The queue left by a slow upstream would take minutes to drain (the worker's
             # per-app concurrency over the latency); it drains at full speed, unmeasured.
             curl -fsS -o /dev/null -X DELETE "$SIM_URL/_sim/faults"
@@ -510,6 +534,7 @@ bench_async() { # backend, database url, what queue_depth reads
         printf '{"kind":"drain","label":"%s","pushes":%s,"drain_secs":%s,"peak_depth":%s,"left":%s}\n' \
             "$label" "$pushes" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" \
             "${peak:-0}" "${depth:-0}" | tee -a "$OUT" >&2
+        claims_line "$label" "$pushes" "$claims_before"
       done
     done
     stop_gateways

@@ -1028,8 +1028,8 @@ impl<'a> Report<'a> {
         println!();
         println!("Asynchronous delivery: clients send `Prefer: respond-async` for the run's duration (unicast, test mode); the gateway's delivery worker drains the queue to the simulator meanwhile and after. Intake is 202s per second, × the synchronous rate of the main scenario (instant upstream); drain is pushes accepted by Umeng per second, from the first 202 until the queue is empty. With an upstream latency the worker's sends take as long as Umeng's do; that queue drains afterwards unmeasured.");
         println!();
-        println!("| backend | upstream ms | clients | intake 202/s | × sync | p99 ms | pushes | drain s | drain/s | peak queue depth | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("| backend | upstream ms | clients | intake 202/s | × sync | p99 ms | pushes | drain s | drain/s | pushes/claim | peak queue depth | CPU µs/req | PG CPU µs/req | peak RSS MiB | answers |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for v in &runs {
             let label = s(v, "label");
             let drain = self.line_of("drain", &label);
@@ -1048,8 +1048,14 @@ impl<'a> Report<'a> {
             let rate = drain.map_or_else(String::new, |d| {
                 format!("{:.0}", f(d, "pushes") / f(d, "drain_secs"))
             });
+            // Absent for a build without the claims counter.
+            let per_claim = self
+                .line_of("claims", &label)
+                .filter(|c| f(c, "claims") > 0.0)
+                .map(|c| format!("{:.1}", f(c, "pushes") / f(c, "claims")))
+                .unwrap_or_default();
             println!(
-                "| {} | {} | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 s(v, "backend"),
                 u(v, "upstream_ms"),
                 u(v, "concurrency"),
@@ -1059,6 +1065,7 @@ impl<'a> Report<'a> {
                 d("pushes", 0),
                 d("drain_secs", 1),
                 rate,
+                per_claim,
                 d("peak_depth", 0),
                 cost.cpu_us,
                 cost.pg_us,

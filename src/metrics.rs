@@ -48,6 +48,10 @@ pub const QUEUE_OLDEST_DUE: &str = "push_queue_oldest_due_seconds";
 /// Delivery worker attempts by `app` and `outcome` (accepted, failed, rate_limited,
 /// not_sent, timeout, unknown).
 pub const DELIVERY_ATTEMPTS: &str = "delivery_attempts_total";
+/// The delivery worker's claims of due pushes, by `result` (`took`: it took at least one
+/// push; `empty`: it found none it could take; `failed`: the database refused it). Pushes
+/// per claim are `delivery_attempts_total` over the `took` claims.
+pub const DELIVERY_CLAIMS: &str = "delivery_claims_total";
 
 /// Buckets for both latency histograms (seconds): Umeng answers in well under 2 s normally
 /// and may take up to the configured 30 s timeout.
@@ -149,6 +153,10 @@ fn describe() {
         DELIVERY_ATTEMPTS,
         "Delivery worker attempts by app and outcome"
     );
+    describe_counter!(
+        DELIVERY_CLAIMS,
+        "Delivery worker claims of due pushes, by result"
+    );
 }
 
 /// The outcomes of `delivery_attempts_total`.
@@ -169,6 +177,34 @@ pub fn delivery_attempt(app: &str, outcome: &str) {
         .unwrap_or("unknown");
     ::metrics::counter!(DELIVERY_ATTEMPTS, "app" => app.to_owned(), "outcome" => outcome)
         .increment(1);
+}
+
+/// How a delivery worker's claim ended, as the `result` label of `delivery_claims_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// It took at least one push.
+    Took,
+    /// It found nothing it could take.
+    Empty,
+    /// The database refused it.
+    Failed,
+}
+
+impl ClaimResult {
+    pub const ALL: [ClaimResult; 3] = [ClaimResult::Took, ClaimResult::Empty, ClaimResult::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimResult::Took => "took",
+            ClaimResult::Empty => "empty",
+            ClaimResult::Failed => "failed",
+        }
+    }
+}
+
+/// Count one claim of the delivery worker.
+pub fn delivery_claim(result: ClaimResult) {
+    ::metrics::counter!(DELIVERY_CLAIMS, "result" => result.as_str()).increment(1);
 }
 
 /// Set the queue gauges of one app: `depth` per state (every state given, zeros
@@ -254,6 +290,9 @@ pub fn preregister<'a>(apps: impl IntoIterator<Item = (&'a str, Vec<String>)>) {
     }
     for code in ["not_sent", "unknown"] {
         ::metrics::counter!(UMENG_ERRORS, "code" => code).increment(0);
+    }
+    for result in ClaimResult::ALL {
+        ::metrics::counter!(DELIVERY_CLAIMS, "result" => result.as_str()).increment(0);
     }
 }
 

@@ -260,8 +260,16 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             }
         };
         let claims = match claimed {
-            Ok(claims) => claims,
+            Ok(claims) => {
+                metrics::delivery_claim(if claims.is_empty() {
+                    metrics::ClaimResult::Empty
+                } else {
+                    metrics::ClaimResult::Took
+                });
+                claims
+            }
             Err(e) => {
+                metrics::delivery_claim(metrics::ClaimResult::Failed);
                 gateway.breaker.release(permit);
                 tracing::warn!(error = %e, "claiming due pushes failed");
                 tokio::select! {

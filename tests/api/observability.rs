@@ -777,6 +777,14 @@ async fn queue_metrics_show_depth_oldest_due_and_attempts() {
             "delivery_attempts_total {outcome} missing before the first push:\n{text}"
         );
     }
+    // Not labelled by app: other tests' workers in this process may have claimed already.
+    for result in ["took", "empty", "failed"] {
+        assert!(
+            samples.iter().any(|s| s.name == "delivery_claims_total"
+                && s.labels.get("result").map(String::as_str) == Some(result)),
+            "delivery_claims_total {result} missing before the first push:\n{text}"
+        );
+    }
 
     let later = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
         .format(&time::format_description::well_known::Rfc3339)
@@ -822,6 +830,10 @@ async fn queue_metrics_show_depth_oldest_due_and_attempts() {
             &[("app", android.as_str()), ("state", "awaiting_send")],
         );
         if held == 2.0 && attempts == 1.0 && waiting == 0.0 {
+            assert!(
+                value(&samples, "delivery_claims_total", &[("result", "took")]) >= 1.0,
+                "the claim that took the push is counted:\n{text}"
+            );
             assert!(samples
                 .iter()
                 .any(|s| s.name == "push_queue_oldest_due_seconds"
