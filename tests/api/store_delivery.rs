@@ -730,6 +730,73 @@ async fn postgres_the_claim_never_sorts_the_queue() {
         settings, versions,
         "a version of umgw_claim_deliveries lost `set enable_sort = off` or `set jit = off`"
     );
+    // Since migration 0017, the current version (older ones serve older replicas).
+    let current = ctx
+        .db
+        .query_i64(
+            "select count(*) from pg_proc
+              where oid = 'umgw_claim_deliveries(integer, bigint, text[], text[], integer[], timestamptz[])'::regprocedure
+                and 'enable_seqscan=off' = any(proconfig)",
+        )
+        .await;
+    assert_eq!(
+        current, 1,
+        "umgw_claim_deliveries lost `set enable_seqscan = off`"
+    );
+}
+
+/// A session's claims keep finding pushes through the indexes once the queue has grown
+/// (migration 0017). PL/pgSQL keeps a statement's generic plan for the session from its
+/// sixth call on, and one made while the queue was a page long may scan the whole table
+/// at every claim after: 0016's update of the pushes a claim took did, on the session the
+/// worker keeps for its claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_after_a_small_queue_read_no_whole_table() {
+    use sqlx::{Connection, PgConnection};
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let crate::helpers::TestDb::Postgres(db) = &ctx.db else {
+        unreachable!()
+    };
+    let store = &ctx.store;
+    let claim = "select count(*) from umgw_claim_deliveries(8, 60000, array['shop'], array[$1], \
+                 array[10], array[null::timestamptz])";
+    // Scans in this transaction's statistics, not yet flushed: read before and after.
+    let scans = "select coalesce(sum(seq_scan), 0)::bigint from pg_stat_xact_user_tables \
+                 where relname = 'pushes'";
+    let mut conn = PgConnection::connect(db.url()).await.unwrap();
+    // The session's first claims, each taking the one push of a one-page queue.
+    for _ in 0..8 {
+        admit(store, push(false, delivery(false, false, false)), None).await;
+        let took: i64 = sqlx::query_scalar(claim)
+            .bind(APPKEY)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(took, 1);
+    }
+    futures::future::join_all(
+        (0..500).map(|_| admit(store, push(false, delivery(false, false, false)), None)),
+    )
+    .await;
+
+    let mut tx = conn.begin().await.unwrap();
+    let before: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
+    let took: i64 = sqlx::query_scalar(claim)
+        .bind(APPKEY)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let after: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(took, 8);
+    assert_eq!(
+        after - before,
+        0,
+        "a claim read the whole queue of 500 pushes"
+    );
 }
 
 /// Two replicas claiming at the same moment (migration 0014): an older push of a bucket
