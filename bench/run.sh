@@ -30,11 +30,12 @@
 #   worker drains the queue to the simulator. Reports 202s per second (and × the main
 #   scenario's synchronous rate, when both ran), the drain (pushes accepted by Umeng per
 #   second from the first 202 until the queue is empty), the queue's peak depth (sampled
-#   every 0.25 s), pushes per claim of the worker (from `delivery_claims_total`; over the intake
-#   and the drain, or the intake alone with a slow upstream) and the gateway's peak RSS. Then the intake again with the simulator
-#   answering sends after BENCH_UPSTREAM_MS, as Umeng does: the worker's sends then take the
-#   time they take in production instead of competing with the intake for the CPU at full
-#   speed (that run's queue drains afterwards with the latency removed, unmeasured).
+#   every 0.25 s), the worker's pushes per claim (from `delivery_claims_total`; over the
+#   intake and the drain, or the intake alone with a slow upstream) and the gateway's peak
+#   RSS. Then the intake again with the simulator answering sends after BENCH_UPSTREAM_MS,
+#   as Umeng does: the worker's sends then take the time they take in production instead
+#   of competing with the intake for the CPU at full speed (that run's queue drains
+#   afterwards with the latency removed, unmeasured).
 # parts: one request for a large audience, on SQLite and PostgreSQL: a listcast of
 #   BENCH_PARTS_AUDIENCE (10,000) tokens (20 parts of 500) and a customizedcast of as many
 #   aliases, each sent BENCH_PARTS_REPEAT (5) times, synchronously and one at a time: wall
