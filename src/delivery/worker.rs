@@ -259,17 +259,14 @@ async fn run(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
                 return;
             }
         };
+        metrics::delivery_claim(match &claimed {
+            Ok(claims) if claims.is_empty() => metrics::ClaimResult::Empty,
+            Ok(_) => metrics::ClaimResult::Took,
+            Err(_) => metrics::ClaimResult::Failed,
+        });
         let claims = match claimed {
-            Ok(claims) => {
-                metrics::delivery_claim(if claims.is_empty() {
-                    metrics::ClaimResult::Empty
-                } else {
-                    metrics::ClaimResult::Took
-                });
-                claims
-            }
+            Ok(claims) => claims,
             Err(e) => {
-                metrics::delivery_claim(metrics::ClaimResult::Failed);
                 gateway.breaker.release(permit);
                 tracing::warn!(error = %e, "claiming due pushes failed");
                 tokio::select! {

@@ -439,11 +439,8 @@ async fn postgres_a_claim_after_its_session_ended_reconnects() {
     if crate::helpers::skip_postgres() {
         return;
     }
-    let ctx = StoreCtx::postgres().await;
-    let crate::helpers::TestDb::Postgres(db) = &ctx.db else {
-        unreachable!()
-    };
-    let store = &ctx.store;
+    let (store, db) = crate::helpers::postgres_store().await;
+    let store = &store;
     let first = admit(store, push(false, delivery(false, false, false)), None).await;
     let second = admit(store, push(false, delivery(false, false, false)), None).await;
     let took: Vec<String> = claim(store, 1, 60_000)
@@ -756,11 +753,8 @@ async fn postgres_claims_after_a_small_queue_read_no_whole_table() {
     if crate::helpers::skip_postgres() {
         return;
     }
-    let ctx = StoreCtx::postgres().await;
-    let crate::helpers::TestDb::Postgres(db) = &ctx.db else {
-        unreachable!()
-    };
-    let store = &ctx.store;
+    let (store, db) = crate::helpers::postgres_store().await;
+    let store = &store;
     let claim = "select count(*) from umgw_claim_deliveries(8, 60000, array['shop'], array[$1], \
                  array[10], array[null::timestamptz])";
     // Scans in this transaction's statistics, not yet flushed: read before and after.
