@@ -333,7 +333,7 @@ impl Gateway {
         let latency_ms = Some(attempt.latency.as_millis() as i64);
         let base = Finish {
             status: PushStatus::Failed,
-            umeng_request: attempt.sent_body.clone(),
+            umeng_request: attempt.sent_body,
             umeng_response: None,
             msg_id: None,
             task_id: None,
@@ -374,7 +374,7 @@ impl Gateway {
                 recorder
                     .finish(Finish {
                         status: verdict.status,
-                        umeng_response: Some(ok.raw.clone()),
+                        umeng_response: Some(ok.raw),
                         msg_id: ok.msg_id.clone(),
                         task_id: ok.task_id.clone(),
                         http_status: StatusCode::CREATED.as_u16(),
@@ -619,7 +619,7 @@ impl Gateway {
         calls: &mut Vec<Attempt>,
     ) -> SendAttempt {
         let started_at = OffsetDateTime::now_utc();
-        let sent = self.umeng.send_fields(&app.credentials, body.clone()).await;
+        let sent = self.umeng.send_fields(&app.credentials, body).await;
         let error = sent.result.as_ref().err();
         calls.push(attempt(
             "send",

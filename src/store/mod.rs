@@ -415,8 +415,9 @@ pub enum Admission {
 pub struct Finish {
     /// Accepted, Failed or Unknown.
     pub status: PushStatus,
-    /// The Umeng body as sent (appkey and timestamp included; never the secret or sign).
-    pub umeng_request: Option<Value>,
+    /// The Umeng body as sent, its exact bytes (appkey and timestamp included; never the
+    /// secret or sign).
+    pub umeng_request: Option<Box<serde_json::value::RawValue>>,
     /// Umeng's answer as received (JSON), if any.
     pub umeng_response: Option<Value>,
     pub msg_id: Option<String>,

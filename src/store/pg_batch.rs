@@ -492,7 +492,7 @@ async fn finish_rows(
 struct FinishRowIn<'a> {
     id: &'a str,
     status: &'static str,
-    umeng_request: Option<&'a Value>,
+    umeng_request: Option<&'a serde_json::value::RawValue>,
     umeng_response: Option<&'a Value>,
     msg_id: Option<&'a str>,
     task_id: Option<&'a str>,
@@ -518,7 +518,7 @@ fn row<'a>(push_id: &'a str, f: &'a Finish) -> FinishRowIn<'a> {
     FinishRowIn {
         id: push_id,
         status: f.status.as_str(),
-        umeng_request: f.umeng_request.as_ref(),
+        umeng_request: f.umeng_request.as_deref(),
         umeng_response: f.umeng_response.as_ref(),
         msg_id: f.msg_id.as_deref(),
         task_id: f.task_id.as_deref(),

@@ -1565,7 +1565,7 @@ fn bind_finish<'q>(
     sqlx::query(FINISH)
         .bind(push_id)
         .bind(finish.status.as_str())
-        .bind(finish.umeng_request.as_ref().map(Json))
+        .bind(finish.umeng_request.as_ref().map(|sent| sent.get()))
         .bind(finish.umeng_response.as_ref().map(Json))
         .bind(finish.msg_id.as_deref())
         .bind(finish.task_id.as_deref())

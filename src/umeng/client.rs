@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
@@ -60,9 +62,9 @@ pub struct SendSuccess {
 /// The record of one send attempt.
 #[derive(Debug, Clone)]
 pub struct SendAttempt {
-    /// The JSON that was sent (or, for [`UmengError::NotSent`], would have been sent),
-    /// parsed back from the exact bytes; it holds `appkey` and `timestamp` but no sign.
-    pub sent_body: Option<Value>,
+    /// The JSON that was sent (or, for [`UmengError::NotSent`], would have been sent): the
+    /// exact bytes, which hold `appkey` and `timestamp` but no sign.
+    pub sent_body: Option<Box<RawValue>>,
     /// Time from just before sending to the end of the answer (or the failure).
     pub latency: Duration,
     /// Umeng's answer.
@@ -95,7 +97,7 @@ pub struct UmengClient {
 const PATHS: [&str; 4] = ["/api/send", "/api/status", "/api/cancel", "/upload"];
 
 struct Call {
-    sent: Option<Value>,
+    sent: Option<Box<RawValue>>,
     latency: Duration,
     /// `(data, whole answer)` for a SUCCESS envelope.
     result: Result<(Value, Value), UmengError>,
@@ -138,7 +140,7 @@ impl UmengClient {
     /// Sends a message via `/api/send`. The body should have passed
     /// [`super::validate`]; `appkey` and a fresh 13-digit `timestamp` are added first.
     pub async fn send(&self, app: &AppCredentials, body: &SendBody) -> SendAttempt {
-        self.send_fields(app, body.to_value()).await
+        self.send_fields(app, &body.to_value()).await
     }
 
     /// [`UmengClient::send`] of a body already in its JSON form (a [`SendBody::to_value`],
@@ -146,7 +148,7 @@ impl UmengClient {
     pub async fn send_fields(
         &self,
         app: &AppCredentials,
-        fields: Map<String, Value>,
+        fields: &Map<String, Value>,
     ) -> SendAttempt {
         let span = tracing::info_span!(
             "umeng.send",
@@ -178,7 +180,7 @@ impl UmengClient {
     ) -> Result<TaskStatus, UmengError> {
         let span = tracing::info_span!("umeng.status", umeng.appkey = %app.appkey, umeng.task_id = %task_id);
         let (data, raw) = self
-            .call(app, "/api/status", task_body(task_id))
+            .call(app, "/api/status", &task_body(task_id))
             .instrument(span)
             .await
             .result?;
@@ -198,7 +200,7 @@ impl UmengClient {
     /// Cancels a task via `/api/cancel`.
     pub async fn cancel(&self, app: &AppCredentials, task_id: &str) -> Result<(), UmengError> {
         let span = tracing::info_span!("umeng.cancel", umeng.appkey = %app.appkey, umeng.task_id = %task_id);
-        self.call(app, "/api/cancel", task_body(task_id))
+        self.call(app, "/api/cancel", &task_body(task_id))
             .instrument(span)
             .await
             .result
@@ -212,7 +214,7 @@ impl UmengClient {
         let mut body = Map::new();
         body.insert("content".into(), Value::String(content.to_owned()));
         let (data, _) = self
-            .call(app, "/upload", body)
+            .call(app, "/upload", &body)
             .instrument(span)
             .await
             .result?;
@@ -220,19 +222,16 @@ impl UmengClient {
             .ok_or_else(|| UmengError::unclear("SUCCESS answer without data.file_id"))
     }
 
-    async fn call(&self, app: &AppCredentials, path: &str, fields: Map<String, Value>) -> Call {
-        let mut map = Map::new();
-        map.insert("appkey".into(), Value::String(app.appkey.clone()));
-        map.insert("timestamp".into(), Value::String(timestamp_ms()));
-        for (k, v) in fields {
-            if k != "appkey" && k != "timestamp" {
-                map.insert(k, v);
-            }
-        }
-        let value = Value::Object(map);
+    async fn call(&self, app: &AppCredentials, path: &str, fields: &Map<String, Value>) -> Call {
         let started = Instant::now();
-        let bytes = match serde_json::to_vec(&value) {
-            Ok(b) => b,
+        let signed = Signed {
+            appkey: &app.appkey,
+            timestamp: &timestamp_ms(),
+            fields,
+        };
+        // The record is the bytes that go over the wire, as they are.
+        let sent = match serde_json::value::to_raw_value(&signed) {
+            Ok(sent) => sent,
             Err(e) => {
                 return Call {
                     sent: None,
@@ -243,9 +242,8 @@ impl UmengClient {
                 }
             }
         };
-        // The record is what went over the wire: a `Value` read back from its own
-        // serialisation is the same `Value`.
-        let sent = Some(value);
+        let bytes = sent.get().as_bytes().to_vec();
+        let sent = Some(sent);
         let url = format!("{}{}", self.base_url, path);
         let signature = sign(&url, &bytes, app.master_secret.expose());
         let result = self.exchange(path, &url, &signature, bytes).await;
@@ -315,6 +313,31 @@ fn endpoint_label(path: &str) -> &'static str {
         "/api/cancel" => "cancel",
         "/upload" => "upload",
         _ => "other",
+    }
+}
+
+/// A request body as sent: `appkey` and `timestamp` first, then the caller's fields in
+/// their order (any `appkey` or `timestamp` among them left out). Serialised from borrowed
+/// parts, so the caller's body is neither copied nor rebuilt for each call.
+struct Signed<'a> {
+    appkey: &'a str,
+    timestamp: &'a str,
+    fields: &'a Map<String, Value>,
+}
+
+impl Serialize for Signed<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let rest = self
+            .fields
+            .iter()
+            .filter(|(k, _)| *k != "appkey" && *k != "timestamp");
+        let mut map = serializer.serialize_map(Some(2 + rest.clone().count()))?;
+        map.serialize_entry("appkey", self.appkey)?;
+        map.serialize_entry("timestamp", self.timestamp)?;
+        for (k, v) in rest {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
     }
 }
 

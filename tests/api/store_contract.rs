@@ -89,7 +89,12 @@ fn unicast(out_biz_no: Option<&str>) -> NewPush {
 fn finish(status: PushStatus, quota: QuotaAction) -> Finish {
     Finish {
         status,
-        umeng_request: Some(json!({"appkey": APPKEY, "timestamp": "1700000000000"})),
+        umeng_request: Some(
+            serde_json::value::to_raw_value(
+                &json!({"appkey": APPKEY, "timestamp": "1700000000000"}),
+            )
+            .unwrap(),
+        ),
         umeng_response: Some(json!({"ret": "SUCCESS", "data": {"task_id": "t-1"}})),
         msg_id: None,
         task_id: Some("t-1".into()),
@@ -254,7 +259,11 @@ async fn admit_finish_get_round_trip(ctx: StoreCtx) {
     assert_eq!(r.status, PushStatus::Accepted);
     assert_eq!(r.description, push.description);
     assert_eq!(r.request, push.request);
-    assert_eq!(r.umeng_request, done.umeng_request);
+    assert_eq!(
+        r.umeng_request,
+        done.umeng_request
+            .map(|sent| serde_json::from_str::<serde_json::Value>(sent.get()).unwrap())
+    );
     assert_eq!(r.umeng_response, done.umeng_response);
     assert_eq!(r.msg_id, done.msg_id);
     assert_eq!(r.task_id, done.task_id);
