@@ -18,6 +18,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+mod json;
+
 /// How long a line waits for the writer thread at most (unless the output blocks). Short,
 /// because the lines still waiting when the process is killed are lost.
 const WRITE_EVERY: Duration = Duration::from_millis(10);
@@ -77,9 +79,8 @@ where
         .with_writer(writer);
     match settings.format {
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+            .fmt_fields(json::JsonMembers)
+            .event_format(json::JsonLines)
             .try_init()
             .is_ok(),
         LogFormat::Text => builder.try_init().is_ok(),
