@@ -237,8 +237,10 @@ impl Gateway {
                 this.admit_and_send(app, new, quota, prepared).await
             }
         };
+        // Boxed: a task's future is moved into the task and its stage swapped for the
+        // output, each a copy of the whole future, and this one holds every step of a push.
         self.tasks
-            .spawn(work.in_current_span())
+            .spawn(Box::pin(work).in_current_span())
             .await
             .map_err(|e| ApiError::Internal(format!("send task failed: {e}")))?
     }
@@ -1086,7 +1088,8 @@ impl Gateway {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.tasks.spawn(work);
+        // Boxed, as in [`Gateway::create_push`].
+        self.tasks.spawn(Box::pin(work));
     }
 
     /// Outcomes whose record is still being retried (the database was unreachable).

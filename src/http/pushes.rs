@@ -125,9 +125,14 @@ async fn create_push(
             group: true,
             members: group.apps.iter().filter_map(|a| gateway.app(a)).collect(),
         };
-        let answer = gateway
-            .create_parent_push(caller.name(), audience, req, stored, respond_async)
-            .await?;
+        let answer = Box::pin(gateway.create_parent_push(
+            caller.name(),
+            audience,
+            req,
+            stored,
+            respond_async,
+        ))
+        .await?;
         return Ok(push_answer(answer));
     }
     let app = gateway.app(&req.app).ok_or_else(|| {
@@ -142,13 +147,13 @@ async fn create_push(
             group: false,
             members: vec![app],
         };
-        gateway
-            .create_parent_push(caller.name(), audience, req, stored, respond_async)
+        Box::pin(gateway.create_parent_push(caller.name(), audience, req, stored, respond_async))
             .await?
     } else {
-        gateway
-            .create_push(caller.name(), app, req, stored, respond_async)
-            .await?
+        // Boxed (as the parent push above), so that the handler's future, which axum
+        // builds and moves before its first poll, holds a pointer instead of every state
+        // of these calls.
+        Box::pin(gateway.create_push(caller.name(), app, req, stored, respond_async)).await?
     };
     Ok(push_answer(answer))
 }
