@@ -451,45 +451,49 @@ pub fn fingerprint(
     );
     m.insert("umeng".into(), Value::Object(std::mem::take(body)));
     let mut m = Value::Object(m);
-    let mut canonical = String::new();
+    let mut canonical = Vec::with_capacity(1024);
     write_canonical(&m, &mut canonical);
     if let Some(Value::Object(lent)) = m.get_mut("umeng") {
         std::mem::swap(body, lent);
     }
-    hex::encode(Sha256::digest(canonical.as_bytes()))
+    hex::encode(Sha256::digest(&canonical))
 }
 
-/// Writes `v` as compact JSON with object keys sorted.
-fn write_canonical(v: &Value, out: &mut String) {
+/// Writes `v` as compact JSON with object keys sorted (keys and leaves as serde_json writes
+/// them).
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, child)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                if let Some(child) = m.get(k) {
-                    write_canonical(child, out);
-                }
+                write_leaf(k.as_str(), out);
+                out.push(b':');
+                write_canonical(child, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, child) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(child, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => write_leaf(other, out),
     }
+}
+
+/// A string or scalar as serde_json writes it (writing into a `Vec` cannot fail).
+fn write_leaf<T: serde::Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) {
+    let _ = serde_json::to_writer(out, v);
 }
 
 fn rfc3339_to_umeng(s: &str, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {

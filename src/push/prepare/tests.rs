@@ -821,6 +821,35 @@ fn fp(v: Value) -> String {
     ok(v).fingerprint
 }
 
+/// The fingerprint's bytes are fixed: a stored key's fingerprint must match a replay's
+/// after an upgrade. Keys sorted at every level, compact, strings escaped and non-ASCII
+/// text written as serde_json writes them.
+#[test]
+fn the_fingerprint_is_the_sha256_of_a_fixed_canonical_form() {
+    let mut body = json!({
+        "z": "quote \" backslash \\ tab \t nul \u{0} 中文 \u{1F600}",
+        "a": [1, -2.5, 1e300, true, null, {"y": 2, "b": 1}],
+        "m": {},
+    })
+    .as_object()
+    .expect("object")
+    .clone();
+    let gateway = GatewayFields {
+        callback_url: Some("https://h/cb"),
+        send_at: None,
+        quota_wait: true,
+    };
+    let got = fingerprint("app-1", Some("k-1"), None, gateway, &mut body);
+    let canonical = concat!(
+        r#"{"app":"app-1","callback_url":"https://h/cb","on_quota_exhausted":"wait","#,
+        r#""out_biz_no":"k-1","umeng":{"a":[1,-2.5,1e+300,true,null,{"b":1,"y":2}],"m":{},"#,
+        "\"z\":\"quote \\\" backslash \\\\ tab \\t nul \\u0000 中文 \u{1F600}\"},",
+        r#""upload_sha256":null}"#,
+    );
+    assert_eq!(got, hex::encode(Sha256::digest(canonical.as_bytes())));
+    assert_eq!(body.len(), 3, "the body is given back");
+}
+
 #[test]
 fn fingerprint_ignores_order_whitespace_and_default_production_mode() {
     let parse_str = |s: &str| -> PushRequest { serde_json::from_str(s).expect("request") };
