@@ -183,17 +183,22 @@ impl<'a, W: fmt::Write> Members<'a, W> {
             self.result = self.out.write_fmt(value);
         }
     }
-}
 
-impl<W: fmt::Write> Visit for Members<'_, W> {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+    /// A member whose value is `value` as a JSON string.
+    fn quoted(&mut self, field: &Field, value: fmt::Arguments<'_>) {
         if self.start(field) {
             self.result = self
                 .out
                 .write_char('"')
-                .and_then(|()| write!(Escaped(self.out), "{value:?}"))
+                .and_then(|()| Escaped(self.out).write_fmt(value))
                 .and_then(|()| self.out.write_char('"'));
         }
+    }
+}
+
+impl<W: fmt::Write> Visit for Members<'_, W> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.quoted(field, format_args!("{value:?}"));
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -203,13 +208,7 @@ impl<W: fmt::Write> Visit for Members<'_, W> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        if self.start(field) {
-            self.result = self
-                .out
-                .write_char('"')
-                .and_then(|()| write!(Escaped(self.out), "{value}"))
-                .and_then(|()| self.out.write_char('"'));
-        }
+        self.quoted(field, format_args!("{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
