@@ -332,3 +332,20 @@ fn interpret_rejects_envelopes_it_cannot_trust() {
     ));
     assert!(interpret(200, br#"{"ret":"SUCCESS","data":{"task_id":"us1"}}"#).is_ok());
 }
+
+#[test]
+fn a_body_is_sent_with_the_clients_appkey_and_timestamp_first_and_its_own_left_out() {
+    let fields =
+        json!({"appkey": "other", "type": "unicast", "timestamp": "1", "payload": {"a": 1}});
+    let signed = Signed {
+        appkey: "k-1",
+        timestamp: "1700000000000",
+        fields: fields.as_object().expect("object"),
+    };
+    assert_eq!(
+        serde_json::value::to_raw_value(&signed)
+            .expect("json")
+            .get(),
+        r#"{"appkey":"k-1","timestamp":"1700000000000","type":"unicast","payload":{"a":1}}"#
+    );
+}
