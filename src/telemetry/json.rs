@@ -43,9 +43,10 @@ impl<'w> FormatFields<'w> for JsonMembers {
     ) -> fmt::Result {
         let mut added = String::new();
         let mut members = Members::new(&mut added);
+        members.names = Some(Vec::new());
         fields.record(&mut members);
         members.result?;
-        let names = members.names;
+        let names = members.names.unwrap_or_default();
         if added.is_empty() {
             return Ok(());
         }
@@ -147,7 +148,8 @@ where
 struct Members<'a, W: fmt::Write> {
     out: &'a mut W,
     first: bool,
-    names: Vec<&'static str>,
+    /// The names written, when kept (only [`JsonMembers::add_fields`] needs them).
+    names: Option<Vec<&'static str>>,
     result: fmt::Result,
 }
 
@@ -156,7 +158,7 @@ impl<'a, W: fmt::Write> Members<'a, W> {
         Members {
             out,
             first: true,
-            names: Vec::new(),
+            names: None,
             result: Ok(()),
         }
     }
@@ -167,7 +169,9 @@ impl<'a, W: fmt::Write> Members<'a, W> {
             return false;
         }
         let name = field.name();
-        self.names.push(name);
+        if let Some(names) = &mut self.names {
+            names.push(name);
+        }
         let comma = if self.first { "" } else { "," };
         self.first = false;
         self.result = self
@@ -298,15 +302,27 @@ mod tests {
         }
     }
 
-    /// The lines `log` writes with each formatter: ours, then tracing-subscriber's.
-    fn both(log: impl Fn()) -> (Vec<Value>, Vec<Value>) {
-        let ours = Captured::default();
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// What `log` writes with this module's format.
+    fn ours(log: impl Fn()) -> String {
+        let out = Captured::default();
         let subscriber = tracing_subscriber::fmt()
-            .with_writer(ours.clone())
+            .with_writer(out.clone())
             .fmt_fields(JsonMembers)
             .event_format(JsonLines)
             .finish();
-        tracing::subscriber::with_default(subscriber, &log);
+        tracing::subscriber::with_default(subscriber, log);
+        out.text()
+    }
+
+    /// The lines `log` writes with each formatter: ours, then tracing-subscriber's.
+    fn both(log: impl Fn()) -> (Vec<Value>, Vec<Value>) {
+        let ours = ours(&log);
         let theirs = Captured::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(theirs.clone())
@@ -315,13 +331,12 @@ mod tests {
             .with_current_span(true)
             .finish();
         tracing::subscriber::with_default(subscriber, &log);
-        let lines = |c: Captured| -> Vec<Value> {
-            let text = String::from_utf8(c.0.lock().unwrap().clone()).unwrap();
+        let lines = |text: String| -> Vec<Value> {
             text.lines()
                 .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
                 .collect()
         };
-        (lines(ours), lines(theirs))
+        (lines(ours), lines(theirs.text()))
     }
 
     /// A line without its timestamp (which differs between the two runs), and the
@@ -373,20 +388,13 @@ mod tests {
 
     #[test]
     fn the_message_comes_first_and_a_span_field_recorded_again_keeps_one_value() {
-        let ours = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(ours.clone())
-            .fmt_fields(JsonMembers)
-            .event_format(JsonLines)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let text = ours(|| {
             let span = tracing::info_span!("s", a = 1_u64, b = tracing::field::Empty);
             let _s = span.enter();
             span.record("b", "x");
             span.record("a", 2_u64);
             tracing::info!(z = 1_u64, "hello");
         });
-        let text = String::from_utf8(ours.0.lock().unwrap().clone()).unwrap();
         let line = text.lines().next().expect("a line");
         assert!(
             line.starts_with("{\"timestamp\":\"")
