@@ -30,18 +30,14 @@ pub(crate) struct Crew {
     /// How long a writer with a job waits for another's write to end (see
     /// [`Batcher::start`]).
     pub standby_after: Duration,
-    /// Run the writers on a thread of this name with a runtime of its own, instead of the
-    /// runtime that starts them (see [`Batcher::start`]).
-    pub thread: Option<&'static str>,
 }
 
 impl Crew {
-    /// One writer (SQLite writes one transaction at a time anyway), on the caller's runtime.
+    /// One writer (SQLite writes one transaction at a time anyway).
     pub(crate) fn one() -> Self {
         Crew {
             writers: 1,
             standby_after: STANDBY_AFTER,
-            thread: None,
         }
     }
 }
@@ -80,13 +76,6 @@ impl<J: Send + 'static> Batcher<J> {
     /// each write costs the database). More than one write is in flight when one batch is
     /// not enough: when a full batch ([`MAX_BATCH`]) is waiting, or when a write takes
     /// longer than `crew.standby_after` (a row lock another replica holds, a slow disk).
-    ///
-    /// With `crew.thread`, the writers run on a thread of their own, on a single-threaded
-    /// runtime that ends with them. Under load the caller's runtime is busy with requests,
-    /// and a writer whose answer has arrived waits there for a worker before it can answer
-    /// its batch and send the next one, while the database has nothing to do: on a thread
-    /// of its own it runs at once. If that thread cannot be started, the writers run on the
-    /// caller's runtime.
     pub(crate) fn start<C, W, F, I>(context: C, crew: Crew, write: W, idle: I) -> Self
     where
         C: Clone + Send + 'static,
@@ -98,14 +87,13 @@ impl<J: Send + 'static> Batcher<J> {
         let jobs = Arc::new(Mutex::new(jobs));
         let (writing, _) = watch::channel(0_usize);
         let writing = Arc::new(writing);
-        let mut writers = Vec::with_capacity(crew.writers.max(1));
         for _ in 0..crew.writers.max(1) {
             let jobs = Arc::clone(&jobs);
             let writing = Arc::clone(&writing);
             let mut context = context.clone();
             let write = write.clone();
             let idle = idle.clone();
-            writers.push(async move {
+            tokio::spawn(async move {
                 loop {
                     // Waiting for the queue's lock counts as idle too: the other writer
                     // may be the one waiting for a job.
@@ -125,10 +113,6 @@ impl<J: Send + 'static> Batcher<J> {
                     context = write(context, batch).await;
                 }
             });
-        }
-        match crew.thread {
-            Some(name) => run_on_own_thread(name, writers),
-            None => spawn_here(writers),
         }
         Batcher { queue }
     }
@@ -219,58 +203,6 @@ impl<DB: Database> Lane<DB> {
     /// No work for a while: the connection goes back to the pool.
     pub(crate) fn idle(&mut self) {
         self.conn = None;
-    }
-}
-
-/// Runs `tasks` on a thread named `name` with a single-threaded runtime of its own; the
-/// thread ends when they all have. If the thread or its runtime cannot be made, they are
-/// spawned on the current runtime instead.
-fn run_on_own_thread<T>(name: &'static str, tasks: Vec<T>)
-where
-    T: std::future::Future<Output = ()> + Send + 'static,
-{
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::warn!(error = %e, thread = name, "no runtime for the writers' own thread; they run on the shared one");
-            spawn_here(tasks);
-            return;
-        }
-    };
-    // Shared with the thread, so that the tasks can be taken back if it does not start.
-    let tasks = Arc::new(std::sync::Mutex::new(Some(tasks)));
-    let for_thread = Arc::clone(&tasks);
-    let started = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let Some(tasks) = for_thread.lock().ok().and_then(|mut t| t.take()) else {
-                return;
-            };
-            runtime.block_on(async move {
-                let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
-                for handle in handles {
-                    let _ = handle.await;
-                }
-            });
-        });
-    if let Err(e) = started {
-        tracing::warn!(error = %e, thread = name, "the writers' own thread did not start; they run on the shared runtime");
-        if let Some(tasks) = tasks.lock().ok().and_then(|mut t| t.take()) {
-            spawn_here(tasks);
-        }
-    }
-}
-
-/// Spawns `tasks` on the current runtime.
-fn spawn_here<T>(tasks: Vec<T>)
-where
-    T: std::future::Future<Output = ()> + Send + 'static,
-{
-    for task in tasks {
-        tokio::spawn(task);
     }
 }
 
@@ -393,65 +325,6 @@ mod tests {
         );
     }
 
-    /// The names of this process's threads (Linux).
-    fn thread_names() -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .map(|tasks| {
-                tasks
-                    .filter_map(|t| t.ok())
-                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                    .map(|name| name.trim_end().to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    #[tokio::test]
-    async fn writers_given_a_thread_run_on_it_and_it_ends_with_them() {
-        const NAME: &str = "umgw-test-crew";
-        let alive = Arc::new(());
-        let writer = Batcher::start(
-            Arc::clone(&alive),
-            Crew {
-                writers: 2,
-                standby_after: STANDBY_AFTER,
-                thread: Some(NAME),
-            },
-            |alive: Arc<()>, batch: Vec<oneshot::Sender<StoreResult<Option<String>>>>| async move {
-                let here = std::thread::current().name().map(str::to_owned);
-                for done in batch {
-                    let _ = done.send(Ok(here.clone()));
-                }
-                alive
-            },
-            |_: &mut Arc<()>| {},
-        );
-        for _ in 0..3 {
-            assert_eq!(
-                writer.call(|done| done).await.unwrap().as_deref(),
-                Some(NAME)
-            );
-        }
-        if cfg!(target_os = "linux") {
-            assert!(thread_names().iter().any(|n| n == NAME));
-        }
-
-        drop(writer);
-        let mut ended = false;
-        for _ in 0..500 {
-            ended = Arc::strong_count(&alive) == 1
-                && !(cfg!(target_os = "linux") && thread_names().iter().any(|n| n == NAME));
-            if ended {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            ended,
-            "the writers and their thread end once the batcher is gone"
-        );
-    }
-
     /// A job and what the test's writer does with it.
     struct Held {
         id: u32,
@@ -471,7 +344,6 @@ mod tests {
             Crew {
                 writers: 2,
                 standby_after,
-                thread: None,
             },
             |log: Arc<std::sync::Mutex<Vec<String>>>, batch: Vec<Held>| async move {
                 let ids: Vec<u32> = batch.iter().map(|h| h.id).collect();

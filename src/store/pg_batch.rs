@@ -33,11 +33,6 @@ use crate::config::OutcomeCommit;
 /// are then as large as the load makes them); the others stand by for a write that waits
 /// on a row lock, such as a key another replica is admitting ([`Batcher::start`]).
 const WRITERS: usize = 3;
-/// The name of the writers' own thread (see [`Batcher::start`]): on the shared runtime a
-/// writer whose answer had arrived waited behind request tasks while PostgreSQL sat idle
-/// (BENCHMARKS.md, "The write cycle"). SQLite's writer stays on the shared runtime: its
-/// statements already run on a thread of sqlx's, and a third thread cost more than it saved.
-pub(crate) const WRITER_THREAD: &str = "umgw-pg-writer";
 /// Writers keep their connection between batches only when the pool has at least this
 /// many: the writers then hold at most half of it.
 const KEEP_FROM: u32 = 2 * WRITERS as u32;
@@ -107,7 +102,6 @@ impl Writers {
                 Crew {
                     writers: WRITERS,
                     standby_after: STANDBY_AFTER,
-                    thread: Some(WRITER_THREAD),
                 },
                 move |mut lane, batch| async move {
                     write(&mut lane, batch, finish_sql).await;
