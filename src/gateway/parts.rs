@@ -156,7 +156,14 @@ impl Gateway {
         };
         let record =
             record.ok_or_else(|| ApiError::Internal(format!("push {push_id} vanished")))?;
-        parent_answer(&record, false, resent, respond_async)
+        let mut answer = parent_answer(&record, false, resent, respond_async)?;
+        if asynchronous {
+            // Stored for delivery: 202 even if the delivery worker settled it before the
+            // record above was read.
+            answer.status = StatusCode::ACCEPTED;
+            answer.async_applied = respond_async;
+        }
+        Ok(answer)
     }
 
     /// Plans the parts and prepares each for its app; every error, by the caller's path.
