@@ -125,7 +125,7 @@ impl Gateway {
             }
             PartsAdmission::Replay { push } => {
                 count(PushOutcome::Replayed);
-                return parent_answer(&push, true, Vec::new(), respond_async);
+                return parent_answer(&push, true, Vec::new(), respond_async, false);
             }
             PartsAdmission::InFlight { push_id } => {
                 count(PushOutcome::InFlight);
@@ -156,14 +156,9 @@ impl Gateway {
         };
         let record =
             record.ok_or_else(|| ApiError::Internal(format!("push {push_id} vanished")))?;
-        let mut answer = parent_answer(&record, false, resent, respond_async)?;
-        if asynchronous {
-            // Stored for delivery: 202 even if the delivery worker settled it before the
-            // record above was read.
-            answer.status = StatusCode::ACCEPTED;
-            answer.async_applied = respond_async;
-        }
-        Ok(answer)
+        // Stored for delivery: 202 even if the delivery worker settled it before the record
+        // above was read.
+        parent_answer(&record, false, resent, respond_async, asynchronous)
     }
 
     /// Plans the parts and prepares each for its app; every error, by the caller's path.
@@ -439,14 +434,16 @@ fn set_out_biz_no(outbox: &mut Value, key: &str) {
     }
 }
 
-/// The answer for a parent: 202 while parts are in progress; once settled, the status
-/// stored with its outcome (201 accepted, 207 partial, the parts' error status when every
-/// part failed); a repeat of an `unknown` parent is 409 `outcome-unknown`, as for one push.
+/// The answer for a parent: 202 while parts are in progress, or when this request `queued`
+/// it for asynchronous delivery; once settled, the status stored with its outcome (201
+/// accepted, 207 partial, the parts' error status when every part failed); a repeat of an
+/// `unknown` parent is 409 `outcome-unknown`, as for one push.
 pub fn parent_answer(
     push: &PushRecord,
     replayed: bool,
     resent: Vec<u32>,
     respond_async: bool,
+    queued: bool,
 ) -> Result<PushAnswer, ApiError> {
     if replayed && push.status == PushStatus::Unknown {
         return Err(ApiError::OutcomeUnknown {
@@ -454,7 +451,7 @@ pub fn parent_answer(
             out_biz_no: push.out_biz_no.clone().unwrap_or_default(),
         });
     }
-    let status = if push.status == PushStatus::Pending || push.status.is_waiting() {
+    let status = if queued || push.status == PushStatus::Pending || push.status.is_waiting() {
         StatusCode::ACCEPTED
     } else {
         push.http_status
