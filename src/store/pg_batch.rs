@@ -46,6 +46,23 @@ const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
 /// outcomes and nothing else: [`ADMIT_AND_FINISH`] always waits, as it admits.
 const FINISH_BATCH_RELAXED: &str = "select id from umgw_finish_batch_relaxed($1) as id";
 
+/// One outcome record that keeps its quota slot, alone and durable: the `keep` update of
+/// `umgw_finish_batch` (migration 0013; the same assignments and guard) as a plain prepared
+/// statement, which skips the function call and the JSON rows' decoding.
+const FINISH_KEEP_ONE: &str = "update pushes p
+   set status = $2, umeng_request = $3, umeng_response = $4, msg_id = $5, task_id = $6,
+       file_id = $7, error_code = $8, error_msg = $9, http_status = $10, latency_ms = $11,
+       sent_at = $12, attempts = $13,
+       outbox = null, next_attempt_at = null, deliver_lease_until = null,
+       finished_at = now(), updated_at = now()
+ where p.id = $1
+   and ($14::integer is null or p.deliver_claims = $14::integer)
+   and (p.status = 'pending'
+        or (p.status = 'unknown' and p.error_code = 'stale_pending'
+            and (p.out_biz_no is null
+                 or exists (select 1 from idempotency_keys k where k.push_id = p.id))))
+returning p.id";
+
 const ADMIT_BATCH: &str = "select idx, outcome, push_id, reclaimed_from, used, window_start, \
      reset_after_secs from umgw_admit_batch($1)";
 
@@ -475,16 +492,45 @@ async fn finish_rows(
 ) -> StoreResult<Vec<String>> {
     let rows: Vec<FinishRowIn> = jobs.iter().map(|j| row(&j.push_id, &j.finish)).collect();
     let result = match lane.conn().await {
-        Ok(conn) => {
-            sqlx::query_scalar::<_, String>(sql)
-                .bind(Json(&rows))
-                .fetch_all(conn)
-                .await
-        }
+        Ok(conn) => match rows.as_slice() {
+            [one] if one.action == "keep" && sql == FINISH_BATCH => {
+                finish_keep_one(one).fetch_all(conn).await
+            }
+            _ => {
+                sqlx::query_scalar::<_, String>(sql)
+                    .bind(Json(&rows))
+                    .fetch_all(conn)
+                    .await
+            }
+        },
         Err(e) => Err(e),
     };
     lane.after(result.is_ok());
     result.map_err(map_sqlx)
+}
+
+/// [`FINISH_KEEP_ONE`] for one row. A JSON `null` body binds as SQL NULL, as the batch's
+/// JSON rows decode it.
+fn finish_keep_one<'q>(
+    r: &'q FinishRowIn<'q>,
+) -> sqlx::query::QueryScalar<'q, Postgres, String, sqlx::postgres::PgArguments> {
+    let request = r.umeng_request.filter(|b| b.get() != "null").map(Json);
+    let response = r.umeng_response.filter(|v| !v.is_null()).map(Json);
+    sqlx::query_scalar(FINISH_KEEP_ONE)
+        .bind(r.id)
+        .bind(r.status)
+        .bind(request)
+        .bind(response)
+        .bind(r.msg_id)
+        .bind(r.task_id)
+        .bind(r.file_id)
+        .bind(r.error_code)
+        .bind(r.error_msg)
+        .bind(i32::from(r.http_status))
+        .bind(r.latency_ms)
+        .bind(r.sent_at)
+        .bind(Json(r.attempts))
+        .bind(r.claim.map(|c| i32::try_from(c).unwrap_or(i32::MAX)))
 }
 
 /// One outcome as a row of the batch (a `umgw_finish_row`), borrowed from the record.

@@ -1792,7 +1792,8 @@ async fn postgres_relaxed_outcome_commits_record_outcomes_through_the_relaxed_fu
         }
     };
 
-    // Arrange, act: a default store records an outcome.
+    // Arrange, act: a default store records two outcomes: one that keeps its slot (a
+    // lone one goes as a plain update) and a refund (through the durable function).
     let durable = ctx.db.connect_again().await;
     let id = admitted(&durable, new_push(None), Some(groupcast(5))).await;
     assert!(
@@ -1803,6 +1804,8 @@ async fn postgres_relaxed_outcome_commits_record_outcomes_through_the_relaxed_fu
         )
         .await
     );
+    let id = admitted(&durable, new_push(None), Some(groupcast(5))).await;
+    assert!(finish_ok(&durable, &id, failed()).await);
 
     // Assert: the durable function only.
     assert!(wait_for_calls("umgw_finish_batch").await > 0);
@@ -2057,4 +2060,144 @@ async fn together(
         }
     }
     (ids, finishes.join_all().await)
+}
+
+/// A lone admission without key or quota, and a lone outcome record that keeps its slot,
+/// skip the functions on PostgreSQL (plain prepared statements). The rows they write equal
+/// those the batch functions write for the same push, for a synchronous push, one due at
+/// once and one held until `send_at`, and for outcomes with and without bodies.
+#[tokio::test]
+async fn postgres_lone_plain_writes_match_the_batch_functions() {
+    use sqlx::{Connection, PgConnection};
+    use umeng_push_gateway::store::AsyncDelivery;
+    if crate::helpers::skip_postgres() {
+        return;
+    }
+    let ctx = StoreCtx::postgres().await;
+    let store = &ctx.store;
+    let mut conn = PgConnection::connect(ctx.db.url()).await.unwrap();
+    // A row as written, without its id and its clock-set times.
+    let row =
+        "select to_jsonb(p) - '{id,created_at,updated_at,finished_at,next_attempt_at}'::text[] \
+         || jsonb_build_object('due_now', p.next_attempt_at is not null \
+                                          and p.next_attempt_at is distinct from p.send_at, \
+                               'finished', p.finished_at is not null) \
+         from pushes p where p.id = $1";
+    let send_at = OffsetDateTime::from_unix_timestamp(4_000_000_000).unwrap();
+    let delivery = |hold: bool| AsyncDelivery {
+        outbox: json!({"body": {"type": "unicast", "device_tokens": "t"}}),
+        hold,
+        deliver_by: send_at + time::Duration::hours(1),
+        quota_wait: false,
+        defer_quota: false,
+    };
+    let pushes = [
+        unicast(None),
+        NewPush {
+            delivery: Some(delivery(false)),
+            description: None,
+            ..unicast(None)
+        },
+        NewPush {
+            delivery: Some(delivery(true)),
+            send_at: Some(send_at),
+            ..unicast(None)
+        },
+    ];
+    let outcomes = [
+        Finish {
+            msg_id: Some("m-1".into()),
+            sent_at: Some(send_at),
+            ..finish(PushStatus::Accepted, QuotaAction::Keep)
+        },
+        Finish {
+            umeng_request: None,
+            umeng_response: None,
+            latency_ms: None,
+            attempts: Vec::new(),
+            error_code: Some("not_sent".into()),
+            error_msg: Some("nothing reached Umeng".into()),
+            http_status: 502,
+            ..finish(PushStatus::Failed, QuotaAction::Keep)
+        },
+        failed_kept(),
+    ];
+
+    for (push, outcome) in pushes.into_iter().zip(outcomes) {
+        // Act: one push through the store, alone; its twin through the batch functions.
+        let alone = admitted(store, push.clone(), None).await;
+        let twin = NewPush {
+            id: uuid::Uuid::now_v7().to_string(),
+            ..push.clone()
+        };
+        let d = twin.delivery.as_ref();
+        let admit_row = json!([{
+            "id": twin.id, "app": twin.app, "appkey": twin.appkey, "platform": twin.platform,
+            "cast_type": twin.cast_type, "task_class": twin.task_class,
+            "production_mode": twin.production_mode, "client": twin.client,
+            "out_biz_no": null, "fingerprint": twin.fingerprint, "request": twin.request,
+            "description": twin.description, "quota_kind": null, "quota_limit": null,
+            "quota_unit": null,
+            "status": d.map_or(PushStatus::Pending, |d| d.status()).as_str(),
+            "defer_quota": false, "outbox": d.map(|d| &d.outbox),
+            "send_at": twin.send_at.map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap()),
+            "deliver_by": d.map(|d| d.deliver_by.format(&time::format_description::well_known::Rfc3339).unwrap()),
+            "quota_wait": false,
+        }]);
+        let answered: String = sqlx::query_scalar("select outcome from umgw_admit_batch($1)")
+            .bind(&admit_row)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(answered, "admitted");
+        let (before_alone, before_twin) = (
+            row_json(&mut conn, row, &alone).await,
+            row_json(&mut conn, row, &twin.id).await,
+        );
+        assert_eq!(before_alone, before_twin, "admitted alike");
+
+        if push.delivery.is_some() {
+            continue; // an asynchronous push's outcome comes from a claim
+        }
+        assert!(finish_ok(store, &alone, outcome.clone()).await);
+        let finish_row = json!([{
+            "id": twin.id, "status": outcome.status.as_str(),
+            "umeng_request": outcome.umeng_request.as_ref()
+                .map(|b| serde_json::from_str::<serde_json::Value>(b.get()).unwrap()),
+            "umeng_response": outcome.umeng_response, "msg_id": outcome.msg_id,
+            "task_id": outcome.task_id, "file_id": outcome.file_id,
+            "error_code": outcome.error_code, "error_msg": outcome.error_msg,
+            "http_status": outcome.http_status, "latency_ms": outcome.latency_ms,
+            "sent_at": outcome.sent_at.map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap()),
+            "action": "keep", "unit": 60, "attempts": outcome.attempts, "claim": null,
+        }]);
+        let applied: Vec<String> = sqlx::query_scalar("select id from umgw_finish_batch($1) as id")
+            .bind(&finish_row)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(applied, vec![twin.id.clone()]);
+        let (after_alone, after_twin) = (
+            row_json(&mut conn, row, &alone).await,
+            row_json(&mut conn, row, &twin.id).await,
+        );
+        assert_eq!(after_alone, after_twin, "finished alike");
+        assert_ne!(after_alone, before_alone, "the outcome was recorded");
+    }
+}
+
+async fn row_json(conn: &mut sqlx::PgConnection, sql: &str, id: &str) -> serde_json::Value {
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// A failed outcome that keeps its slot (Umeng's FAIL for a push without quota).
+fn failed_kept() -> Finish {
+    Finish {
+        quota: QuotaAction::Keep,
+        ..failed()
+    }
 }
