@@ -11,6 +11,12 @@
 //! that fails as a whole (one row's error, a deadlock between two batches) wrote nothing:
 //! its admissions and outcomes are then written again by kind, and if that fails too, one
 //! at a time.
+//!
+//! A write that is alone in its batch and needs nothing the functions add (an admission
+//! without quota whose key, if any, is new; an outcome record that keeps its slot,
+//! committed durably) goes as the one plain statement the function would run: at one
+//! client every batch holds one push, and the function call's fixed cost was most of the
+//! statement's. An admission whose key turns out to be held then asks `umgw_admit`.
 
 use std::sync::Arc;
 

@@ -102,16 +102,24 @@ const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start
      from umgw_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
      $17, $18, $19, $20, $21)";
 
-/// One admission without an idempotency key or a quota slot: all `umgw_admit` would do is
-/// this insert (its step 3, the same columns and values), so it goes as a plain prepared
-/// statement and skips the function call's fixed cost.
-const ADMIT_PLAIN: &str = "insert into pushes (id, app, appkey, platform, cast_type, task_class, \
+/// One admission without a quota slot whose key, if it has one, is new: all `umgw_admit`
+/// would do is claim the key and insert the row (its steps 1 and 3, the same columns and
+/// values), so it goes as a plain prepared statement and skips the function call's fixed
+/// cost. A key already held inserts nothing and answers no row: `umgw_admit` then finds
+/// out who holds it ([`ADMIT`]).
+const ADMIT_PLAIN: &str = "with k as ( \
+     insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id) \
+     select $3, $17, $9, $1 where $17 is not null \
+     on conflict (appkey, out_biz_no) do nothing returning push_id) \
+     insert into pushes (id, app, appkey, platform, cast_type, task_class, \
      production_mode, client, fingerprint, status, description, request, delivery, outbox, \
-     next_attempt_at, send_at, deliver_by, quota_wait) \
-     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+     next_attempt_at, send_at, deliver_by, quota_wait, out_biz_no) \
+     select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
      case when $10 = 'pending' then null else 'async' end, $13, \
      case when $10 = 'pending' then null when $10 = 'awaiting_send_at' then $14 else now() end, \
-     $14, $15, $16)";
+     $14, $15, $16, $17 \
+     where $17 is null or exists (select 1 from k) \
+     returning id";
 
 /// An ordered, fenced task-state write (see [`Store::update_task`]). `$5` lists the stored
 /// states this status replaces outright; the same status needs `task_checked_at` unchanged
@@ -949,8 +957,10 @@ pub(super) async fn admit(
     push: NewPush,
     quota: Option<QuotaClaim>,
 ) -> StoreResult<Admission> {
-    if push.out_biz_no.is_none() && quota.is_none() {
-        return admit_plain(conn, push).await;
+    if quota.is_none() {
+        if let Some(admitted) = admit_plain(conn, &push).await? {
+            return Ok(admitted);
+        }
     }
     let row = sqlx::query(ADMIT)
         .bind(&push.id)
@@ -984,11 +994,10 @@ pub(super) async fn admit(
     admission_of(pool, answer, &push, quota).await
 }
 
-/// [`ADMIT_PLAIN`]: a push with neither key nor quota is always admitted, unless the
-/// insert itself fails.
-async fn admit_plain(conn: &mut PgConnection, push: NewPush) -> StoreResult<Admission> {
+/// [`ADMIT_PLAIN`]: admitted, or `None` when the push's key is held already.
+async fn admit_plain(conn: &mut PgConnection, push: &NewPush) -> StoreResult<Option<Admission>> {
     let delivery = push.delivery.as_ref();
-    sqlx::query(ADMIT_PLAIN)
+    let inserted = sqlx::query(ADMIT_PLAIN)
         .bind(&push.id)
         .bind(&push.app)
         .bind(&push.appkey)
@@ -1009,14 +1018,15 @@ async fn admit_plain(conn: &mut PgConnection, push: NewPush) -> StoreResult<Admi
         .bind(push.send_at)
         .bind(delivery.map(|d| d.deliver_by))
         .bind(delivery.is_some_and(|d| d.quota_wait))
-        .execute(conn)
+        .bind(&push.out_biz_no)
+        .fetch_optional(conn)
         .await
         .map_err(map_sqlx)?;
-    Ok(Admission::Admitted {
-        push_id: push.id,
+    Ok(inserted.map(|_| Admission::Admitted {
+        push_id: push.id.clone(),
         quota: None,
         reclaimed_from: None,
-    })
+    }))
 }
 
 /// What `umgw_admit` answered for one push.

@@ -2062,10 +2062,11 @@ async fn together(
     (ids, finishes.join_all().await)
 }
 
-/// A lone admission without key or quota, and a lone outcome record that keeps its slot,
-/// skip the functions on PostgreSQL (plain prepared statements). The rows they write equal
-/// those the batch functions write for the same push, for a synchronous push, one due at
-/// once and one held until `send_at`, and for outcomes with and without bodies.
+/// A lone admission without quota (with a new key or none), and a lone outcome record that
+/// keeps its slot, skip the functions on PostgreSQL (plain prepared statements). The rows
+/// they write equal those the batch functions write for the same push: for a synchronous
+/// push, one with a key, one due at once and one held until `send_at`, and for outcomes with
+/// and without bodies.
 #[tokio::test]
 async fn postgres_lone_plain_writes_match_the_batch_functions() {
     use sqlx::{Connection, PgConnection};
@@ -2076,12 +2077,16 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
     let ctx = StoreCtx::postgres().await;
     let store = &ctx.store;
     let mut conn = PgConnection::connect(ctx.db.url()).await.unwrap();
-    // A row as written, without its id and its clock-set times.
-    let row =
-        "select to_jsonb(p) - '{id,created_at,updated_at,finished_at,next_attempt_at}'::text[] \
+    // A row as written, without its id, its key and its clock-set times; with its key's row.
+    let row = "select to_jsonb(p) \
+         - '{id,out_biz_no,created_at,updated_at,finished_at,next_attempt_at}'::text[] \
          || jsonb_build_object('due_now', p.next_attempt_at is not null \
                                           and p.next_attempt_at is distinct from p.send_at, \
-                               'finished', p.finished_at is not null) \
+                               'finished', p.finished_at is not null, \
+                               'keyed', p.out_biz_no is not null, \
+                               'key', (select to_jsonb(k) - '{out_biz_no,push_id,created_at}'::text[] \
+                                         from idempotency_keys k \
+                                        where k.push_id = p.id and k.out_biz_no = p.out_biz_no)) \
          from pushes p where p.id = $1";
     let send_at = OffsetDateTime::from_unix_timestamp(4_000_000_000).unwrap();
     let delivery = |hold: bool| AsyncDelivery {
@@ -2091,8 +2096,15 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
         quota_wait: false,
         defer_quota: false,
     };
+    // The synchronous pushes first, one for each outcome.
     let pushes = [
         unicast(None),
+        unicast(Some("lone-key")),
+        unicast(None),
+        NewPush {
+            description: None,
+            ..unicast(None)
+        },
         NewPush {
             delivery: Some(delivery(false)),
             description: None,
@@ -2110,6 +2122,7 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             sent_at: Some(send_at),
             ..finish(PushStatus::Accepted, QuotaAction::Keep)
         },
+        finish(PushStatus::Unknown, QuotaAction::Keep),
         Finish {
             umeng_request: None,
             umeng_response: None,
@@ -2123,11 +2136,12 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
         failed_kept(),
     ];
 
-    for (push, outcome) in pushes.into_iter().zip(outcomes) {
+    for (i, push) in pushes.into_iter().enumerate() {
         // Act: one push through the store, alone; its twin through the batch functions.
         let alone = admitted(store, push.clone(), None).await;
         let twin = NewPush {
             id: uuid::Uuid::now_v7().to_string(),
+            out_biz_no: push.out_biz_no.as_ref().map(|k| format!("{k}-twin")),
             ..push.clone()
         };
         let d = twin.delivery.as_ref();
@@ -2135,7 +2149,7 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             "id": twin.id, "app": twin.app, "appkey": twin.appkey, "platform": twin.platform,
             "cast_type": twin.cast_type, "task_class": twin.task_class,
             "production_mode": twin.production_mode, "client": twin.client,
-            "out_biz_no": null, "fingerprint": twin.fingerprint, "request": twin.request,
+            "out_biz_no": twin.out_biz_no, "fingerprint": twin.fingerprint, "request": twin.request,
             "description": twin.description, "quota_kind": null, "quota_limit": null,
             "quota_unit": null,
             "status": d.map_or(PushStatus::Pending, |d| d.status()).as_str(),
@@ -2155,10 +2169,17 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             row_json(&mut conn, row, &twin.id).await,
         );
         assert_eq!(before_alone, before_twin, "admitted alike");
+        assert_eq!(
+            before_alone["key"].is_object(),
+            push.out_biz_no.is_some(),
+            "a key is claimed with its push"
+        );
 
-        if push.delivery.is_some() {
-            continue; // an asynchronous push's outcome comes from a claim
-        }
+        // An asynchronous push's outcome comes from a claim.
+        let Some(outcome) = outcomes.get(i) else {
+            assert!(push.delivery.is_some());
+            continue;
+        };
         assert!(finish_ok(store, &alone, outcome.clone()).await);
         let finish_row = json!([{
             "id": twin.id, "status": outcome.status.as_str(),
