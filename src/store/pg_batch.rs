@@ -13,10 +13,10 @@
 //! at a time.
 //!
 //! A write that is alone in its batch and needs nothing the functions add (an admission
-//! without quota whose key, if any, is new; an outcome record that keeps its slot,
-//! committed durably) goes as the one plain statement the function would run: at one
-//! client every batch holds one push, and the function call's fixed cost was most of the
-//! statement's. An admission whose key turns out to be held then asks `umgw_admit`.
+//! without quota whose key, if any, is new; an outcome record that keeps its slot) goes as
+//! the one plain statement the function would run: at one client every batch holds one
+//! push, and the function call's fixed cost was most of the statement's. An admission
+//! whose key turns out to be held then asks `umgw_admit`.
 
 use std::sync::Arc;
 
@@ -52,9 +52,12 @@ const FINISH_BATCH: &str = "select id from umgw_finish_batch($1) as id";
 /// outcomes and nothing else: [`ADMIT_AND_FINISH`] always waits, as it admits.
 const FINISH_BATCH_RELAXED: &str = "select id from umgw_finish_batch_relaxed($1) as id";
 
-/// One outcome record that keeps its quota slot, alone and durable: the `keep` update of
+/// One outcome record that keeps its quota slot, alone: the `keep` update of
 /// `umgw_finish_batch` (migration 0013; the same assignments and guard) as a plain prepared
-/// statement, which skips the function call and the JSON rows' decoding.
+/// statement, which skips the function call and the JSON rows' decoding. With `$15` the
+/// statement's own transaction commits without waiting for its WAL flush, as
+/// `umgw_finish_batch_relaxed` does (migration 0015): a local setting lasts until the end
+/// of the transaction, past its commit record.
 const FINISH_KEEP_ONE: &str = "update pushes p
    set status = $2, umeng_request = $3, umeng_response = $4, msg_id = $5, task_id = $6,
        file_id = $7, error_code = $8, error_msg = $9, http_status = $10, latency_ms = $11,
@@ -67,6 +70,7 @@ const FINISH_KEEP_ONE: &str = "update pushes p
         or (p.status = 'unknown' and p.error_code = 'stale_pending'
             and (p.out_biz_no is null
                  or exists (select 1 from idempotency_keys k where k.push_id = p.id))))
+   and (not $15 or set_config('synchronous_commit', 'off', true) is not null)
 returning p.id";
 
 const ADMIT_BATCH: &str = "select idx, outcome, push_id, reclaimed_from, used, window_start, \
@@ -499,8 +503,10 @@ async fn finish_rows(
     let rows: Vec<FinishRowIn> = jobs.iter().map(|j| row(&j.push_id, &j.finish)).collect();
     let result = match lane.conn().await {
         Ok(conn) => match rows.as_slice() {
-            [one] if one.action == "keep" && sql == FINISH_BATCH => {
-                finish_keep_one(one).fetch_all(conn).await
+            [one] if one.action == "keep" => {
+                finish_keep_one(one, sql == FINISH_BATCH_RELAXED)
+                    .fetch_all(conn)
+                    .await
             }
             _ => {
                 sqlx::query_scalar::<_, String>(sql)
@@ -515,10 +521,11 @@ async fn finish_rows(
     result.map_err(map_sqlx)
 }
 
-/// [`FINISH_KEEP_ONE`] for one row. A JSON `null` body binds as SQL NULL, as the batch's
-/// JSON rows decode it.
+/// [`FINISH_KEEP_ONE`] for one row, committed without waiting for its flush when
+/// `relaxed`. A JSON `null` body binds as SQL NULL, as the batch's JSON rows decode it.
 fn finish_keep_one<'q>(
     r: &'q FinishRowIn<'q>,
+    relaxed: bool,
 ) -> sqlx::query::QueryScalar<'q, Postgres, String, sqlx::postgres::PgArguments> {
     let request = r.umeng_request.filter(|b| b.get() != "null").map(Json);
     let response = r.umeng_response.filter(|v| !v.is_null()).map(Json);
@@ -537,6 +544,7 @@ fn finish_keep_one<'q>(
         .bind(r.sent_at)
         .bind(Json(r.attempts))
         .bind(r.claim.map(|c| i32::try_from(c).unwrap_or(i32::MAX)))
+        .bind(relaxed)
 }
 
 /// One outcome as a row of the batch (a `umgw_finish_row`), borrowed from the record.

@@ -1751,8 +1751,10 @@ async fn postgres_a_relaxed_outcome_commit_is_local_to_its_transaction() {
 }
 
 /// A store with relaxed outcome commits records outcome-only batches through the relaxed
-/// function and keeps every effect of an outcome (its status, its refund); a default store
-/// never calls it. Calls are counted by PostgreSQL (`track_functions`).
+/// function (a lone outcome that keeps its slot goes as a plain statement instead, relaxed
+/// too: the crash test below loses it) and keeps every effect of an outcome (its status, its
+/// refund); a default store never calls it. Calls are counted by PostgreSQL
+/// (`track_functions`).
 #[tokio::test]
 async fn postgres_relaxed_outcome_commits_record_outcomes_through_the_relaxed_function() {
     use umeng_push_gateway::config::OutcomeCommit;
