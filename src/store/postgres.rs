@@ -106,19 +106,19 @@ const ADMIT: &str = "select outcome, push_id, reclaimed_from, used, window_start
 /// would do is claim the key and insert the row (its steps 1 and 3, the same columns and
 /// values), so it goes as a plain prepared statement and skips the function call's fixed
 /// cost. A key already held inserts nothing and answers no row: `umgw_admit` then finds
-/// out who holds it ([`ADMIT`]).
+/// out who holds it ([`ADMIT`]). The parameters are [`ADMIT`]'s; the quota's go unused.
 const ADMIT_PLAIN: &str = "with k as ( \
      insert into idempotency_keys (appkey, out_biz_no, fingerprint, push_id) \
-     select $3, $17, $9, $1 where $17 is not null \
+     select $3, $9, $10, $1 where $9 is not null \
      on conflict (appkey, out_biz_no) do nothing returning push_id) \
-     insert into pushes (id, app, appkey, platform, cast_type, task_class, \
-     production_mode, client, fingerprint, status, description, request, delivery, outbox, \
-     next_attempt_at, send_at, deliver_by, quota_wait, out_biz_no) \
-     select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-     case when $10 = 'pending' then null else 'async' end, $13, \
-     case when $10 = 'pending' then null when $10 = 'awaiting_send_at' then $14 else now() end, \
-     $14, $15, $16, $17 \
-     where $17 is null or exists (select 1 from k) \
+     insert into pushes (id, app, appkey, platform, cast_type, task_class, production_mode, \
+     client, out_biz_no, fingerprint, request, description, status, delivery, outbox, \
+     next_attempt_at, send_at, deliver_by, quota_wait) \
+     select $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $16, \
+     case when $16 = 'pending' then null else 'async' end, $18, \
+     case when $16 = 'pending' then null when $16 = 'awaiting_send_at' then $19 else now() end, \
+     $19, $20, $21 \
+     where $9 is null or exists (select 1 from k) \
      returning id";
 
 /// An ordered, fenced task-state write (see [`Store::update_task`]). `$5` lists the stored
@@ -950,7 +950,8 @@ pub(crate) fn missing_migration(migrator: &Migrator, applied: &[i64]) -> StoreRe
     }
 }
 
-/// One admission, alone (`umgw_admit`) on `conn`; a replay reads its owner through `pool`.
+/// One admission, alone on `conn` ([`ADMIT_PLAIN`] when it can, else `umgw_admit`); a
+/// replay reads its owner through `pool`.
 pub(super) async fn admit(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -958,11 +959,34 @@ pub(super) async fn admit(
     quota: Option<QuotaClaim>,
 ) -> StoreResult<Admission> {
     if quota.is_none() {
-        if let Some(admitted) = admit_plain(conn, &push).await? {
-            return Ok(admitted);
+        let inserted = admit_query(ADMIT_PLAIN, &push, None)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+        if inserted.is_some() {
+            return Ok(Admission::Admitted {
+                push_id: push.id,
+                quota: None,
+                reclaimed_from: None,
+            });
         }
     }
-    let row = sqlx::query(ADMIT)
+    let row = admit_query(ADMIT, &push, quota)
+        .fetch_one(conn)
+        .await
+        .map_err(map_sqlx)?;
+    let answer = AdmitRow::from_row(&row).map_err(map_sqlx)?;
+    admission_of(pool, answer, &push, quota).await
+}
+
+/// [`ADMIT`] or [`ADMIT_PLAIN`] with the push's arguments (those of `umgw_admit`).
+fn admit_query<'q>(
+    sql: &'static str,
+    push: &'q NewPush,
+    quota: Option<QuotaClaim>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let delivery = push.delivery.as_ref();
+    sqlx::query(sql)
         .bind(&push.id)
         .bind(&push.app)
         .bind(&push.appkey)
@@ -978,55 +1002,16 @@ pub(super) async fn admit(
         .bind(quota.map(|c| c.kind.as_str()))
         .bind(quota.map(|c| i32::try_from(c.limit.limit).unwrap_or(i32::MAX)))
         .bind(quota.map(|c| c.limit.window.seconds()))
-        .bind(match &push.delivery {
-            Some(d) => d.status().as_str(),
-            None => PushStatus::Pending.as_str(),
-        })
-        .bind(push.delivery.as_ref().is_some_and(|d| d.defer_quota))
-        .bind(push.delivery.as_ref().map(|d| &d.outbox))
-        .bind(push.send_at)
-        .bind(push.delivery.as_ref().map(|d| d.deliver_by))
-        .bind(push.delivery.as_ref().is_some_and(|d| d.quota_wait))
-        .fetch_one(conn)
-        .await
-        .map_err(map_sqlx)?;
-    let answer = AdmitRow::from_row(&row).map_err(map_sqlx)?;
-    admission_of(pool, answer, &push, quota).await
-}
-
-/// [`ADMIT_PLAIN`]: admitted, or `None` when the push's key is held already.
-async fn admit_plain(conn: &mut PgConnection, push: &NewPush) -> StoreResult<Option<Admission>> {
-    let delivery = push.delivery.as_ref();
-    let inserted = sqlx::query(ADMIT_PLAIN)
-        .bind(&push.id)
-        .bind(&push.app)
-        .bind(&push.appkey)
-        .bind(&push.platform)
-        .bind(&push.cast_type)
-        .bind(push.task_class)
-        .bind(push.production_mode)
-        .bind(&push.client)
-        .bind(&push.fingerprint)
         .bind(
             delivery
                 .map_or(PushStatus::Pending, |d| d.status())
                 .as_str(),
         )
-        .bind(&push.description)
-        .bind(&push.request)
+        .bind(delivery.is_some_and(|d| d.defer_quota))
         .bind(delivery.map(|d| &d.outbox))
         .bind(push.send_at)
         .bind(delivery.map(|d| d.deliver_by))
         .bind(delivery.is_some_and(|d| d.quota_wait))
-        .bind(&push.out_biz_no)
-        .fetch_optional(conn)
-        .await
-        .map_err(map_sqlx)?;
-    Ok(inserted.map(|_| Admission::Admitted {
-        push_id: push.id.clone(),
-        quota: None,
-        reclaimed_from: None,
-    }))
 }
 
 /// What `umgw_admit` answered for one push.
