@@ -119,10 +119,6 @@ pub(crate) struct Writers {
 impl Writers {
     pub(crate) fn start(pool: PgPool, outcome_commit: OutcomeCommit) -> Writers {
         let keep = pool.options().get_max_connections() >= KEEP_FROM;
-        let finish_sql = match outcome_commit {
-            OutcomeCommit::Durable => FINISH_BATCH,
-            OutcomeCommit::Relaxed => FINISH_BATCH_RELAXED,
-        };
         Writers {
             jobs: Batcher::start(
                 Lane::new(pool, keep),
@@ -131,7 +127,7 @@ impl Writers {
                     standby_after: STANDBY_AFTER,
                 },
                 move |mut lane, batch| async move {
-                    write(&mut lane, batch, finish_sql).await;
+                    write(&mut lane, batch, outcome_commit).await;
                     lane
                 },
                 Lane::idle,
@@ -169,8 +165,8 @@ impl Writers {
 /// their slot share one call; a refund or saturation moves a quota counter, which the
 /// admissions take too, so those go in a call of their own (two batches would otherwise
 /// take counters in two orders). A key or a push met twice waits for the next call.
-/// Outcome records written on their own use `finish_sql`.
-async fn write(lane: &mut Lane, batch: Vec<Job>, finish_sql: &'static str) {
+/// Outcome records written on their own commit as `commit` says.
+async fn write(lane: &mut Lane, batch: Vec<Job>, commit: OutcomeCommit) {
     let mut admissions = Vec::new();
     let mut finishes = Vec::new();
     for job in batch {
@@ -187,22 +183,22 @@ async fn write(lane: &mut Lane, batch: Vec<Job>, finish_sql: &'static str) {
             .iter()
             .all(|j| matches!(j.finish.quota, QuotaAction::Keep));
     if together {
-        write_together(lane, admit_now, finish_now, finish_sql).await;
+        write_together(lane, admit_now, finish_now, commit).await;
     } else {
         write_admissions(lane, admit_now).await;
-        write_finishes(lane, finish_now, finish_sql).await;
+        write_finishes(lane, finish_now, commit).await;
     }
     write_admissions(lane, admit_later).await;
-    write_finishes(lane, finish_later, finish_sql).await;
+    write_finishes(lane, finish_later, commit).await;
 }
 
 /// Admissions and outcome records in one call. If it fails, nothing of it was written:
-/// each kind is written again on its own (the outcome records with `finish_sql`).
+/// each kind is written again on its own (the outcome records committed as `commit` says).
 async fn write_together(
     lane: &mut Lane,
     admissions: Vec<AdmitJob>,
     finishes: Vec<FinishJob>,
-    finish_sql: &'static str,
+    commit: OutcomeCommit,
 ) {
     let admit_rows: Vec<AdmitRowIn> = admissions
         .iter()
@@ -230,7 +226,7 @@ async fn write_together(
         Err(e) => {
             tracing::debug!(error = %e, admissions = admissions.len(), outcomes = finishes.len(), "a batch of admissions and outcome records failed; writing each kind alone");
             write_admissions(lane, admissions).await;
-            write_finishes(lane, finishes, finish_sql).await;
+            write_finishes(lane, finishes, commit).await;
             return;
         }
     };
@@ -459,12 +455,11 @@ fn admit_row(push: &NewPush, quota: Option<QuotaClaim>) -> AdmitRowIn<'_> {
 /// push id order, so two batches lock the pushes they share in the same order. A call that
 /// fails as a whole (a deadlock with the other writer's batch over a quota counter) wrote
 /// nothing: each outcome is then written alone, so one bad row cannot fail the others
-/// (unless the database is unreachable: then every outcome gets the error). `sql` is
-/// [`FINISH_BATCH`] or [`FINISH_BATCH_RELAXED`].
-async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>, sql: &'static str) {
+/// (unless the database is unreachable: then every outcome gets the error).
+async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>, commit: OutcomeCommit) {
     while !batch.is_empty() {
         let (now, later) = finishes_now(batch);
-        match finish_rows(lane, &now, sql).await {
+        match finish_rows(lane, &now, commit).await {
             Ok(changed) => {
                 for job in now {
                     let applied = changed.contains(&job.push_id);
@@ -477,7 +472,7 @@ async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>, sql: &'stati
                 tracing::debug!(error = %e, pushes = now.len(), "a batch of outcome records failed; writing each alone");
                 for job in now {
                     let alone = std::slice::from_ref(&job);
-                    let answer = finish_rows(lane, alone, sql)
+                    let answer = finish_rows(lane, alone, commit)
                         .await
                         .map(|changed| changed.contains(&job.push_id));
                     let _ = job.done.send(answer);
@@ -493,22 +488,25 @@ async fn write_finishes(lane: &mut Lane, mut batch: Vec<FinishJob>, sql: &'stati
     }
 }
 
-/// One call of `umgw_finish_batch` (through `sql`): the ids of the pushes whose outcome
-/// applied.
+/// One statement recording `jobs`' outcomes ([`FINISH_KEEP_ONE`] for a lone one that keeps
+/// its slot, else [`FINISH_BATCH`] or [`FINISH_BATCH_RELAXED`]): the ids of the pushes whose
+/// outcome applied.
 async fn finish_rows(
     lane: &mut Lane,
     jobs: &[FinishJob],
-    sql: &'static str,
+    commit: OutcomeCommit,
 ) -> StoreResult<Vec<String>> {
+    let relaxed = commit == OutcomeCommit::Relaxed;
     let rows: Vec<FinishRowIn> = jobs.iter().map(|j| row(&j.push_id, &j.finish)).collect();
     let result = match lane.conn().await {
         Ok(conn) => match rows.as_slice() {
-            [one] if one.action == "keep" => {
-                finish_keep_one(one, sql == FINISH_BATCH_RELAXED)
-                    .fetch_all(conn)
-                    .await
-            }
+            [one] if one.action == "keep" => finish_keep_one(one, relaxed).fetch_all(conn).await,
             _ => {
+                let sql = if relaxed {
+                    FINISH_BATCH_RELAXED
+                } else {
+                    FINISH_BATCH
+                };
                 sqlx::query_scalar::<_, String>(sql)
                     .bind(Json(&rows))
                     .fetch_all(conn)

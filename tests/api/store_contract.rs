@@ -2091,6 +2091,10 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
                                         where k.push_id = p.id and k.out_biz_no = p.out_biz_no)) \
          from pushes p where p.id = $1";
     let send_at = OffsetDateTime::from_unix_timestamp(4_000_000_000).unwrap();
+    let rfc3339 = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
     let delivery = |hold: bool| AsyncDelivery {
         outbox: json!({"body": {"type": "unicast", "device_tokens": "t"}}),
         hold,
@@ -2135,7 +2139,11 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             http_status: 502,
             ..finish(PushStatus::Failed, QuotaAction::Keep)
         },
-        failed_kept(),
+        // Umeng's FAIL for a push without quota.
+        Finish {
+            quota: QuotaAction::Keep,
+            ..failed()
+        },
     ];
 
     for (i, push) in pushes.into_iter().enumerate() {
@@ -2156,8 +2164,8 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             "quota_unit": null,
             "status": d.map_or(PushStatus::Pending, |d| d.status()).as_str(),
             "defer_quota": false, "outbox": d.map(|d| &d.outbox),
-            "send_at": twin.send_at.map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap()),
-            "deliver_by": d.map(|d| d.deliver_by.format(&time::format_description::well_known::Rfc3339).unwrap()),
+            "send_at": twin.send_at.map(rfc3339),
+            "deliver_by": d.map(|d| rfc3339(d.deliver_by)),
             "quota_wait": false,
         }]);
         let answered: String = sqlx::query_scalar("select outcome from umgw_admit_batch($1)")
@@ -2191,7 +2199,7 @@ async fn postgres_lone_plain_writes_match_the_batch_functions() {
             "task_id": outcome.task_id, "file_id": outcome.file_id,
             "error_code": outcome.error_code, "error_msg": outcome.error_msg,
             "http_status": outcome.http_status, "latency_ms": outcome.latency_ms,
-            "sent_at": outcome.sent_at.map(|t| t.format(&time::format_description::well_known::Rfc3339).unwrap()),
+            "sent_at": outcome.sent_at.map(rfc3339),
             "action": "keep", "unit": 60, "attempts": outcome.attempts, "claim": null,
         }]);
         let applied: Vec<String> = sqlx::query_scalar("select id from umgw_finish_batch($1) as id")
@@ -2215,12 +2223,4 @@ async fn row_json(conn: &mut sqlx::PgConnection, sql: &str, id: &str) -> serde_j
         .fetch_one(conn)
         .await
         .unwrap()
-}
-
-/// A failed outcome that keeps its slot (Umeng's FAIL for a push without quota).
-fn failed_kept() -> Finish {
-    Finish {
-        quota: QuotaAction::Keep,
-        ..failed()
-    }
 }
